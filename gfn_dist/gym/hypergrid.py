@@ -1,0 +1,125 @@
+"""HyperGrid environment (Bengio et al. 2021, arXiv:2106.04399; torchgfn's "original" reward).
+
+States are integer coordinates ``x in {0..H-1}^D``, int64 tensors of shape ``(D,)``;
+s0 = 0, sf = -1. Action ``d < D`` increments coordinate d; action ``D`` is exit
+(allowed everywhere). Backward action d decrements coordinate d.
+
+Reward ("original"), with ``a_d = |x_d / (H-1) - 0.5|``::
+
+    R(x) = R0 + R1 * prod_d [a_d > 0.25] + R2 * prod_d [0.3 < a_d < 0.4]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from gfn_dist.env import DiscreteEnv
+from gfn_dist.preprocessors import KHotPreprocessor, Preprocessor
+from gfn_dist.states import DiscreteStates
+
+
+class HyperGrid(DiscreteEnv):
+    """D-dimensional grid of side H.
+
+    Args:
+        ndim: D, number of dimensions (>= 1).
+        height: H, side length (>= 2).
+        R0, R1, R2: reward constants of the "original" reward (R0 > 0).
+        preprocessor: network input map; default ``KHotPreprocessor(H, D)``.
+        device: device of states.
+
+    Raises:
+        ValueError: on ndim < 1, height < 2 or R0 <= 0 (log R would be -inf).
+    """
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        height: int = 8,
+        R0: float = 0.1,
+        R1: float = 0.5,
+        R2: float = 2.0,
+        preprocessor: Optional[Preprocessor] = None,
+        device: str | torch.device = "cpu",
+    ):
+        if ndim < 1:
+            raise ValueError(f"HyperGrid: ndim must be >= 1, got {ndim}")
+        if height < 2:
+            raise ValueError(f"HyperGrid: height must be >= 2, got {height}")
+        if R0 <= 0:
+            raise ValueError(f"HyperGrid: R0 must be > 0, got {R0}")
+        self.ndim, self.height = int(ndim), int(height)
+        self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)
+        s0 = torch.zeros(ndim, dtype=torch.long)
+        sf = torch.full((ndim,), -1, dtype=torch.long)
+        super().__init__(
+            n_actions=ndim + 1,
+            s0=s0,
+            sf=sf,
+            max_traj_len=ndim * (height - 1) + 1,
+            preprocessor=preprocessor or KHotPreprocessor(height, ndim),
+            device=device,
+        )
+        self._powers = self.height ** torch.arange(ndim - 1, -1, -1, device=self.device)
+        self._all_states: Optional[DiscreteStates] = None
+
+    # ---- tensor hooks ------------------------------------------------------
+    def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
+        m = torch.ones(*x.shape[:-1], self.n_actions, dtype=torch.bool, device=x.device)
+        torch.lt(x, self.height - 1, out=m[..., :-1])
+        return m
+
+    def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return x > 0
+
+    def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return x.scatter_add(-1, a.unsqueeze(-1), torch.ones_like(a).unsqueeze(-1))
+
+    def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return x.scatter_add(-1, a.unsqueeze(-1), -torch.ones_like(a).unsqueeze(-1))
+
+    def log_reward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        ax = (x.float() / (self.height - 1) - 0.5).abs()
+        r = self.R0 + self.R1 * (ax > 0.25).all(-1).float() + self.R2 * ((ax > 0.3) & (ax < 0.4)).all(-1).float()
+        return r.log()
+
+    # ---- enumeration ---------------------------------------------------------
+    @property
+    def n_states(self) -> int:
+        return self.height**self.ndim
+
+    @property
+    def all_states(self) -> DiscreteStates:
+        """All H^D states in row-major order (index = Σ_d x_d H^(D-1-d))."""
+        if self._all_states is None:
+            idx = torch.arange(self.n_states, device=self.device)
+            x = (idx.unsqueeze(-1) // self._powers) % self.height
+            self._all_states = self.States(x)
+        return self._all_states
+
+    @property
+    def terminating_states(self) -> DiscreteStates:
+        return self.all_states
+
+    def get_states_indices(self, states) -> torch.Tensor:
+        x = states.tensor if hasattr(states, "tensor") else states
+        return (x * self._powers).sum(-1)
+
+    def get_terminating_states_indices(self, states) -> torch.Tensor:
+        return self.get_states_indices(states)
+
+    @property
+    def max_log_reward(self) -> float:
+        return math.log(self.R0 + self.R1 + self.R2)
+
+    def mode_mask(self, states=None) -> torch.Tensor:
+        """Bool ``(N,)``: the state has the maximal reward R0 + R1 + R2 (a mode)."""
+        states = self.terminating_states if states is None else states
+        return self.log_reward(states) >= self.max_log_reward - 1e-6
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.mode_mask().sum())
