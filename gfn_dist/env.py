@@ -9,7 +9,9 @@ per-state Python objects are built):
   action (checked at construction) so that padded rows stay finite.
 * ``backward_mask(x)``: ``-> bool (*B, n_actions - 1)``.
 * ``step_tensor(x, a)``: ``x (N, *state_shape)``, ``a (N,)`` int64 of valid
-  non-exit actions ``-> (N, *state_shape)``.
+  non-exit actions ``-> (N, *state_shape)``. It is also called (with ``a = 0``)
+  on rows that exit or are already sf, whose results are discarded: it must not
+  raise on them.
 * ``backward_step_tensor(x, a)``: same, undoing forward action ``a``
   (backward action ``i`` undoes forward action ``i``).
 * ``log_reward_tensor(x)``: ``(N, *state_shape) -> float (N,)``, log R(x).

@@ -156,7 +156,8 @@ class BitSequence(_BitSequenceBase):
         return (last == words) & (k > 0)
 
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        k = (x >= 0).sum(-1, keepdim=True)
+        # Full rows only reach here as exit rows that the caller replaces with sf: clamp.
+        k = (x >= 0).sum(-1, keepdim=True).clamp(max=self.length - 1)
         return x.scatter(-1, k, a.unsqueeze(-1))
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,253 @@
+"""GFlowNet base classes and log-probability computation for trajectories.
+
+Shape legend: T = max trajectory length (actions), N = trajectories,
+M = number of valid (non-padding) transitions.
+
+``get_trajectory_pfs`` / ``get_trajectory_pbs`` recompute log P_F / log P_B of
+stored trajectories. Vectorized policies do it with one forward pass over all
+M valid states (padding rows are dropped, not computed); non-vectorized
+(recurrent) policies use their ``teacher_forced_log_probs`` when they have one
+(one pass over each whole sequence), else a per-step re-threaded loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from gfn_dist.containers.trajectories import Trajectories
+from gfn_dist.env import Env
+from gfn_dist.samplers import Sampler
+
+
+def _expand_conditions(conditions: Optional[torch.Tensor], T: int, valid_TN: torch.Tensor):
+    if conditions is None:
+        return None
+    return conditions.unsqueeze(0).expand(T, *conditions.shape)[valid_TN]
+
+
+def get_trajectory_pfs(
+    pf,
+    trajectories: Trajectories,
+    recalculate_all_logprobs: bool = True,
+) -> torch.Tensor:
+    """log P_F of every action, float ``(T, N)``, 0 on padding.
+
+    With ``recalculate_all_logprobs=False`` the log-probs saved while sampling
+    are returned when present (on-policy), and saved estimator outputs are
+    reused when present.
+
+    Raises:
+        ValueError: for backward trajectories, or if a stored action is outside
+            the policy's mask (-inf log-prob), naming the (step, trajectory) pairs.
+    """
+    if trajectories.is_backward:
+        raise ValueError("get_trajectory_pfs: expected forward trajectories, got backward ones")
+    if not recalculate_all_logprobs and trajectories.log_probs is not None:
+        return trajectories.log_probs
+    env = trajectories.env
+    actions_TN = trajectories.actions_tensor[..., 0]
+    valid_TN = actions_TN >= 0
+    T, N = actions_TN.shape
+    if not getattr(pf, "is_vectorized", True):
+        tf = getattr(pf, "teacher_forced_log_probs", None)
+        if tf is not None:
+            return tf(trajectories)
+        return _per_step_pfs(pf, trajectories, valid_TN)
+    states_M = env.States(trajectories.states_tensor[:-1][valid_TN])
+    M = states_M.tensor.shape[0]
+    ctx = pf.init_context(M, trajectories.device, _expand_conditions(trajectories.conditions, T, valid_TN))
+    if not recalculate_all_logprobs and trajectories.estimator_outputs is not None:
+        ctx.extras["precomputed_estimator_output"] = trajectories.estimator_outputs[valid_TN]
+    dist, ctx = pf.compute_dist(states_M, ctx)
+    lp_M, ctx = pf.log_probs(actions_TN[valid_TN], dist, ctx, vectorized=True)
+    _check_finite(lp_M, valid_TN, "P_F")
+    log_pf_TN = torch.zeros((T, N), dtype=lp_M.dtype, device=lp_M.device)
+    log_pf_TN[valid_TN] = lp_M
+    return log_pf_TN
+
+
+def _per_step_pfs(pf, trajectories: Trajectories, valid_TN: torch.Tensor) -> torch.Tensor:
+    """Per-step path: re-threads the policy's context (e.g. a recurrent carry) over time."""
+    env = trajectories.env
+    T, N = valid_TN.shape
+    ctx = pf.init_context(N, trajectories.device, trajectories.conditions)
+    out = torch.zeros((T, N), device=trajectories.device)
+    rows = []
+    for t in range(T):
+        mask = valid_TN[t]
+        st = env.States(trajectories.states_tensor[t][mask])
+        dist, ctx = pf.compute_dist(st, ctx, step_mask=mask)
+        lp, ctx = pf.log_probs(trajectories.actions_tensor[t, :, 0][mask], dist, ctx, step_mask=mask, vectorized=False)
+        rows.append(lp)
+    if rows:
+        out = torch.stack(rows, 0)
+    return out
+
+
+def get_trajectory_pbs(pb, trajectories: Trajectories) -> torch.Tensor:
+    """log P_B of every non-exit action, float ``(T, N)``, 0 on padding and exit.
+
+    The action taken at step t (s_t -> s_{t+1}) is undone by backward action
+    of the same index at s_{t+1}. ``pb=None`` gives zeros (tree DAG, P_B = 1).
+
+    Raises:
+        ValueError: for backward trajectories, or on -inf log-probs (naming the pairs).
+    """
+    if trajectories.is_backward:
+        raise ValueError("get_trajectory_pbs: expected forward trajectories, got backward ones")
+    env = trajectories.env
+    actions_TN = trajectories.actions_tensor[..., 0]
+    T, N = actions_TN.shape
+    if pb is None:
+        return torch.zeros((T, N), device=trajectories.device)
+    valid_TN = (actions_TN >= 0) & (actions_TN != env.n_actions - 1)
+    states_M = env.States(trajectories.states_tensor[1:][valid_TN])
+    M = states_M.tensor.shape[0]
+    ctx = pb.init_context(M, trajectories.device, _expand_conditions(trajectories.conditions, T, valid_TN))
+    dist, ctx = pb.compute_dist(states_M, ctx)
+    lp_M, ctx = pb.log_probs(actions_TN[valid_TN], dist, ctx, vectorized=True)
+    _check_finite(lp_M, valid_TN, "P_B")
+    log_pb_TN = torch.zeros((T, N), dtype=lp_M.dtype, device=lp_M.device)
+    log_pb_TN[valid_TN] = lp_M
+    return log_pb_TN
+
+
+def _check_finite(lp_M: torch.Tensor, valid_TN: torch.Tensor, what: str) -> None:
+    bad = torch.isinf(lp_M)
+    if bool(bad.any()):
+        pairs = torch.nonzero(valid_TN)[bad][:10].tolist()
+        raise ValueError(f"{what}: actions outside the policy's mask at (step, trajectory) {pairs}")
+
+
+class GFlowNet(nn.Module):
+    """Base class: a GFlowNet is a module with a ``loss`` and a forward policy ``pf``.
+
+    ``forward(env, trajectories, **kwargs)`` calls ``loss`` so that a GFlowNet can
+    be wrapped in ``DistributedDataParallel`` (DDP hooks run on ``forward``).
+    """
+
+    pf: nn.Module
+
+    def forward(self, env, trajectories: Trajectories, **kwargs) -> torch.Tensor:
+        return self.loss(env, trajectories, **kwargs)
+
+    def loss(self, env, trajectories: Trajectories, **kwargs) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def sample_trajectories(
+        self,
+        env,
+        n: int,
+        conditions: Optional[torch.Tensor] = None,
+        save_logprobs: bool = False,
+        save_estimator_outputs: bool = False,
+        **policy_kwargs,
+    ) -> Trajectories:
+        """``n`` trajectories from s0 with ``pf`` (see ``Sampler.sample_trajectories``)."""
+        return Sampler(self.pf).sample_trajectories(
+            env,
+            n=n,
+            conditions=conditions,
+            save_logprobs=save_logprobs,
+            save_estimator_outputs=save_estimator_outputs,
+            **policy_kwargs,
+        )
+
+    def to_training_samples(self, trajectories: Trajectories) -> Trajectories:
+        return trajectories
+
+
+def reduce_loss(per_traj: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``mean`` / ``sum`` over trajectories, or ``none`` (shape ``(N,)``).
+
+    Raises:
+        ValueError: on another reduction name.
+    """
+    if reduction == "mean":
+        return per_traj.mean()
+    if reduction == "sum":
+        return per_traj.sum()
+    if reduction == "none":
+        return per_traj
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _square(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2)
+
+
+class TrajectoryBasedGFlowNet(GFlowNet):
+    """A GFlowNet whose loss is a function of whole trajectories.
+
+    Args:
+        pf: forward policy estimator.
+        pb: backward policy estimator, or None with ``constant_pb=True`` (tree DAG).
+        constant_pb: P_B is 1 (tree DAG); pb is ignored.
+        log_reward_clip_min: log-rewards are clamped from below to this value when finite.
+        debug: check scores for NaN / inf and raise.
+        loss_fn: maps residuals ``(N,)`` to per-trajectory losses; default square.
+
+    Raises:
+        ValueError: if ``pb`` is None and ``constant_pb`` is False.
+    """
+
+    def __init__(
+        self,
+        pf: nn.Module,
+        pb: Optional[nn.Module],
+        constant_pb: bool = False,
+        log_reward_clip_min: float = -math.inf,
+        debug: bool = False,
+        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        super().__init__()
+        if pb is None and not constant_pb:
+            raise ValueError("pb is None: pass constant_pb=True to use P_B = 1 (tree DAG), or a backward estimator")
+        self.pf = pf
+        self.pb = pb
+        self.constant_pb = constant_pb
+        self.log_reward_clip_min = float(log_reward_clip_min)
+        self.debug = debug
+        self.loss_fn = loss_fn or _square
+
+    def get_pfs_and_pbs(
+        self, trajectories: Trajectories, recalculate_all_logprobs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_pf (T, N), log_pb (T, N))``; log_pb is 0 when ``constant_pb``."""
+        log_pf = get_trajectory_pfs(self.pf, trajectories, recalculate_all_logprobs)
+        pb = None if self.constant_pb else self.pb
+        log_pb = get_trajectory_pbs(pb, trajectories)
+        return log_pf, log_pb
+
+    def _log_rewards(self, trajectories: Trajectories, log_rewards: Optional[torch.Tensor]) -> torch.Tensor:
+        lr = trajectories.log_rewards if log_rewards is None else log_rewards
+        if tuple(lr.shape) != (trajectories.n_trajectories,):
+            raise ValueError(f"log_rewards: expected shape ({trajectories.n_trajectories},), got {tuple(lr.shape)}")
+        if math.isfinite(self.log_reward_clip_min):
+            lr = lr.clamp(min=self.log_reward_clip_min)
+        return lr
+
+    def get_scores(
+        self,
+        trajectories: Trajectories,
+        recalculate_all_logprobs: bool = True,
+        env: Optional[Env] = None,
+        *,
+        log_rewards: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Scores ``Σ_t log P_F - Σ_t log P_B - log R(x)``, float ``(N,)``.
+
+        Also accepts torchgfn's older order ``get_scores(env, trajectories, ...)``.
+        """
+        if isinstance(trajectories, Env):
+            trajectories, env = env if isinstance(env, Trajectories) else recalculate_all_logprobs, trajectories
+            recalculate_all_logprobs = True
+        log_pf, log_pb = self.get_pfs_and_pbs(trajectories, recalculate_all_logprobs)
+        scores = log_pf.sum(0) - log_pb.sum(0) - self._log_rewards(trajectories, log_rewards)
+        if self.debug and not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"non-finite scores in trajectories {torch.nonzero(~torch.isfinite(scores)).flatten().tolist()[:20]}")
+        return scores

@@ -1,0 +1,112 @@
+"""Trajectory balance family of losses.
+
+* ``TBGFlowNet``: Malkin et al. 2022, "Trajectory balance: Improved credit
+  assignment in GFlowNets", arXiv:2201.13259. Per trajectory
+  ``(logZ + Σ log P_F - Σ log P_B - log R(x))^2``.
+* ``LogPartitionVarianceGFlowNet``: Zhang et al. 2023, "Robust Scheduling with
+  GFlowNets", arXiv:2302.05446, Sec. 3.2. With scores
+  ``s = Σ log P_F - Σ log P_B - log R(x)``, per trajectory ``(s - mean(s))^2``:
+  TB at the batch-optimal ``logZ = -mean(s)``, with no learned logZ.
+
+The relative losses (RTB, Relative LPV, Trust-PCL) are in ``gfn_dist.gflownet.relative``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from gfn_dist.containers.trajectories import Trajectories
+from gfn_dist.estimators import ScalarEstimator
+from gfn_dist.gflownet.base import TrajectoryBasedGFlowNet, reduce_loss
+
+
+class TBGFlowNet(TrajectoryBasedGFlowNet):
+    """Trajectory Balance (arXiv:2201.13259, Sec. 2.3).
+
+    Args:
+        pf: forward policy estimator.
+        pb: backward policy estimator, or None with ``constant_pb=True``.
+        logZ: a learnable ``nn.Parameter`` scalar, or a ``ScalarEstimator`` of the
+            conditions (conditional GFlowNets); default ``nn.Parameter(init_logZ)``.
+        init_logZ: initial value of the scalar logZ.
+        constant_pb, log_reward_clip_min, debug, loss_fn: see ``TrajectoryBasedGFlowNet``.
+
+    Raises:
+        ValueError: if ``pb`` is None without ``constant_pb=True``.
+    """
+
+    def __init__(
+        self,
+        pf: nn.Module,
+        pb: Optional[nn.Module],
+        logZ: Optional[nn.Parameter | ScalarEstimator] = None,
+        init_logZ: float = 0.0,
+        constant_pb: bool = False,
+        log_reward_clip_min: float = -math.inf,
+        debug: bool = False,
+        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        super().__init__(pf, pb, constant_pb, log_reward_clip_min, debug, loss_fn)
+        self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
+
+    def logz_value(self, trajectories: Trajectories) -> torch.Tensor:
+        """logZ as a scalar, or ``(N,)`` for a conditional ``ScalarEstimator``."""
+        if isinstance(self.logZ, ScalarEstimator):
+            if trajectories.conditions is None:
+                raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")
+            return self.logZ(trajectories.conditions).squeeze(-1)
+        return self.logZ
+
+    def logz_parameters(self) -> list[nn.Parameter]:
+        """Parameters of logZ (usually trained with a larger learning rate)."""
+        return list(self.logZ.parameters()) if isinstance(self.logZ, nn.Module) else [self.logZ]
+
+    def pf_pb_parameters(self) -> list[nn.Parameter]:
+        """All parameters except logZ's."""
+        ids = {id(p) for p in self.logz_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def loss(
+        self,
+        env,
+        trajectories: Trajectories,
+        recalculate_all_logprobs: bool = True,
+        reduction: str = "mean",
+        *,
+        log_rewards: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """TB loss; a scalar, or ``(N,)`` with ``reduction="none"``.
+
+        Args:
+            env: the environment (unused; API compatibility).
+            trajectories: forward trajectories.
+            recalculate_all_logprobs: recompute log P_F under the current policy (off-policy).
+            reduction: ``mean`` | ``sum`` | ``none``.
+            log_rewards: optional ``(N,)`` override of the trajectories' log-rewards.
+        """
+        scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
+        return reduce_loss(self.loss_fn(scores + self.logz_value(trajectories)), reduction)
+
+
+class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
+    """Log-Partition Variance (arXiv:2302.05446, Sec. 3.2): ``(s - mean(s))^2``, no learned logZ.
+
+    Args: as ``TrajectoryBasedGFlowNet``.
+    """
+
+    def loss(
+        self,
+        env,
+        trajectories: Trajectories,
+        recalculate_all_logprobs: bool = True,
+        reduction: str = "mean",
+        *,
+        log_rewards: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """LPV loss; a scalar, or ``(N,)`` with ``reduction="none"``."""
+        scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
+        return reduce_loss(self.loss_fn(scores - scores.mean()), reduction)

@@ -1,0 +1,97 @@
+"""Neural network modules used by estimators.
+
+* ``MLP``: fully connected network, ``(*B, input_dim) -> (*B, output_dim)``.
+* ``DiscreteUniform``: constant zero logits ``(*B, output_dim)``, i.e. the uniform
+  distribution over allowed actions after masking (a uniform P_B).
+
+Recurrent sequence models live in ``gfn_dist.recurrent``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron.
+
+    Args:
+        input_dim: input features.
+        output_dim: output features.
+        hidden_dim: width of each hidden layer.
+        n_hidden_layers: number of hidden layers (>= 1).
+        activation_fn: one of ``relu``, ``elu``, ``tanh``, ``gelu``, ``leaky_relu``.
+        trunk: optional shared trunk (an ``nn.Sequential`` whose output has
+            ``hidden_dim`` features), e.g. to share layers between P_F and P_B.
+
+    Raises:
+        ValueError: on an unknown activation or n_hidden_layers < 1.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        hidden_dim: int = 256,
+        n_hidden_layers: int = 2,
+        activation_fn: str = "relu",
+        trunk: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        if activation_fn not in _ACTIVATIONS:
+            raise ValueError(f"MLP: activation_fn must be one of {sorted(_ACTIVATIONS)}, got {activation_fn!r}")
+        if n_hidden_layers < 1:
+            raise ValueError(f"MLP: n_hidden_layers must be >= 1, got {n_hidden_layers}")
+        self.input_dim, self.output_dim, self.hidden_dim = int(input_dim), int(output_dim), int(hidden_dim)
+        if trunk is None:
+            act = _ACTIVATIONS[activation_fn]
+            layers: list[nn.Module] = [nn.Linear(input_dim, hidden_dim), act()]
+            for _ in range(n_hidden_layers - 1):
+                layers += [nn.Linear(hidden_dim, hidden_dim), act()]
+            trunk = nn.Sequential(*layers)
+        self.trunk = trunk
+        self.last_layer = nn.Linear(hidden_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.trunk(x))
+
+
+class DiscreteUniform(nn.Module):
+    """Zero logits of shape ``(*B, output_dim)``: uniform over allowed actions.
+
+    Args:
+        output_dim: number of logits (``n_actions - 1`` for a uniform P_B).
+    """
+
+    def __init__(self, output_dim: int, input_dim: Optional[int] = None):
+        super().__init__()
+        self.output_dim = int(output_dim)
+        self.input_dim = input_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*x.shape[:-1], self.output_dim, device=x.device)
+
+
+class Tabular(nn.Module):
+    """A lookup table of logits indexed by state index.
+
+    Args:
+        n_states: number of states.
+        output_dim: logits per state.
+        get_states_indices: maps raw state tensors ``(*B, *state_shape)`` to int64 ``(*B,)``.
+    """
+
+    def __init__(self, n_states: int, output_dim: int, get_states_indices):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(n_states, output_dim))
+        self.get_states_indices = get_states_indices
+        self.output_dim = output_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.get_states_indices(x.long()).clamp(0, self.table.shape[0] - 1)
+        return self.table[idx]

@@ -1,0 +1,230 @@
+"""Samplers: roll out trajectories with a policy estimator (seed document 003).
+
+``Sampler`` follows torchgfn's API; its forward rollout is written for speed:
+buffers are preallocated to ``env.max_traj_len``, every step runs the policy on
+the whole batch (finished rows hold the sink state and are masked; at small
+batch sizes one dense call is cheaper than gathering the active rows), there is
+one host sync per step (the all-done check), no per-state Python objects, and
+the whole rollout runs under ``torch.no_grad``.
+
+``LocalSearchSampler`` (back-and-forth local search) is in ``gfn_dist.local_search``
+and re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from gfn_dist.actions import Actions
+from gfn_dist.containers.trajectories import Trajectories
+from gfn_dist.states import States
+
+
+class Sampler:
+    """Estimator-driven sampler.
+
+    Args:
+        estimator: a policy estimator exposing the ``PolicyMixin`` API. Its
+            ``is_backward`` picks the direction of ``sample_trajectories``.
+    """
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def sample_actions(
+        self,
+        env,
+        states: States,
+        conditions: Optional[torch.Tensor] = None,
+        save_estimator_outputs: bool = False,
+        save_logprobs: bool = False,
+        ctx: Any = None,
+        **policy_kwargs,
+    ) -> tuple[Actions, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Samples one action per state.
+
+        Args:
+            env: the environment.
+            states: ``(N, *state_shape)``.
+            conditions: optional ``(N, cond_dim)``.
+            save_estimator_outputs: also return the raw outputs ``(N, n_out)``.
+            save_logprobs: also return log-probs ``(N,)``.
+            ctx: a rollout context to reuse (recurrent policies); a new one otherwise.
+            **policy_kwargs: exploration parameters (temperature, sf_bias, epsilon).
+
+        Returns:
+            ``(Actions (N, 1), log_probs (N,) | None, estimator_outputs | None)``.
+        """
+        est = self.estimator
+        if ctx is None:
+            ctx = est.init_context(len(states), states.device, conditions)
+        with torch.no_grad():
+            dist, ctx = est.compute_dist(states, ctx, None, save_estimator_outputs, **policy_kwargs)
+            a = dist.sample()
+            lp = None
+            if save_logprobs:
+                lp, ctx = est.log_probs(a, dist, ctx, None, vectorized=False)
+        out = est.get_current_estimator_output(ctx) if save_estimator_outputs else None
+        return env.Actions(a.unsqueeze(-1)), lp, out
+
+    def sample_trajectories(
+        self,
+        env,
+        n: Optional[int] = None,
+        states: Optional[States] = None,
+        conditions: Optional[torch.Tensor] = None,
+        save_estimator_outputs: bool = False,
+        save_logprobs: bool = False,
+        **policy_kwargs,
+    ) -> Trajectories:
+        """Rolls out complete trajectories.
+
+        Args:
+            env: the environment.
+            n: number of trajectories from s0 (forward) when ``states`` is None.
+            states: starting states ``(N, *state_shape)``; for a backward
+                estimator, the terminal states to sample back from.
+            conditions: optional ``(N, cond_dim)`` for conditional policies.
+            save_estimator_outputs: keep raw outputs ``(T, N, n_out)``.
+            save_logprobs: keep the behaviour log-probs ``(T, N)``.
+            **policy_kwargs: exploration parameters forwarded to the estimator.
+
+        Returns:
+            ``Trajectories`` (``is_backward`` set for a backward estimator; its
+            log-rewards are those of the terminal states).
+
+        Raises:
+            ValueError: if neither or both of ``n`` and ``states`` are given, or a
+                policy samples an action its mask forbids (naming the rows).
+        """
+        if (n is None) == (states is None):
+            raise ValueError("sample_trajectories: give exactly one of n or states")
+        if states is None:
+            states = env.reset(n)
+        if getattr(self.estimator, "is_backward", False):
+            return self._sample_backward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
+        return self._sample_forward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
+
+    @torch.no_grad()
+    def _sample_forward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
+        est = self.estimator
+        x = states.tensor
+        N, dev = x.shape[0], x.device
+        T_max = env.max_traj_len
+        exit_idx = env.n_actions - 1
+        states_buf = x.new_empty((T_max + 1, N, *env.state_shape))
+        states_buf[0] = x
+        actions_buf = torch.empty((T_max, N, 1), dtype=torch.long, device=dev)
+        lp_buf = torch.empty((T_max, N), device=dev) if save_logprobs else None
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        ok = torch.ones(N, dtype=torch.bool, device=dev)
+        term = torch.zeros(N, dtype=torch.long, device=dev)
+        ctx = est.init_context(N, dev, conditions)
+        T = 0
+        for t in range(T_max):
+            st = env.States(x)
+            dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
+            a = dist.sample()
+            # Invalid-action check accumulated on device; one host sync after the rollout.
+            ok &= st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
+            if save_logprobs:
+                lp, ctx = est.log_probs(a, dist, ctx, None, vectorized=True)
+                lp_buf[t] = lp.masked_fill(done, 0.0)
+            a = a.masked_fill(done, -1)
+            actions_buf[t, :, 0] = a
+            is_exit = a == exit_idx
+            x = env._step_fast(x, a)
+            states_buf[t + 1] = x
+            term.masked_fill_(is_exit, t + 1)
+            done |= is_exit
+            T = t + 1
+            if bool(done.all()):
+                break
+        else:
+            if not bool(done.all()):
+                raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
+        if not bool(ok.all()):
+            rows = torch.nonzero(~ok).flatten().tolist()[:20]
+            raise ValueError(f"invalid action: the policy sampled actions outside the forward mask in trajectories {rows}")
+        n_idx = torch.arange(N, device=dev)
+        log_rewards = env.log_reward_tensor(states_buf[term - 1, n_idx])
+        est_out = None
+        if save_estimator_outputs:
+            est_out = torch.stack(ctx.trajectory_estimator_outputs[:T], dim=0)
+        return Trajectories(
+            env,
+            states_buf[: T + 1],
+            actions_buf[:T],
+            term,
+            log_rewards,
+            lp_buf[:T] if save_logprobs else None,
+            est_out,
+            is_backward=False,
+            conditions=conditions,
+        )
+
+    @torch.no_grad()
+    def _sample_backward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
+        """Backward rollout from ``states`` to s0; computes only on the active rows."""
+        est = self.estimator
+        x = states.tensor
+        N, dev = x.shape[0], x.device
+        T_max = env.max_traj_len
+        sf = env.sf
+        states_list = [x]
+        actions_list, lp_list = [], []
+        done = env.States(x).is_initial_state
+        term = torch.zeros(N, dtype=torch.long, device=dev)
+        ctx = est.init_context(N, dev, conditions)
+        shape = (-1,) + (1,) * len(env.state_shape)
+        for t in range(T_max):
+            if bool(done.all()):
+                break
+            active = ~done
+            xa = x[active]
+            st = env.States(xa)
+            dist, ctx = est.compute_dist(st, ctx, active, save_estimator_outputs, **policy_kwargs)
+            a = dist.sample()
+            valid = st.backward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+            if not bool(valid.all()):
+                rows = torch.nonzero(active).flatten()[~valid].tolist()[:20]
+                raise ValueError(f"invalid backward action sampled in trajectories {rows}")
+            if save_logprobs:
+                lp, ctx = est.log_probs(a, dist, ctx, active, vectorized=False)
+                lp_list.append(lp)
+            a_full = torch.full((N,), -1, dtype=torch.long, device=dev)
+            a_full[active] = a
+            x_new = torch.where(done.view(shape), sf, x).clone()
+            x_new[active] = env.backward_step_tensor(xa, a)
+            actions_list.append(a_full)
+            states_list.append(x_new)
+            reached = env.States(x_new).is_initial_state & active
+            term.masked_fill_(reached, t + 1)
+            done = done | reached
+            x = x_new
+        if not bool(done.all()):
+            raise RuntimeError(f"backward trajectories did not reach s0 within {T_max} steps")
+        T = len(actions_list)
+        states_t = torch.stack(states_list, 0)
+        actions_t = (
+            torch.stack(actions_list, 0).unsqueeze(-1)
+            if T
+            else torch.empty((0, N, 1), dtype=torch.long, device=dev)
+        )
+        log_probs = (torch.stack(lp_list, 0) if T else torch.zeros(0, N, device=dev)) if save_logprobs else None
+        est_out = torch.stack(ctx.trajectory_estimator_outputs, 0) if save_estimator_outputs and T else None
+        log_rewards = env.log_reward_tensor(states.tensor)
+        return Trajectories(
+            env, states_t, actions_t, term, log_rewards, log_probs, est_out, is_backward=True, conditions=conditions
+        )
+
+
+def __getattr__(name: str):
+    # LocalSearchSampler lives in its own module; re-exported lazily (it imports Sampler).
+    if name == "LocalSearchSampler":
+        from gfn_dist import local_search
+
+        return local_search.LocalSearchSampler
+    raise AttributeError(name)
