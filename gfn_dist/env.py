@@ -8,10 +8,10 @@ per-state Python objects are built):
   (last column) included. The sink state ``sf`` must allow at least one
   action (checked at construction) so that padded rows stay finite.
 * ``backward_mask(x)``: ``-> bool (*B, n_actions - 1)``.
-* ``step_tensor(x, a)``: ``x (N, *state_shape)``, ``a (N,)`` int64 of valid
-  non-exit actions ``-> (N, *state_shape)``. It is also called (with ``a = 0``)
-  on rows that exit or are already sf, whose results are discarded: it must not
-  raise on them.
+* ``step_tensor(x, a)``: ``x (N, *state_shape)``, ``a (N,)`` int64 ``-> (N, *state_shape)``,
+  the children of x by valid non-exit actions. The sampler also passes rows
+  that exit (``a = n_actions - 1``) or already are sf (any action their mask
+  allows); their results are discarded, but it must not raise on them.
 * ``backward_step_tensor(x, a)``: same, undoing forward action ``a``
   (backward action ``i`` undoes forward action ``i``).
 * ``log_reward_tensor(x)``: ``(N, *state_shape) -> float (N,)``, log R(x).
@@ -185,13 +185,18 @@ class DiscreteEnv(Env):
             raise ValueError(f"invalid action: not allowed by the forward mask in rows {self._bad_rows(bad)}")
         return self.States(self._step_fast(x, a))
 
-    def _step_fast(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Unchecked forward step, ``a`` of shape ``(N,)``; exit and dummy rows become sf."""
-        to_sink = (a == self.exit_action_index) | (a < 0)
-        a_safe = torch.where(to_sink, torch.zeros_like(a), a)
-        nxt = self.step_tensor(x, a_safe)
+    def _step_fast(
+        self, x: torch.Tensor, a: torch.Tensor, to_sink: Optional[torch.Tensor] = None, out=None
+    ) -> torch.Tensor:
+        """Unchecked forward step, ``a`` of shape ``(N,)`` in ``[-1, n_actions - 1]``.
+
+        Rows where ``to_sink`` (default: exit or dummy action) become sf.
+        """
+        if to_sink is None:
+            to_sink = (a == self.exit_action_index) | (a < 0)
+        nxt = self.step_tensor(x, a.clamp(min=0))
         shape = (-1,) + (1,) * len(self.state_shape)
-        return torch.where(to_sink.view(shape), self.sf, nxt)
+        return torch.where(to_sink.view(shape), self.sf, nxt, out=out)
 
     def backward_step(self, states: DiscreteStates, actions: Actions) -> DiscreteStates:
         """One backward step for a batch ``(N,)``; actions index ``backward_masks``.

@@ -27,21 +27,37 @@ from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
 
 
 class MaskedCategorical(Distribution):
-    """Categorical distribution over actions from normalized log-probabilities.
+    """Categorical distribution over actions from masked logits.
 
-    Cheaper than ``torch.distributions.Categorical`` in rollout loops: the
-    log-probs are already normalized and masked, so construction does no work.
+    Cheaper than ``torch.distributions.Categorical`` in rollout loops:
+    construction does no work, normalization (``log_softmax``) happens only
+    when a log-probability is asked for, and ``sample`` uses the Gumbel-max
+    trick (``argmax(logits + Gumbel noise)``: 4 kernels, no host sync, and a
+    masked ``-inf`` logit can never be drawn).
 
     Args:
-        logits: float ``(*B, n)``, normalized log-probabilities, ``-inf`` on masked actions.
+        logits: float ``(*B, n)``, ``-inf`` on masked actions; normalized or not
+            (``normalized`` says which).
+        mask: the bool mask ``(*B, n)`` used to build the logits, if any (lets the
+            sampler skip re-checking actions against the same mask).
+        normalized: whether ``logits`` already are log-probabilities.
     """
 
     arg_constraints: dict = {}
     has_enumerate_support = True
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    def __init__(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None, normalized: bool = False):
+        self._raw_logits = logits
+        self._logits = logits if normalized else None
+        self.mask = mask
         super().__init__(batch_shape=logits.shape[:-1], validate_args=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Normalized log-probabilities ``(*B, n)``."""
+        if self._logits is None:
+            self._logits = self._raw_logits.log_softmax(-1)
+        return self._logits
 
     @property
     def probs(self) -> torch.Tensor:
@@ -49,21 +65,30 @@ class MaskedCategorical(Distribution):
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Int64 samples of shape ``(*sample_shape, *B)``."""
-        probs = self.logits.exp().reshape(-1, self.logits.shape[-1])
-        k = int(math.prod(sample_shape)) if len(sample_shape) else 1
-        s = torch.multinomial(probs, k, replacement=True)  # (prod B, k)
-        s = s.T.reshape(*sample_shape, *self.logits.shape[:-1])
-        return s
+        raw = self._raw_logits
+        if len(sample_shape):
+            raw = raw.expand(*sample_shape, *raw.shape)
+        # Exp(1) noise E: argmax(logits - log E) is a Gumbel-max draw.
+        noise = torch.empty_like(raw).exponential_().log_()
+        return (raw - noise).argmax(-1)
+
+    def sample_with_log_noise(self, log_noise: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Gumbel-max sample with pre-drawn ``log_noise = log(Exp(1))`` of the logits' shape.
+
+        Lets a sampler draw the noise of a whole rollout in one kernel.
+        """
+        return torch.argmax(self._raw_logits - log_noise, dim=-1, out=out)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log P(value); ``value`` of shape ``B`` or ``(*B, 1)``; returns ``B``."""
-        if value.dim() == self.logits.dim():
+        if value.dim() == self._raw_logits.dim():
             value = value.squeeze(-1)
         return self.logits.gather(-1, value.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
     def entropy(self) -> torch.Tensor:
-        p = self.logits.exp()
-        return -(p * self.logits.masked_fill(p == 0, 0.0)).sum(-1)
+        lp = self.logits
+        p = lp.exp()
+        return -(p * lp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 @dataclass
@@ -281,15 +306,17 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
             if temperature <= 0:
                 raise ValueError(f"temperature must be > 0, got {temperature}")
             logits = logits / temperature
-        logp = logits.masked_fill(~masks, -math.inf).log_softmax(-1)
-        if epsilon != 0.0:
-            if not 0.0 <= epsilon <= 1.0:
-                raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
-            n_valid = masks.sum(-1, keepdim=True).clamp(min=1)
-            log_uniform = (-n_valid.float().log()).expand_as(logp).masked_fill(~masks, -math.inf)
-            logp = torch.logaddexp(logp + math.log1p(-epsilon) if epsilon < 1 else torch.full_like(logp, -math.inf),
-                                   log_uniform + math.log(epsilon))
-        return MaskedCategorical(logp)
+        masked = logits.masked_fill(~masks, -math.inf)
+        if epsilon == 0.0:
+            return MaskedCategorical(masked, mask=masks)
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        n_valid = masks.sum(-1, keepdim=True).clamp(min=1)
+        log_uniform = (-n_valid.float().log()).expand_as(masked).masked_fill(~masks, -math.inf)
+        if epsilon == 1.0:
+            return MaskedCategorical(log_uniform, mask=masks, normalized=True)
+        logp = torch.logaddexp(masked.log_softmax(-1) + math.log1p(-epsilon), log_uniform + math.log(epsilon))
+        return MaskedCategorical(logp, mask=masks, normalized=True)
 
     def log_prob_table(self, states, **policy_kwargs) -> torch.Tensor:
         """Normalized log-probabilities of every action, ``(*B, expected_output_dim)``."""

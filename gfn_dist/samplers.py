@@ -19,6 +19,7 @@ import torch
 
 from gfn_dist.actions import Actions
 from gfn_dist.containers.trajectories import Trajectories
+from gfn_dist.estimators import MaskedCategorical
 from gfn_dist.states import States
 
 
@@ -114,31 +115,35 @@ class Sampler:
         N, dev = x.shape[0], x.device
         T_max = env.max_traj_len
         exit_idx = env.n_actions - 1
+        sf = env.sf
+        sink_shape = (N,) + (1,) * len(env.state_shape)
         states_buf = x.new_empty((T_max + 1, N, *env.state_shape))
         states_buf[0] = x
-        actions_buf = torch.empty((T_max, N, 1), dtype=torch.long, device=dev)
+        actions_buf = torch.empty((T_max, N), dtype=torch.long, device=dev)
         lp_buf = torch.empty((T_max, N), device=dev) if save_logprobs else None
+        # Gumbel noise for the whole rollout in one kernel (used with MaskedCategorical).
+        log_noise = torch.empty((T_max, N, env.n_actions), device=dev).exponential_().log_()
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         ok = torch.ones(N, dtype=torch.bool, device=dev)
-        term = torch.zeros(N, dtype=torch.long, device=dev)
         ctx = est.init_context(N, dev, conditions)
         T = 0
         for t in range(T_max):
             st = env.States(x)
             dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
-            a = dist.sample()
-            # Invalid-action check accumulated on device; one host sync after the rollout.
-            ok &= st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
+            # Every row is sampled; rows already finished hold sf and are padded after the loop.
+            if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == log_noise[t].shape:
+                a = dist.sample_with_log_noise(log_noise[t], out=actions_buf[t])
+            else:
+                a = dist.sample()
+                actions_buf[t] = a
+            if getattr(dist, "mask", None) is not st.forward_masks:
+                # Not built from this batch's masks: check its actions (on device; one sync at the end).
+                ok &= st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
             if save_logprobs:
                 lp, ctx = est.log_probs(a, dist, ctx, None, vectorized=True)
-                lp_buf[t] = lp.masked_fill(done, 0.0)
-            a = a.masked_fill(done, -1)
-            actions_buf[t, :, 0] = a
-            is_exit = a == exit_idx
-            x = env._step_fast(x, a)
-            states_buf[t + 1] = x
-            term.masked_fill_(is_exit, t + 1)
-            done |= is_exit
+                lp_buf[t] = lp
+            done = done | (a == exit_idx)
+            x = torch.where(done.view(sink_shape), sf, env.step_tensor(x, a), out=states_buf[t + 1])
             T = t + 1
             if bool(done.all()):
                 break
@@ -148,18 +153,23 @@ class Sampler:
         if not bool(ok.all()):
             rows = torch.nonzero(~ok).flatten().tolist()[:20]
             raise ValueError(f"invalid action: the policy sampled actions outside the forward mask in trajectories {rows}")
+        # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
+        finished_TN = env.States(states_buf[:T]).is_sink_state
+        actions_TN = actions_buf[:T].masked_fill_(finished_TN, -1)
+        term = T - finished_TN.sum(0)
         n_idx = torch.arange(N, device=dev)
         log_rewards = env.log_reward_tensor(states_buf[term - 1, n_idx])
+        log_probs = lp_buf[:T].masked_fill_(finished_TN, 0.0) if save_logprobs else None
         est_out = None
         if save_estimator_outputs:
             est_out = torch.stack(ctx.trajectory_estimator_outputs[:T], dim=0)
         return Trajectories(
             env,
             states_buf[: T + 1],
-            actions_buf[:T],
+            actions_TN.unsqueeze(-1),
             term,
             log_rewards,
-            lp_buf[:T] if save_logprobs else None,
+            log_probs,
             est_out,
             is_backward=False,
             conditions=conditions,

@@ -13,6 +13,7 @@ M valid states (padding rows are dropped, not computed); non-vectorized
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -47,6 +48,12 @@ def get_trajectory_pfs(
     if trajectories.is_backward:
         raise ValueError("get_trajectory_pfs: expected forward trajectories, got backward ones")
     if not recalculate_all_logprobs and trajectories.log_probs is not None:
+        if torch.is_grad_enabled() and not trajectories.log_probs.requires_grad:
+            warnings.warn(
+                "recalculate_all_logprobs=False reuses log-probs saved while sampling, which carry no "
+                "gradient (gfn_dist samples under no_grad): P_F gets no gradient from this loss.",
+                stacklevel=3,
+            )
         return trajectories.log_probs
     env = trajectories.env
     actions_TN = trajectories.actions_tensor[..., 0]

@@ -228,7 +228,8 @@ class NonAutoregressiveBitSequence(_BitSequenceBase):
         return (x.unsqueeze(-1) == words).reshape(*x.shape[:-1], -1)
 
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        pos, word = a // self.n_words, a % self.n_words
+        # Exit (a = L * n_words) maps past the last position: clamp; the row becomes sf.
+        pos, word = (a // self.n_words).clamp(max=self.length - 1), a % self.n_words
         return x.scatter(-1, pos.unsqueeze(-1), word.unsqueeze(-1))
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -63,20 +63,20 @@ class HyperGrid(DiscreteEnv):
             preprocessor=preprocessor or KHotPreprocessor(height, ndim),
             device=device,
         )
+        self._dims = torch.arange(ndim, device=self.device)
         self._powers = self.height ** torch.arange(ndim - 1, -1, -1, device=self.device)
         self._all_states: Optional[DiscreteStates] = None
 
     # ---- tensor hooks ------------------------------------------------------
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
-        m = torch.ones(*x.shape[:-1], self.n_actions, dtype=torch.bool, device=x.device)
-        torch.lt(x, self.height - 1, out=m[..., :-1])
-        return m
+        return torch.nn.functional.pad(x < self.height - 1, (0, 1), value=True)
 
     def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x > 0
 
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return x.scatter_add(-1, a.unsqueeze(-1), torch.ones_like(a).unsqueeze(-1))
+        # a == ndim (exit) matches no coordinate: the row is unchanged (and replaced by sf).
+        return x + (a.unsqueeze(-1) == self._dims)
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return x.scatter_add(-1, a.unsqueeze(-1), -torch.ones_like(a).unsqueeze(-1))
