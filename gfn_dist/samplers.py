@@ -147,12 +147,11 @@ class Sampler:
             T = t + 1
             if bool(done.all()):
                 break
-        else:
-            if not bool(done.all()):
-                raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         if not bool(ok.all()):
             rows = torch.nonzero(~ok).flatten().tolist()[:20]
             raise ValueError(f"invalid action: the policy sampled actions outside the forward mask in trajectories {rows}")
+        if not bool(done.all()):
+            raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
         finished_TN = env.States(states_buf[:T]).is_sink_state
         actions_TN = actions_buf[:T].masked_fill_(finished_TN, -1)

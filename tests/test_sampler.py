@@ -1,0 +1,113 @@
+"""Sampler: valid trajectories, padding conventions, backward sampling, bad policies."""
+
+import pytest
+import torch
+
+from gfn_dist.containers import Trajectories
+from gfn_dist.estimators import DiscretePolicyEstimator
+from gfn_dist.gym import BitSequence, HyperGrid, NonAutoregressiveBitSequence
+from gfn_dist.modules import MLP, DiscreteUniform
+from gfn_dist.samplers import Sampler
+
+ENVS = {
+    "hypergrid": lambda: HyperGrid(3, 4),
+    "bitseq": lambda: BitSequence(word_size=2, seq_size=6),
+    "nar_bitseq": lambda: NonAutoregressiveBitSequence(word_size=1, seq_size=5),
+}
+
+
+def make_pf(env, backward=False):
+    n = env.n_actions - 1 if backward else env.n_actions
+    return DiscretePolicyEstimator(MLP(env.preprocessor.output_dim, n, 16), env.n_actions, env.preprocessor, is_backward=backward)
+
+
+def replay_is_consistent(env, traj: Trajectories):
+    """Re-applies every action with the checked env.step from s0: states must match."""
+    x = env.States(traj.states_tensor[0])
+    assert bool(x.is_initial_state.all())
+    for t in range(traj.max_length):
+        a = traj.actions_tensor[t]
+        x = env.step(x, env.Actions(a))
+        assert torch.equal(x.tensor, traj.states_tensor[t + 1]), t
+    assert bool(env.States(traj.states_tensor[-1]).is_sink_state.all())
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+@pytest.mark.parametrize("kw", [{}, {"epsilon": 0.3, "temperature": 2.0}])
+def test_forward_trajectories_are_valid(name, kw):
+    torch.manual_seed(0)
+    env = ENVS[name]()
+    traj = Sampler(make_pf(env)).sample_trajectories(env, n=50, save_logprobs=True, **kw)
+    replay_is_consistent(env, traj)
+    a = traj.actions_tensor[..., 0]
+    # terminating_idx counts actions including exit; the last one is exit.
+    n = torch.arange(50)
+    assert torch.equal(traj.terminating_idx, (a >= 0).sum(0))
+    assert bool((a[traj.terminating_idx - 1, n] == env.n_actions - 1).all())
+    assert torch.allclose(traj.log_rewards, env.log_reward(traj.terminating_states))
+    assert bool((traj.log_probs[a < 0] == 0).all()) and bool((traj.log_probs[a >= 0] <= 0).all())
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+def test_backward_trajectories_reach_s0(name):
+    torch.manual_seed(0)
+    env = ENVS[name]()
+    fwd = Sampler(make_pf(env)).sample_trajectories(env, n=20)
+    bwd = Sampler(make_pf(env, backward=True)).sample_trajectories(env, states=fwd.terminating_states, save_logprobs=True)
+    assert bwd.is_backward
+    n = torch.arange(20)
+    assert bool(env.States(bwd.states_tensor[bwd.terminating_idx, n]).is_initial_state.all())
+    assert torch.allclose(bwd.log_rewards, fwd.log_rewards)
+    # Undo each backward action with a forward step: we must get back the previous state.
+    for t in range(bwd.max_length):
+        active = bwd.actions_tensor[t, :, 0] >= 0
+        prev = bwd.states_tensor[t][active]
+        cur = bwd.states_tensor[t + 1][active]
+        assert torch.equal(env.step_tensor(cur, bwd.actions_tensor[t, active, 0]), prev)
+    # Uniform P_B on a tree DAG (BitSequence) has probability 1 per step.
+    if name == "bitseq":
+        pb = DiscretePolicyEstimator(DiscreteUniform(env.n_actions - 1), env.n_actions, env.preprocessor, is_backward=True)
+        b2 = Sampler(pb).sample_trajectories(env, states=fwd.terminating_states, save_logprobs=True)
+        assert torch.allclose(b2.log_probs, torch.zeros_like(b2.log_probs))
+
+
+class _BrokenPolicy(DiscretePolicyEstimator):
+    """Ignores the mask of rows 1 and 3 (forces action 0 there)."""
+
+    def to_probability_distribution(self, states, module_output, **kw):
+        logits = torch.full_like(module_output, -1e9)
+        logits[:, -1] = 0.0
+        logits[1, :] = -1e9
+        logits[1, 0] = 0.0
+        logits[3, :] = -1e9
+        logits[3, 0] = 0.0
+        return torch.distributions.Categorical(logits=logits)
+
+
+def test_invalid_action_from_custom_policy_names_rows():
+    env = HyperGrid(2, 3)
+    pf = _BrokenPolicy(DiscreteUniform(env.n_actions), env.n_actions, env.preprocessor)
+    with pytest.raises(ValueError, match=r"trajectories \[1, 3\]"):
+        Sampler(pf).sample_trajectories(env, n=5)
+
+
+def test_sample_from_given_states_and_arguments():
+    torch.manual_seed(0)
+    env = HyperGrid(2, 5)
+    pf = make_pf(env)
+    start = env.States(torch.tensor([[4, 4], [2, 3]]))
+    traj = Sampler(pf).sample_trajectories(env, states=start)
+    assert torch.equal(traj.states_tensor[0], start.tensor)
+    with pytest.raises(ValueError, match="exactly one"):
+        Sampler(pf).sample_trajectories(env)
+    with pytest.raises(ValueError, match="exactly one"):
+        Sampler(pf).sample_trajectories(env, n=2, states=start)
+    acts, lp, out = Sampler(pf).sample_actions(env, start, save_logprobs=True, save_estimator_outputs=True)
+    assert acts.tensor.shape == (2, 1) and lp.shape == (2,) and out.shape == (2, env.n_actions)
+
+
+def test_estimator_outputs_saved_per_step():
+    torch.manual_seed(0)
+    env = HyperGrid(2, 5)
+    traj = Sampler(make_pf(env)).sample_trajectories(env, n=6, save_estimator_outputs=True)
+    assert traj.estimator_outputs.shape == (traj.max_length, 6, env.n_actions)
