@@ -26,6 +26,18 @@ from gfn_dist.actions import Actions
 from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
 
 
+_NEG_INF: dict = {}
+
+
+def _neg_inf(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim ``-inf`` of ``like``'s dtype and device (a Python scalar would cost a copy)."""
+    key = (like.dtype, like.device)
+    t = _NEG_INF.get(key)
+    if t is None:
+        t = _NEG_INF[key] = torch.tensor(-math.inf, dtype=like.dtype, device=like.device)
+    return t
+
+
 class MaskedCategorical(Distribution):
     """Categorical distribution over actions from masked logits.
 
@@ -306,7 +318,7 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
             if temperature <= 0:
                 raise ValueError(f"temperature must be > 0, got {temperature}")
             logits = logits / temperature
-        masked = logits.masked_fill(~masks, -math.inf)
+        masked = torch.where(masks, logits, _neg_inf(logits))  # one kernel (no mask inversion)
         if epsilon == 0.0:
             return MaskedCategorical(masked, mask=masks)
         if not 0.0 <= epsilon <= 1.0:

@@ -24,16 +24,30 @@ from gfn_dist.env import Env
 from gfn_dist.samplers import Sampler
 
 
-def _expand_conditions(conditions: Optional[torch.Tensor], T: int, valid_TN: torch.Tensor):
+def _gather_valid(x_TN: Optional[torch.Tensor], flat_idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows ``flat_idx`` of ``x`` with its (T, N) dims flattened: ``(M, *rest)``."""
+    if x_TN is None:
+        return None
+    return x_TN.flatten(0, 1).index_select(0, flat_idx)
+
+
+def _expand_conditions(conditions: Optional[torch.Tensor], T: int, flat_idx: torch.Tensor):
     if conditions is None:
         return None
-    return conditions.unsqueeze(0).expand(T, *conditions.shape)[valid_TN]
+    return _gather_valid(conditions.unsqueeze(0).expand(T, *conditions.shape), flat_idx)
+
+
+def _scatter_TN(lp_M: torch.Tensor, flat_idx: torch.Tensor, T: int, N: int) -> torch.Tensor:
+    out = torch.zeros(T * N, dtype=lp_M.dtype, device=lp_M.device)
+    return out.index_put_((flat_idx,), lp_M).view(T, N)
 
 
 def get_trajectory_pfs(
     pf,
     trajectories: Trajectories,
     recalculate_all_logprobs: bool = True,
+    *,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """log P_F of every action, float ``(T, N)``, 0 on padding.
 
@@ -42,8 +56,9 @@ def get_trajectory_pfs(
     reused when present.
 
     Raises:
-        ValueError: for backward trajectories, or if a stored action is outside
-            the policy's mask (-inf log-prob), naming the (step, trajectory) pairs.
+        ValueError: for backward trajectories, or (``check_finite``) if a stored
+            action is outside the policy's mask (-inf log-prob), naming the
+            (step, trajectory) pairs.
     """
     if trajectories.is_backward:
         raise ValueError("get_trajectory_pfs: expected forward trajectories, got backward ones")
@@ -64,17 +79,17 @@ def get_trajectory_pfs(
         if tf is not None:
             return tf(trajectories)
         return _per_step_pfs(pf, trajectories, valid_TN)
-    states_M = env.States(trajectories.states_tensor[:-1][valid_TN])
-    M = states_M.tensor.shape[0]
-    ctx = pf.init_context(M, trajectories.device, _expand_conditions(trajectories.conditions, T, valid_TN))
+    # One nonzero, shared by every gather below (a boolean index would redo it each time).
+    flat_idx = torch.nonzero(valid_TN.flatten()).squeeze(1)
+    states_M = env.States(_gather_valid(trajectories.states_tensor[:-1], flat_idx))
+    ctx = pf.init_context(flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx))
     if not recalculate_all_logprobs and trajectories.estimator_outputs is not None:
-        ctx.extras["precomputed_estimator_output"] = trajectories.estimator_outputs[valid_TN]
+        ctx.extras["precomputed_estimator_output"] = _gather_valid(trajectories.estimator_outputs, flat_idx)
     dist, ctx = pf.compute_dist(states_M, ctx)
-    lp_M, ctx = pf.log_probs(actions_TN[valid_TN], dist, ctx, vectorized=True)
-    _check_finite(lp_M, valid_TN, "P_F")
-    log_pf_TN = torch.zeros((T, N), dtype=lp_M.dtype, device=lp_M.device)
-    log_pf_TN[valid_TN] = lp_M
-    return log_pf_TN
+    lp_M, ctx = pf.log_probs(_gather_valid(actions_TN, flat_idx), dist, ctx, vectorized=True)
+    if check_finite:
+        _check_finite(lp_M, flat_idx, N, "P_F")
+    return _scatter_TN(lp_M, flat_idx, T, N)
 
 
 def _per_step_pfs(pf, trajectories: Trajectories, valid_TN: torch.Tensor) -> torch.Tensor:
@@ -95,14 +110,15 @@ def _per_step_pfs(pf, trajectories: Trajectories, valid_TN: torch.Tensor) -> tor
     return out
 
 
-def get_trajectory_pbs(pb, trajectories: Trajectories) -> torch.Tensor:
+def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = True) -> torch.Tensor:
     """log P_B of every non-exit action, float ``(T, N)``, 0 on padding and exit.
 
     The action taken at step t (s_t -> s_{t+1}) is undone by backward action
     of the same index at s_{t+1}. ``pb=None`` gives zeros (tree DAG, P_B = 1).
 
     Raises:
-        ValueError: for backward trajectories, or on -inf log-probs (naming the pairs).
+        ValueError: for backward trajectories, or (``check_finite``) on -inf
+            log-probs, naming the (step, trajectory) pairs.
     """
     if trajectories.is_backward:
         raise ValueError("get_trajectory_pbs: expected forward trajectories, got backward ones")
@@ -112,21 +128,21 @@ def get_trajectory_pbs(pb, trajectories: Trajectories) -> torch.Tensor:
     if pb is None:
         return torch.zeros((T, N), device=trajectories.device)
     valid_TN = (actions_TN >= 0) & (actions_TN != env.n_actions - 1)
-    states_M = env.States(trajectories.states_tensor[1:][valid_TN])
-    M = states_M.tensor.shape[0]
-    ctx = pb.init_context(M, trajectories.device, _expand_conditions(trajectories.conditions, T, valid_TN))
+    flat_idx = torch.nonzero(valid_TN.flatten()).squeeze(1)
+    states_M = env.States(_gather_valid(trajectories.states_tensor[1:], flat_idx))
+    ctx = pb.init_context(flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx))
     dist, ctx = pb.compute_dist(states_M, ctx)
-    lp_M, ctx = pb.log_probs(actions_TN[valid_TN], dist, ctx, vectorized=True)
-    _check_finite(lp_M, valid_TN, "P_B")
-    log_pb_TN = torch.zeros((T, N), dtype=lp_M.dtype, device=lp_M.device)
-    log_pb_TN[valid_TN] = lp_M
-    return log_pb_TN
+    lp_M, ctx = pb.log_probs(_gather_valid(actions_TN, flat_idx), dist, ctx, vectorized=True)
+    if check_finite:
+        _check_finite(lp_M, flat_idx, N, "P_B")
+    return _scatter_TN(lp_M, flat_idx, T, N)
 
 
-def _check_finite(lp_M: torch.Tensor, valid_TN: torch.Tensor, what: str) -> None:
+def _check_finite(lp_M: torch.Tensor, flat_idx: torch.Tensor, N: int, what: str) -> None:
     bad = torch.isinf(lp_M)
     if bool(bad.any()):
-        pairs = torch.nonzero(valid_TN)[bad][:10].tolist()
+        f = flat_idx[bad][:10]
+        pairs = torch.stack([f // N, f % N], dim=1).tolist()
         raise ValueError(f"{what}: actions outside the policy's mask at (step, trajectory) {pairs}")
 
 
@@ -225,9 +241,12 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         self, trajectories: Trajectories, recalculate_all_logprobs: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_pf (T, N), log_pb (T, N))``; log_pb is 0 when ``constant_pb``."""
-        log_pf = get_trajectory_pfs(self.pf, trajectories, recalculate_all_logprobs)
+        return self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=True)
+
+    def _pfs_and_pbs(self, trajectories: Trajectories, recalculate_all_logprobs: bool, check_finite: bool):
+        log_pf = get_trajectory_pfs(self.pf, trajectories, recalculate_all_logprobs, check_finite=check_finite)
         pb = None if self.constant_pb else self.pb
-        log_pb = get_trajectory_pbs(pb, trajectories)
+        log_pb = get_trajectory_pbs(pb, trajectories, check_finite=check_finite)
         return log_pf, log_pb
 
     def _log_rewards(self, trajectories: Trajectories, log_rewards: Optional[torch.Tensor]) -> torch.Tensor:
@@ -253,8 +272,20 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         if isinstance(trajectories, Env):
             trajectories, env = env if isinstance(env, Trajectories) else recalculate_all_logprobs, trajectories
             recalculate_all_logprobs = True
-        log_pf, log_pb = self.get_pfs_and_pbs(trajectories, recalculate_all_logprobs)
-        scores = log_pf.sum(0) - log_pb.sum(0) - self._log_rewards(trajectories, log_rewards)
-        if self.debug and not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"non-finite scores in trajectories {torch.nonzero(~torch.isfinite(scores)).flatten().tolist()[:20]}")
+        # Finiteness is checked once, on the scores (one host sync instead of one per policy).
+        log_pf, log_pb = self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=False)
+        lr = self._log_rewards(trajectories, log_rewards)
+        scores = log_pf.sum(0) - log_pb.sum(0) - lr
+        if not bool(torch.isfinite(scores).all()):
+            self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
+
+    def _explain_non_finite(self, trajectories: Trajectories, recalculate_all_logprobs: bool, lr: torch.Tensor):
+        """Raises a ValueError naming the cause of non-finite scores."""
+        with torch.no_grad():
+            self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=True)  # names bad actions
+        bad = torch.nonzero(~torch.isfinite(lr)).flatten().tolist()[:20]
+        if bad:
+            hint = " (set log_reward_clip_min to train with zero rewards)" if bool(torch.isneginf(lr).any()) else ""
+            raise ValueError(f"non-finite log_rewards in trajectories {bad}{hint}")
+        raise ValueError("non-finite scores: the policy produced non-finite log-probabilities")

@@ -53,6 +53,8 @@ class HyperGrid(DiscreteEnv):
             raise ValueError(f"HyperGrid: R0 must be > 0, got {R0}")
         self.ndim, self.height = int(ndim), int(height)
         self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)
+        self._dims = torch.arange(ndim, device=device)
+        self._true = torch.ones(1, dtype=torch.bool, device=device)
         s0 = torch.zeros(ndim, dtype=torch.long)
         sf = torch.full((ndim,), -1, dtype=torch.long)
         super().__init__(
@@ -63,13 +65,14 @@ class HyperGrid(DiscreteEnv):
             preprocessor=preprocessor or KHotPreprocessor(height, ndim),
             device=device,
         )
-        self._dims = torch.arange(ndim, device=self.device)
         self._powers = self.height ** torch.arange(ndim - 1, -1, -1, device=self.device)
         self._all_states: Optional[DiscreteStates] = None
 
     # ---- tensor hooks ------------------------------------------------------
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(x < self.height - 1, (0, 1), value=True)
+        # Exit is always allowed: one compare and one concatenation.
+        true_col = self._true.expand(*x.shape[:-1], 1)
+        return torch.cat([x < self.height - 1, true_col], dim=-1)
 
     def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x > 0
