@@ -147,3 +147,15 @@ def test_stored_invalid_action_is_reported():
     traj = Trajectories(env, states, actions, torch.tensor([2]), log_rewards=torch.zeros(1))
     with pytest.raises(ValueError, match=r"outside the policy's mask at \(step, trajectory\) \[\[0, 0\]\]"):
         TBGFlowNet(pf, pb).loss(env, traj)
+
+
+def test_non_finite_log_reward_is_named_with_hint():
+    env = HyperGrid(2, 8)
+    pf, pb = uniform_pf_pb(env)
+    traj = two_hand_made_trajectories(env)
+    bad = torch.tensor([0.0, -float("inf")])
+    with pytest.raises(ValueError, match=r"non-finite log_rewards in trajectories \[1\].*log_reward_clip_min"):
+        TBGFlowNet(pf, pb).loss(env, traj, log_rewards=bad)
+    # With a finite clip the same batch trains.
+    loss = TBGFlowNet(pf, pb, log_reward_clip_min=-20.0).loss(env, traj, log_rewards=bad)
+    assert torch.isfinite(loss)
