@@ -1,0 +1,245 @@
+"""Build environments, policies, losses and samplers from a ``TrainConfig``.
+
+Learners and rollout actors both call these with the (plain-data) config, so
+each process builds its own objects: nothing live is ever shipped to a Ray
+actor. Recurrent policies, local search and the relative losses are imported
+lazily (their modules are optional for the HyperGrid presets).
+
+The trainable policies are grouped in one ``nn.ModuleDict`` (``"pf"`` and,
+when there is one, ``"pb"``): its ``state_dict`` is what learners publish and
+actors load.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gfn_dist.config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- env
+
+
+def build_env(cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """The environment named by ``cfg.env.name``, on ``device``."""
+    from gfn_dist.gym import BitSequence, HyperGrid, NonAutoregressiveBitSequence
+
+    e = cfg.env
+    if e.name == "hypergrid":
+        h = e.hypergrid
+        return HyperGrid(h.ndim, h.height, h.R0, h.R1, h.R2, device=device)
+    b = e.bitseq
+    cls = BitSequence if e.name == "bitseq" else NonAutoregressiveBitSequence
+    return cls(b.word_size, b.seq_size, b.n_modes, b.temperature, b.seed, device=device)
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+def build_pf(cfg: TrainConfig, env) -> nn.Module:
+    """Forward policy estimator: an MLP ``DiscretePolicyEstimator`` or a recurrent one."""
+    from gfn_dist.estimators import DiscretePolicyEstimator
+    from gfn_dist.modules import MLP
+
+    m = cfg.model
+    if m.policy == "mlp":
+        d = env.preprocessor.output_dim
+        return DiscretePolicyEstimator(MLP(d, env.n_actions, m.hidden_dim, m.n_hidden_layers), env.n_actions,
+                                       env.preprocessor)
+    from gfn_dist.recurrent import (
+        RecurrentDiscretePolicyEstimator,
+        RecurrentDiscreteSequenceModel,
+        last_action_tokenizer,
+    )
+
+    tokenizer = last_action_tokenizer(env)
+    model = RecurrentDiscreteSequenceModel(
+        tokenizer.output_dim, env.n_actions, m.hidden_dim, rnn_type=m.policy, num_layers=m.n_hidden_layers
+    )
+    return RecurrentDiscretePolicyEstimator(model, env.n_actions, preprocessor=tokenizer)
+
+
+def build_pb(cfg: TrainConfig, env) -> Optional[nn.Module]:
+    """Backward policy estimator (learned MLP or uniform), or None for ``model.pb=none``."""
+    from gfn_dist.estimators import DiscretePolicyEstimator
+    from gfn_dist.modules import MLP, DiscreteUniform
+
+    m = cfg.model
+    if m.pb == "none":
+        return None
+    d = env.preprocessor.output_dim
+    module = MLP(d, env.n_actions - 1, m.hidden_dim, m.n_hidden_layers) if m.pb == "learned" else \
+        DiscreteUniform(env.n_actions - 1, d)
+    return DiscretePolicyEstimator(module, env.n_actions, env.preprocessor, is_backward=True)
+
+
+def build_policies(cfg: TrainConfig, env, init_from_prior: bool = True) -> nn.ModuleDict:
+    """``ModuleDict(pf=..., [pb=...])`` initialised from the current torch RNG.
+
+    For the relative losses P_F starts as a copy of the prior (fine-tuning)
+    unless ``init_from_prior`` is False (rollout actors: their weights come from
+    the learner anyway).
+    """
+    if cfg.loss.is_relative and init_from_prior:
+        pf = copy.deepcopy(build_prior(cfg, env)).requires_grad_(True)
+    else:
+        pf = build_pf(cfg, env)
+    policies = nn.ModuleDict({"pf": pf})
+    pb = build_pb(cfg, env)
+    if pb is not None:
+        policies["pb"] = pb
+    return policies
+
+
+def build_prior(cfg: TrainConfig, env) -> nn.Module:
+    """The frozen prior P_F of the relative losses.
+
+    From ``loss.prior_checkpoint`` (a ``policy.pt`` written by a run, loaded with
+    ``weights_only=True``), else the model's P_F initialised with ``loss.prior_seed``
+    (a seeded random network), without touching the global RNG.
+
+    Raises:
+        ConfigError: if the checkpoint is missing or does not fit the model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.loss.prior_seed)
+        prior = build_pf(cfg, env)
+    path = cfg.loss.prior_checkpoint
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"loss.prior_checkpoint: file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        sd = state.get("policies", state)
+        sd = {k[len("pf."):]: v for k, v in sd.items() if k.startswith("pf.")}
+        try:
+            prior.load_state_dict(sd)
+        except RuntimeError as err:
+            raise ConfigError(f"loss.prior_checkpoint: does not fit model.*: {str(err).splitlines()[0]}") from err
+    return prior.requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Optional[nn.Module] = None):
+    """The GFlowNet loss module named by ``cfg.loss.name`` over ``policies``.
+
+    Args:
+        cfg: the configuration.
+        env: the environment.
+        policies: from ``build_policies`` (shared, so training updates them).
+        prior: the frozen prior for relative losses (built when None).
+    """
+    from gfn_dist.gflownet import LogPartitionVarianceGFlowNet, TBGFlowNet
+
+    lc = cfg.loss
+    pf = policies["pf"]
+    pb = policies["pb"] if "pb" in policies else None
+    if lc.name == "tb":
+        return TBGFlowNet(pf, pb, init_logZ=lc.init_logZ, constant_pb=pb is None,
+                          log_reward_clip_min=lc.log_reward_clip_min)
+    if lc.name == "lpv":
+        return LogPartitionVarianceGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
+    from gfn_dist.gflownet.relative import (
+        RelativeLogPartitionVarianceGFlowNet,
+        RelativeTrajectoryBalanceGFlowNet,
+        TrustPCLGFlowNet,
+    )
+
+    prior = prior if prior is not None else build_prior(cfg, env)
+    if lc.name == "rtb":
+        return RelativeTrajectoryBalanceGFlowNet(pf, prior, init_logZ=lc.init_logZ, beta=lc.beta,
+                                                 log_reward_clip_min=lc.log_reward_clip_min)
+    if lc.name == "relative_lpv":
+        return RelativeLogPartitionVarianceGFlowNet(pf, prior, beta=lc.beta, log_reward_clip_min=lc.log_reward_clip_min)
+    return TrustPCLGFlowNet(pf, prior, alpha=lc.alpha, init_v_soft_s0=lc.alpha * lc.init_logZ,
+                            log_reward_clip_min=lc.log_reward_clip_min)
+
+
+def effective_beta(cfg: TrainConfig) -> float:
+    """Reward exponent of the target ``∝ prior · R ** beta`` (Trust-PCL: ``1 / alpha``)."""
+    return 1.0 / cfg.loss.alpha if cfg.loss.name == "trust_pcl" else cfg.loss.beta
+
+
+def logz_of(gflownet) -> Optional[torch.Tensor]:
+    """The learned scalar logZ of a loss module, or None (LPV-type losses have none)."""
+    logz = getattr(gflownet, "logZ", None)
+    return logz if isinstance(logz, torch.Tensor) else None
+
+
+# ---------------------------------------------------------------------------- sampler
+
+
+def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
+    """``(sampler, sample_kwargs)`` for ``sampler.sample_trajectories(env, n=..., **sample_kwargs)``.
+
+    ``sample_kwargs`` holds the exploration ``policy_kwargs`` and, for local
+    search, ``n_local_search_loops`` / ``back_ratio`` / ``use_metropolis_hastings``.
+    """
+    s = cfg.sampler
+    pk = s.policy_kwargs
+    kwargs = {"temperature": pk.temperature, "sf_bias": pk.sf_bias, "epsilon": pk.epsilon}
+    if s.name == "sampler":
+        from gfn_dist.samplers import Sampler
+
+        return Sampler(policies["pf"]), kwargs
+    from gfn_dist.local_search import LocalSearchSampler
+
+    kwargs.update(n_local_search_loops=s.n_local_search_loops, back_ratio=s.back_ratio,
+                  use_metropolis_hastings=s.use_metropolis_hastings)
+    return LocalSearchSampler(policies["pf"], policies["pb"]), kwargs
+
+
+def trajectories_per_batch(cfg: TrainConfig) -> int:
+    """Trajectories one rollout batch yields (local search returns ``n * (1 + loops)``)."""
+    loops = cfg.sampler.n_local_search_loops if cfg.sampler.name == "local_search" else 0
+    return cfg.rollout.trajectories_per_push * (1 + loops)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def is_enumerable(env) -> bool:
+    """Whether ``env`` can enumerate its states (exact metrics apply)."""
+    try:
+        env.terminating_states
+    except (NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+@torch.no_grad()
+def exact_terminating_distribution(env, pf) -> torch.Tensor:
+    """Exact P_T of ``pf`` (float64, aligned with ``env.true_dist()``); recurrent ``pf`` on tree DAGs."""
+    if getattr(pf, "is_vectorized", True):
+        return env.exact_terminating_distribution(pf)
+    from gfn_dist.recurrent import exact_terminating_distribution_tree
+
+    return exact_terminating_distribution_tree(env, pf)
+
+
+@torch.no_grad()
+def target_distribution(cfg: TrainConfig, env, prior: Optional[nn.Module] = None) -> tuple[torch.Tensor, float]:
+    """The distribution the loss trains towards, and its log-normaliser.
+
+    ``R(x)/Z`` and ``log Z`` for TB / LPV; for the relative losses
+    ``P_T^prior(x) R(x)^β / Z_β`` and ``log Z_β`` (arXiv:2405.20971).
+
+    Returns:
+        ``(probs float64 (n_terminating_states,), logZ)``.
+    """
+    if not cfg.loss.is_relative:
+        return env.true_dist(), env.log_partition()
+    prior = prior if prior is not None else build_prior(cfg, env)
+    log_pt = exact_terminating_distribution(env, prior).log()
+    log_r = env.log_reward(env.terminating_states).double()
+    logits = log_pt + effective_beta(cfg) * log_r
+    return torch.softmax(logits, 0), float(torch.logsumexp(logits, 0))

@@ -1,0 +1,462 @@
+"""Typed configuration of ``gfn-dist train`` (OmegaConf structured configs).
+
+One dataclass per section; every field has a one-line doc and, where it has
+one, its unit in the name (``timeout_s``, ``sync_every`` in learner steps).
+Defaults live here and only here: a YAML preset in ``configs/`` sets what its
+experiment changes, and the command line overrides with ``key.sub=value``.
+
+``load_config(path, overrides)`` merges the three layers onto the schema and
+builds the dataclasses (``OmegaConf.to_object``), which runs every
+``__post_init__``: a bad value raises ``ConfigError`` naming the key
+(unknown key, wrong type, out of range). ``check_world_size`` is the one check
+that needs the launcher (the global batch must split evenly over the learners).
+
+Sections: ``env``, ``model``, ``loss``, ``sampler``, ``rollout``, ``replay``,
+``learner``, ``eval``, ``run``, ``logging``, ``cluster``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ENV_NAMES = ("hypergrid", "bitseq", "nar_bitseq")
+POLICY_NAMES = ("mlp", "lstm", "gru")
+PB_NAMES = ("learned", "uniform", "none")
+LOSS_NAMES = ("tb", "lpv", "rtb", "relative_lpv", "trust_pcl")
+SAMPLER_NAMES = ("sampler", "local_search")
+LAUNCHERS = ("auto", "local", "torchrun")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# ---------------------------------------------------------------------------- env
+
+
+@dataclass
+class HyperGridConfig:
+    """``HyperGrid(ndim, height, R0, R1, R2)`` (arXiv:2106.04399, "original" reward)."""
+
+    ndim: int = 2  # D, number of dimensions
+    height: int = 8  # H, side length of the grid
+    R0: float = 0.1  # base reward (> 0)
+    R1: float = 0.5  # bonus of the outer ring
+    R2: float = 2.0  # bonus of the modes
+
+    def __post_init__(self) -> None:
+        if self.ndim < 1:
+            raise ConfigError(f"env.hypergrid.ndim: must be >= 1, got {self.ndim}")
+        if self.height < 2:
+            raise ConfigError(f"env.hypergrid.height: must be >= 2, got {self.height}")
+        _positive("env.hypergrid.R0", self.R0)
+
+
+@dataclass
+class BitSeqConfig:
+    """``BitSequence`` / ``NonAutoregressiveBitSequence`` parameters (arXiv:2201.13259, Sec. 5.3)."""
+
+    word_size: int = 1  # bits per word (n_words = 2 ** word_size)
+    seq_size: int = 8  # bits per sequence, a multiple of word_size
+    n_modes: int = 4  # number of mode sequences of the reward
+    temperature: float = 1.0  # reward temperature: log R = -min Hamming / temperature
+    seed: int = 0  # seed of the modes
+
+    def __post_init__(self) -> None:
+        _positive("env.bitseq.word_size", self.word_size)
+        _positive("env.bitseq.seq_size", self.seq_size)
+        if self.seq_size % self.word_size != 0:
+            raise ConfigError(
+                f"env.bitseq.seq_size: must be a multiple of word_size={self.word_size}, got {self.seq_size}"
+            )
+        _positive("env.bitseq.n_modes", self.n_modes)
+        _positive("env.bitseq.temperature", self.temperature)
+
+
+@dataclass
+class EnvConfig:
+    """Which environment, and its parameters (the sub-section of that name)."""
+
+    name: str = "hypergrid"  # hypergrid | bitseq | nar_bitseq
+    hypergrid: HyperGridConfig = field(default_factory=HyperGridConfig)  # used when name = hypergrid
+    bitseq: BitSeqConfig = field(default_factory=BitSeqConfig)  # used when name = bitseq | nar_bitseq
+
+    def __post_init__(self) -> None:
+        _choice("env.name", self.name, ENV_NAMES)
+
+
+# ---------------------------------------------------------------------------- model / loss
+
+
+@dataclass
+class ModelConfig:
+    """Policy networks (P_F, and P_B when learned)."""
+
+    policy: str = "mlp"  # mlp | lstm | gru (recurrent: autoregressive envs only)
+    hidden_dim: int = 256  # width of hidden layers / recurrent state
+    n_hidden_layers: int = 2  # hidden layers of the MLP (recurrent: stacked RNN layers)
+    pb: str = "learned"  # learned (MLP) | uniform | none (tree DAG: P_B = 1)
+
+    def __post_init__(self) -> None:
+        _choice("model.policy", self.policy, POLICY_NAMES)
+        _choice("model.pb", self.pb, PB_NAMES)
+        _positive("model.hidden_dim", self.hidden_dim)
+        _positive("model.n_hidden_layers", self.n_hidden_layers)
+
+
+@dataclass
+class LossConfig:
+    """The GFlowNet objective and its parameters."""
+
+    name: str = "tb"  # tb | lpv | rtb | relative_lpv | trust_pcl
+    init_logZ: float = 0.0  # initial learned logZ (tb, rtb, trust_pcl)
+    beta: float = 1.0  # reward exponent of the relative losses: target ∝ prior * R ** beta
+    alpha: float = 1.0  # Trust-PCL regularisation weight (alpha = 1 / beta)
+    log_reward_clip_min: float = -math.inf  # log-rewards are clamped from below to this
+    prior_checkpoint: Optional[str] = None  # relative losses: prior P_F from a file saved by a run (policy.pt)
+    prior_seed: int = 1234  # relative losses without a checkpoint: prior = the model's P_F initialised with this seed
+
+    def __post_init__(self) -> None:
+        _choice("loss.name", self.name, LOSS_NAMES)
+        _positive("loss.beta", self.beta)
+        _positive("loss.alpha", self.alpha)
+        if self.prior_checkpoint and not Path(self.prior_checkpoint).is_file():
+            raise ConfigError(f"loss.prior_checkpoint: file not found: {self.prior_checkpoint}")
+
+    @property
+    def is_relative(self) -> bool:
+        """Whether the loss fine-tunes against a frozen prior policy."""
+        return self.name in ("rtb", "relative_lpv", "trust_pcl")
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class PolicyKwargsConfig:
+    """Exploration of the behaviour policy (``policy_kwargs`` of the sampler)."""
+
+    temperature: float = 1.0  # softmax temperature of P_F (> 0)
+    sf_bias: float = 0.0  # subtracted from the exit logit
+    epsilon: float = 0.0  # weight of the uniform mixture, in [0, 1]
+
+    def __post_init__(self) -> None:
+        _positive("sampler.policy_kwargs.temperature", self.temperature)
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ConfigError(f"sampler.policy_kwargs.epsilon: must be in [0, 1], got {self.epsilon}")
+
+
+@dataclass
+class SamplerConfig:
+    """How rollout actors sample (``Sampler`` or ``LocalSearchSampler``, arXiv:2310.02710)."""
+
+    name: str = "sampler"  # sampler | local_search
+    n_local_search_loops: int = 1  # local_search: refinement loops per batch (batch grows n * (1 + loops))
+    back_ratio: float = 0.5  # local_search: fraction of each trajectory undone by the backward policy
+    use_metropolis_hastings: bool = False  # local_search: MH acceptance (else: keep the higher reward)
+    policy_kwargs: PolicyKwargsConfig = field(default_factory=PolicyKwargsConfig)  # exploration
+
+    def __post_init__(self) -> None:
+        _choice("sampler.name", self.name, SAMPLER_NAMES)
+        _positive("sampler.n_local_search_loops", self.n_local_search_loops, allow_zero=True)
+        if not 0.0 < self.back_ratio <= 1.0:
+            raise ConfigError(f"sampler.back_ratio: must be in (0, 1], got {self.back_ratio}")
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors (Ray actors)."""
+
+    num_actors: int = 1  # number of rollout actors
+    trajectories_per_push: int = 64  # trajectories sampled per batch and pushed to replay at once
+    num_cpus_per_actor: float = 1.0  # Ray CPUs reserved per actor (fractional ok)
+    num_gpus_per_actor: float = 0.0  # Ray GPUs per actor (fractional ok); > 0 samples on CUDA
+    weight_poll_every: int = 1  # batches between checks for newer published weights
+
+    def __post_init__(self) -> None:
+        _positive("rollout.num_actors", self.num_actors)
+        _positive("rollout.trajectories_per_push", self.trajectories_per_push)
+        _positive("rollout.num_cpus_per_actor", self.num_cpus_per_actor, allow_zero=True)
+        _positive("rollout.num_gpus_per_actor", self.num_gpus_per_actor, allow_zero=True)
+        _positive("rollout.weight_poll_every", self.weight_poll_every)
+
+
+@dataclass
+class ReplayConfig:
+    """Replay shards (Ray actors) and their Reverb-style rate limiter."""
+
+    num_shards: int = 1  # shards; actor i inserts into shard i % num_shards
+    capacity_per_shard: int = 10_000  # trajectories held per shard (FIFO eviction)
+    prioritized: bool = False  # reward-prioritized sampling, P(i) ∝ R_i ** priority_alpha
+    priority_alpha: float = 1.0  # prioritization exponent
+    min_size_to_sample: int = 64  # items a shard holds before it serves samples
+    samples_per_insert: Optional[float] = 1.0  # target sampled / inserted items; null disables the limiter
+    samples_per_insert_tolerance: Optional[float] = None  # limiter tolerance in items; null = stall-free minimum
+    timeout_s: float = 120.0  # learners / actors give up waiting on the rate limiter after this
+
+    def __post_init__(self) -> None:
+        _positive("replay.num_shards", self.num_shards)
+        _positive("replay.capacity_per_shard", self.capacity_per_shard)
+        _positive("replay.priority_alpha", self.priority_alpha, allow_zero=True)
+        if not 1 <= self.min_size_to_sample <= self.capacity_per_shard:
+            raise ConfigError(
+                f"replay.min_size_to_sample: must be in [1, capacity_per_shard={self.capacity_per_shard}], "
+                f"got {self.min_size_to_sample}"
+            )
+        _positive("replay.samples_per_insert", self.samples_per_insert, allow_zero=True)
+        _positive("replay.samples_per_insert_tolerance", self.samples_per_insert_tolerance, allow_zero=True)
+        _positive("replay.timeout_s", self.timeout_s)
+
+
+@dataclass
+class LearnerConfig:
+    """Learners (torch DDP ranks): optimisation and budget."""
+
+    batch_size: int = 64  # global trajectories per learner step (split evenly over ranks)
+    lr: float = 1e-3  # Adam learning rate of the networks
+    lr_logz: float = 0.1  # Adam learning rate of logZ
+    grad_clip: Optional[float] = 10.0  # max global gradient norm; null disables clipping
+    sync_every: int = 1  # learner steps between weight publications to the actors
+    max_steps: Optional[int] = 1000  # budget in learner steps (the smaller of the two budgets applies)
+    max_trajectories: Optional[int] = None  # budget in consumed trajectories (rounded up to whole steps)
+    on_policy: bool = False  # fresh trajectories only: each used once on average, at most ~1 step old
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _positive("learner.batch_size", self.batch_size)
+        _positive("learner.lr", self.lr)
+        _positive("learner.lr_logz", self.lr_logz, allow_zero=True)
+        _positive("learner.grad_clip", self.grad_clip)
+        _positive("learner.sync_every", self.sync_every)
+        _positive("learner.max_steps", self.max_steps)
+        _positive("learner.max_trajectories", self.max_trajectories)
+        if self.max_steps is None and self.max_trajectories is None:
+            raise ConfigError("learner.max_steps: set a budget (learner.max_steps or learner.max_trajectories)")
+        _choice("learner.device", self.device, DEVICES)
+
+    @property
+    def total_steps(self) -> int:
+        """The budget in learner steps (max_trajectories rounded up to whole global batches)."""
+        budgets = []
+        if self.max_steps is not None:
+            budgets.append(self.max_steps)
+        if self.max_trajectories is not None:
+            budgets.append(-(-self.max_trajectories // self.batch_size))
+        return min(budgets)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on rank 0."""
+
+    interval_steps: int = 100  # learner steps between evaluations (0 disables; the last step always evaluates)
+    exact: bool = True  # exact L1 / logZ error by enumeration (enumerable envs only)
+
+    def __post_init__(self) -> None:
+        _positive("eval.interval_steps", self.interval_steps, allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    """Output and seeding."""
+
+    dir: Optional[str] = None  # run directory; null = runs/<preset>-<timestamp>
+    seed: int = 0  # base seed: learner = seed, rollout actor i = seed + i
+    save_policy: bool = True  # write RUN_DIR/policy.pt (pf / pb state dicts) at the end
+
+
+@dataclass
+class LoggingConfig:
+    """Metric sinks (rank 0 only). JSONL is always written."""
+
+    log_every: int = 10  # learner steps between metric rows
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "gfn_dist"  # wandb project name
+    tensorboard: bool = False  # also write TensorBoard event files under RUN_DIR/tb
+    progress_bar: bool = True  # tqdm bar on the driver's terminal
+
+    def __post_init__(self) -> None:
+        _positive("logging.log_every", self.log_every)
+        _choice("logging.wandb", self.wandb, WANDB_MODES)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs and how learners are launched."""
+
+    address: Optional[str] = None  # Ray address to connect to; null starts an embedded local Ray
+    launcher: str = "auto"  # auto (torchrun if its env vars are set) | local | torchrun
+    num_cpus: Optional[float] = None  # CPUs of the embedded Ray; null = what the actors reserve (>= 1)
+    startup_timeout_s: float = 120.0  # rank > 0 waits this long for rank 0's Ray address
+
+    def __post_init__(self) -> None:
+        _choice("cluster.launcher", self.launcher, LAUNCHERS)
+        _positive("cluster.num_cpus", self.num_cpus)
+        _positive("cluster.startup_timeout_s", self.startup_timeout_s)
+
+
+@dataclass
+class TrainConfig:
+    """The whole run."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.policy != "mlp" and self.env.name != "bitseq":
+            raise ConfigError(
+                f"model.policy: a recurrent policy ({self.model.policy}) needs an autoregressive env "
+                f"(env.name=bitseq), got env.name={self.env.name}"
+            )
+        if self.model.pb == "none" and self.env.name != "bitseq":
+            raise ConfigError(f"model.pb: 'none' (P_B = 1) needs a tree DAG (env.name=bitseq), got {self.env.name}")
+        if self.sampler.name == "local_search" and self.model.pb == "none":
+            raise ConfigError("sampler.name: local_search needs a backward policy (model.pb learned | uniform)")
+        if self.loss.is_relative and self.model.pb == "learned":
+            raise ConfigError(
+                f"model.pb: the relative loss {self.loss.name} does not use P_B; set model.pb=uniform (or none)"
+            )
+        if self.model.policy != "mlp" and self.sampler.name == "local_search":
+            raise ConfigError("sampler.name: local_search is not supported with a recurrent policy (model.policy)")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Schema defaults <- YAML preset <- ``key.sub=value`` overrides, validated.
+
+    Args:
+        path: a YAML preset (``configs/*.yaml``) or None for the defaults.
+        overrides: dotlist overrides, e.g. ``["learner.batch_size=128", "run.dir=/tmp/x"]``.
+
+    Returns:
+        the validated ``TrainConfig``.
+
+    Raises:
+        ConfigError: naming the key, for an unknown key, a wrong type, an out-of-range
+            value, a malformed override or an unreadable preset.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    layers = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as err:  # a YAML syntax error
+            raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from err
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected key.sub=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_format_omegaconf_error(err)) from err
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    """Checks what depends on the number of learners.
+
+    Raises:
+        ConfigError: if ``learner.batch_size`` is not divisible by ``world_size``.
+    """
+    if cfg.learner.batch_size % world_size != 0:
+        raise ConfigError(
+            f"learner.batch_size: {cfg.learner.batch_size} is not divisible by the world size {world_size}"
+        )
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML (what ``RUN_DIR/config.yaml`` holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The configuration as plain nested dicts (e.g. for wandb)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> TrainConfig:
+    """Inverse of ``to_dict`` (validated)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
+
+
+def limiter_tolerance(cfg: TrainConfig, world_size: int = 1) -> float:
+    """Rate-limiter tolerance in items (``replay.samples_per_insert_tolerance`` or its default).
+
+    The default is the smallest value with which the limiter cannot stall on
+    batched calls (``replay_shard`` module doc): ``spi * n_insert + n_sample``,
+    with ``n_insert`` a push and ``n_sample`` a rank's whole share of a batch
+    (the most one shard can be asked for at once).
+    """
+    r = cfg.replay
+    if r.samples_per_insert_tolerance is not None:
+        return float(r.samples_per_insert_tolerance)
+    spi = float(r.samples_per_insert or 0.0)
+    n_insert = cfg.rollout.trajectories_per_push * (1 + _local_search_loops(cfg))
+    return spi * n_insert + cfg.learner.batch_size // world_size
+
+
+def _local_search_loops(cfg: TrainConfig) -> int:
+    return cfg.sampler.n_local_search_loops if cfg.sampler.name == "local_search" else 0
+
+
+def resolve_on_policy(cfg: TrainConfig) -> TrainConfig:
+    """With ``learner.on_policy``, sets replay so every trajectory is fresh and used ~once.
+
+    Same code path as off-policy training; only the numbers change: weights are
+    published every step, each shard holds one batch worth of trajectories
+    (older ones are evicted), and the rate limiter targets one sample per
+    insert with a tolerance of one push, so the learner never re-reads old
+    data and the actors never run more than ~one batch ahead.
+    """
+    if not cfg.learner.on_policy:
+        return cfg
+    r, lrn = cfg.replay, cfg.learner
+    per_push = cfg.rollout.trajectories_per_push * (1 + _local_search_loops(cfg))
+    per_shard = max(per_push, -(-lrn.batch_size // r.num_shards))
+    lrn.sync_every = 1
+    r.capacity_per_shard = per_shard
+    r.min_size_to_sample = per_shard
+    r.samples_per_insert = 1.0
+    r.prioritized = False
+    return cfg

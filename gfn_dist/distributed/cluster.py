@@ -1,0 +1,236 @@
+"""Cluster bring-up: the learners' process group and the Ray connection, one code path.
+
+Launch modes:
+
+* ``local`` (``gfn-dist train ...``): one learner in the driver process
+  (world size 1, no process group); rank 0 starts an embedded local Ray
+  (``ray.init(num_cpus=..., include_dashboard=False)``) or connects to
+  ``cluster.address``.
+* ``torchrun`` (``torchrun --nproc_per_node=W -m gfn_dist.train ...``, detected
+  from torchrun's environment variables): every rank calls
+  ``init_process_group`` (gloo on CPU, nccl on CUDA); rank 0 brings up / connects
+  to Ray and creates the named actors in a namespace unique to the run, then
+  broadcasts ``(address, namespace)`` (``broadcast_object_list``) so the other
+  ranks connect and look the actors up with ``ray.get_actor``.
+
+``teardown`` always runs (``finally``): stop and kill the actors (rank 0),
+disconnect / shut down Ray, destroy the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from gfn_dist.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class DistContext:
+    """Where this learner process stands.
+
+    Attributes:
+        rank, world_size, local_rank: as torch.distributed spells them.
+        launcher: ``local`` or ``torchrun``.
+        device: the learner's device.
+        backend: the process-group backend, or None without a process group.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: owns Ray actors, evaluation, metrics and the progress bar."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group is initialised."""
+        return self.backend is not None
+
+
+@dataclass
+class RayContext:
+    """The Ray connection of this process.
+
+    Attributes:
+        address: GCS address other processes connect to.
+        namespace: the run's namespace (named actors live there).
+        owns_ray: this process started the embedded Ray (and shuts it down).
+        connected: this process called ``ray.init`` (and disconnects at the end).
+    """
+
+    address: str
+    namespace: str
+    owns_ray: bool
+    connected: bool
+
+
+def detect_launcher(cfg: TrainConfig) -> str:
+    """``cluster.launcher``, with ``auto`` resolved from torchrun's environment variables."""
+    if cfg.cluster.launcher != "auto":
+        return cfg.cluster.launcher
+    return "torchrun" if all(k in os.environ for k in TORCHRUN_ENV) else "local"
+
+
+def world_size_of(launcher: str) -> int:
+    """Number of learners: ``WORLD_SIZE`` under torchrun, 1 locally.
+
+    Raises:
+        ValueError: if launcher is torchrun and its environment variables are missing.
+    """
+    if launcher == "local":
+        return 1
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise ValueError(f"cluster.launcher: torchrun requested but {missing} are not set (run under torchrun)")
+    return int(os.environ["WORLD_SIZE"])
+
+
+def learner_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """``cuda:LOCAL_RANK`` when configured (``learner.device``) and available, else CPU.
+
+    Raises:
+        ValueError: if ``learner.device=cuda`` and CUDA is not available.
+    """
+    want = cfg.learner.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("learner.device: cuda requested but CUDA is not available")
+    if want in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: TrainConfig) -> DistContext:
+    """Initialises the learners' process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    launcher = detect_launcher(cfg)
+    if launcher == "local":
+        return DistContext(0, 1, 0, "local", learner_device(cfg, 0), None)
+    world_size = world_size_of(launcher)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = learner_device(cfg, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistContext(rank, world_size, local_rank, launcher, device, backend)
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` on every rank (identity without a process group)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    """Waits for every rank (no-op without a process group)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def learner_num_threads(cfg: TrainConfig, ctx: DistContext) -> int:
+    """Intra-op threads of a CPU learner: this node's cores not reserved by embedded rollout actors,
+    shared by the learners on the node (at least 1). Oversubscribing a small machine slows every step."""
+    cores = os.cpu_count() or 1
+    if not cfg.cluster.address:
+        cores -= int(cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return max(1, cores // max(local_world, 1))
+
+
+def embedded_num_cpus(cfg: TrainConfig) -> float:
+    """CPUs of the embedded Ray: ``cluster.num_cpus``, else what the rollout actors reserve (>= 1)."""
+    if cfg.cluster.num_cpus is not None:
+        return cfg.cluster.num_cpus
+    return max(1.0, cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor)
+
+
+def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
+    """Rank 0: connects to ``cluster.address``, or starts an embedded local Ray (or reuses one already up).
+
+    Args:
+        cfg: the configuration.
+        namespace: the run's Ray namespace (default ``gfn_dist_<random>``).
+    """
+    import ray
+
+    namespace = namespace or f"gfn_dist_{uuid.uuid4().hex[:12]}"
+    if ray.is_initialized():
+        # Reuse the caller's Ray (tests, notebooks): actors get the namespace explicitly.
+        return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
+    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, **common)
+        owns = False
+    else:
+        ray.init(num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
+        owns = True
+    address = ray.get_runtime_context().gcs_address
+    logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
+    return RayContext(address, namespace, owns_ray=owns, connected=True)
+
+
+def connect_ray(address: str, namespace: str) -> RayContext:
+    """Ranks > 0: connects to rank 0's Ray (reuses a connection already up)."""
+    import ray
+
+    if ray.is_initialized():
+        return RayContext(address, namespace, owns_ray=False, connected=False)
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    return RayContext(address, namespace, owns_ray=False, connected=True)
+
+
+def bring_up_ray(cfg: TrainConfig, ctx: DistContext) -> RayContext:
+    """Rank 0 starts / connects; the others receive ``(address, namespace)`` and connect."""
+    if ctx.is_main:
+        ray_ctx = start_ray(cfg)
+        broadcast_object((ray_ctx.address, ray_ctx.namespace), ctx)
+        return ray_ctx
+    address, namespace = broadcast_object(None, ctx)
+    return connect_ray(address, namespace)
+
+
+def teardown(ctx: Optional[DistContext], ray_ctx: Optional[RayContext], actors: list) -> None:
+    """Kills ``actors`` (rank 0), disconnects / shuts down Ray, destroys the process group.
+
+    Every step runs even if an earlier one fails; errors are logged, not raised.
+    """
+    try:
+        if actors:
+            import ray
+
+            for handle in actors:
+                try:
+                    ray.kill(handle)
+                except Exception as err:  # already dead, or Ray is gone
+                    logger.debug("ray.kill failed: %s", err)
+    finally:
+        try:
+            if ray_ctx is not None and ray_ctx.connected:
+                import ray
+
+                ray.shutdown()
+        except Exception as err:
+            logger.warning("ray.shutdown failed: %s", err)
+        finally:
+            if ctx is not None and ctx.distributed and dist.is_initialized():
+                dist.destroy_process_group()

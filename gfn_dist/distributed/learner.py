@@ -1,0 +1,379 @@
+"""Learner: one DDP rank that trains the GFlowNet from replay.
+
+Every rank draws ``batch_size / world_size`` trajectories from the replay
+shards, rebuilds ``Trajectories`` from the TensorDicts, recomputes log P_F
+(and log P_B) under the current policy (off-policy; ``recalculate_all_logprobs=True``),
+computes the configured loss through the DDP-wrapped module, and steps Adam
+(separate logZ learning rate). Rank 0 publishes versioned weights every
+``sync_every`` steps, evaluates, logs metrics and draws the progress bar.
+
+Losses over the global batch. DDP averages gradients over ranks, which is the
+gradient of the global-batch mean for per-trajectory losses (TB, RTB,
+Trust-PCL) because every rank holds the same number of trajectories. The
+log-partition-variance losses (LPV, arXiv:2302.05446; relative LPV) centre the
+scores by their *batch* mean; under DDP that mean would be per rank. gfn_dist
+defines the distributed LPV as the single-process LPV of the global batch: the
+mean is an autograd-aware all-reduce of the scores (``GlobalBatchLoss``), so W
+ranks with B/W trajectories each compute the loss -- and, after DDP's
+averaging, the gradient -- of one process with all B (tests/test_ddp.py).
+
+Policy versions. Version ``v`` is the policy after ``v`` learner steps
+(version 0 = the initial weights, published before training starts). A
+trajectory sampled with version ``v`` and used by the update that starts after
+``s`` completed steps has ``policy_lag_steps = s - v``.
+
+Host syncs (``.item()``) happen only on log steps; the running sums of loss
+and policy lag stay on the device in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gfn_dist.builders import exact_terminating_distribution, is_enumerable, logz_of, target_distribution
+from gfn_dist.config import TrainConfig
+from gfn_dist.containers.trajectories import Trajectories
+from gfn_dist.distributed.cluster import DistContext
+from gfn_dist.train_single import make_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def _is_centred(gflownet) -> bool:
+    """LPV-type losses: per trajectory ``loss_fn(s - mean(s))`` over the batch."""
+    from gfn_dist.gflownet import LogPartitionVarianceGFlowNet
+
+    if isinstance(gflownet, LogPartitionVarianceGFlowNet):
+        return True
+    try:
+        from gfn_dist.gflownet.relative import RelativeLogPartitionVarianceGFlowNet
+    except ImportError:  # relative losses not installed
+        return False
+    return isinstance(gflownet, RelativeLogPartitionVarianceGFlowNet)
+
+
+class GlobalBatchLoss(nn.Module):
+    """The loss of the global batch, computed from this rank's share.
+
+    ``forward(env, trajectories)`` returns this rank's mean loss; with equal
+    shares, the average over ranks (DDP's gradient averaging) is the global
+    batch mean. For LPV-type losses the centring mean is the global one (an
+    all-reduce that back-propagates), see the module doc.
+
+    Args:
+        gflownet: the loss module (``GFlowNet``).
+        world_size: number of ranks sharing each batch.
+    """
+
+    def __init__(self, gflownet: nn.Module, world_size: int = 1) -> None:
+        super().__init__()
+        self.gflownet = gflownet
+        self.world_size = int(world_size)
+        self.centred = _is_centred(gflownet)
+
+    def forward(self, env, trajectories: Trajectories) -> torch.Tensor:
+        if not self.centred:
+            return self.gflownet(env, trajectories, recalculate_all_logprobs=True)
+        scores_N = self.gflownet.get_scores(trajectories, True, env)
+        return self.gflownet.loss_fn(scores_N - self.global_mean(scores_N)).mean()
+
+    def global_mean(self, x_N: torch.Tensor) -> torch.Tensor:
+        """Mean of ``x`` over all ranks' (equal-sized) shares, differentiable."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return x_N.mean()
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x_N.sum()) / (x_N.shape[0] * self.world_size)
+
+
+class PhaseTimer:
+    """Wall-clock time per named phase, accumulated between log steps (host clock; on CUDA
+    phases measure launch time except where a sync happens, e.g. at ``.item()``)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - t0
+
+    def pop_means(self, n_steps: int) -> dict[str, float]:
+        """Mean seconds per step of each phase since the last call."""
+        out = {k: v / max(n_steps, 1) for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+
+class Learner:
+    """One learner rank (see module doc).
+
+    Args:
+        cfg: the run's configuration.
+        env: the environment (on the learner's device).
+        policies: ``ModuleDict(pf, [pb])`` (published to the actors).
+        gflownet: the loss module over ``policies``.
+        ctx: rank / world size / device.
+        replay: a ``ReplayClient`` (None for tests that feed batches by hand).
+        publisher: a ``WeightPublisher`` (rank 0; None disables publishing).
+        metrics: a ``MetricLogger`` (no-op on ranks > 0).
+        health_check: called while waiting on replay and on log steps; raises if
+            a rollout actor died (rank 0).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env,
+        policies: nn.ModuleDict,
+        gflownet: nn.Module,
+        ctx: DistContext,
+        replay=None,
+        publisher=None,
+        metrics=None,
+        health_check: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.ctx = ctx
+        self.device = ctx.device
+        self.policies = policies
+        self.gflownet = gflownet.to(self.device)
+        self.loss_module = GlobalBatchLoss(self.gflownet, ctx.world_size)
+        if ctx.distributed:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model: nn.Module = DistributedDataParallel(self.loss_module, device_ids=ids)
+        else:
+            self.model = self.loss_module
+        self.optimizer = make_optimizer(self.gflownet, cfg.learner.lr, cfg.learner.lr_logz)
+        self.params = [p for p in self.gflownet.parameters() if p.requires_grad]
+        self.local_batch_size = cfg.learner.batch_size // ctx.world_size
+        self.total_steps = cfg.learner.total_steps
+        self.replay = replay
+        self.publisher = publisher
+        self.metrics = metrics
+        self.health_check = health_check or (lambda: None)
+        self.step = 0
+        self.timer = PhaseTimer()
+        self._target = None  # (probs, logZ) of the exact evaluation, built on first use
+        self._reset_counters()
+
+    # ------------------------------------------------------------------ the step, top to bottom
+
+    def train_step(self) -> None:
+        """One learner step: sample, loss, backward + clip + Adam, publish, log."""
+        with self.timer.phase("time/sample_s"):
+            td = self.sample_replay()  # this rank's B / W trajectories
+        with self.timer.phase("time/loss_s"):
+            loss = self.compute_loss(td)  # recomputes log P_F / log P_B under the current policy
+        with self.timer.phase("time/backward_s"):
+            self.optimize(loss)  # backward (DDP all-reduce), clip, Adam
+        self.track(td, loss)  # device-side counters, no host sync
+        self.step += 1
+        with self.timer.phase("time/sync_s"):
+            self.maybe_publish()  # rank 0, every sync_every steps
+        if self.is_log_step():
+            self.log()  # the only host syncs
+
+    def compute_loss(self, td) -> torch.Tensor:
+        """Loss of this rank's batch ``td`` (TensorDict ``(B/W,)`` in the replay format)."""
+        trajectories = Trajectories.from_tensordict(self.env, td.to(self.device))
+        return self.model(self.env, trajectories)
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Backward, gradient clipping (``learner.grad_clip``), optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.learner.grad_clip is not None:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
+        self.optimizer.step()
+
+    # ------------------------------------------------------------------ phases
+
+    def sample_replay(self):
+        """This rank's share of the global batch from the shards (waits on the rate limiter).
+
+        Raises:
+            TimeoutError: if replay refused for ``replay.timeout_s`` (naming the limiter condition).
+        """
+        timeout_s = self.cfg.replay.timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.replay.sample(self.local_batch_size, timeout_s=min(2.0, timeout_s))
+            except TimeoutError:
+                self.health_check()  # a dead actor explains an empty replay: say so
+                if time.monotonic() > deadline:
+                    raise
+
+    def wait_for_replay(self) -> None:
+        """Blocks until every shard holds ``replay.min_size_to_sample`` items.
+
+        Starting only then keeps a slow-starting actor's first batches from
+        being used after the learner has run far ahead (a policy-lag bound,
+        see tests/test_trainer_ray.py).
+
+        Raises:
+            TimeoutError: after ``replay.timeout_s``.
+        """
+        need = self.cfg.replay.min_size_to_sample
+        deadline = time.monotonic() + self.cfg.replay.timeout_s
+        while min(self.replay.sizes()) < need:
+            self.health_check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"replay warm-up: shard sizes {self.replay.sizes()} still below "
+                    f"replay.min_size_to_sample={need} after {self.cfg.replay.timeout_s:g} s"
+                )
+            time.sleep(0.02)
+
+    def maybe_publish(self, force: bool = False) -> None:
+        """Rank 0 publishes the policies as version ``step`` every ``sync_every`` steps."""
+        if self.publisher is None or not self.ctx.is_main:
+            return
+        if force or self.step % self.cfg.learner.sync_every == 0:
+            self.publisher.publish(self.step, self.policies)
+
+    def track(self, td, loss: torch.Tensor) -> None:
+        """Adds this step's loss and policy lags to the device-side counters."""
+        lag = self.step - td["policy_version"].to(self.device)
+        self._loss_sum += loss.detach()
+        self._lag_sum += lag.sum()
+        self._lag_count += lag.numel()
+        self._lag_max = torch.maximum(self._lag_max, lag.max())
+
+    def _reset_counters(self, num_inserts: Optional[int] = None) -> None:
+        z = torch.zeros((), device=self.device)
+        self._loss_sum, self._lag_sum, self._lag_count = z.clone(), z.clone(), 0
+        self._lag_max = torch.full((), -1.0, device=self.device)
+        self._grad_norm = torch.full((), math.nan, device=self.device)
+        if num_inserts is None:
+            num_inserts = self._num_inserts()
+        self._last_log = (time.perf_counter(), self.step, num_inserts)
+
+    # ------------------------------------------------------------------ logging / evaluation
+
+    def is_log_step(self) -> bool:
+        return self.step % self.cfg.logging.log_every == 0 or self.is_eval_step() or self.step == self.total_steps
+
+    def is_eval_step(self) -> bool:
+        every = self.cfg.eval.interval_steps
+        return (every > 0 and self.step % every == 0) or self.step == self.total_steps
+
+    def _num_inserts(self) -> int:
+        if self.replay is None or not self.ctx.is_main:
+            return 0
+        return int(self.replay.stats()["num_inserts"])
+
+    def log(self) -> None:
+        """Reduces the counters over ranks and writes one metric row (rank 0)."""
+        t_prev, step_prev, inserts_prev = self._last_log
+        n_steps = self.step - step_prev
+        sums = torch.stack([self._loss_sum, self._lag_sum, torch.tensor(float(self._lag_count), device=self.device)])
+        lag_max = self._lag_max.clone()
+        if self.ctx.distributed:
+            dist.all_reduce(sums)
+            dist.all_reduce(lag_max, op=dist.ReduceOp.MAX)
+        loss_sum, lag_sum, lag_count = sums.tolist()  # host sync: log steps only
+        row = {
+            "step": self.step,
+            "trajectories": self.step * self.cfg.learner.batch_size,
+            "world_size": self.ctx.world_size,
+            "loss": loss_sum / max(n_steps * self.ctx.world_size, 1),
+            "policy_lag_steps_mean": lag_sum / max(lag_count, 1.0),
+            "policy_lag_steps_max": lag_max.item(),
+            "grad_norm": self._grad_norm.item(),
+        }
+        if self.ctx.is_main:
+            self.health_check()
+            logz = logz_of(self.gflownet)
+            if logz is not None:
+                row["logZ"] = logz.item()
+            now = time.perf_counter()
+            dt = max(now - t_prev, 1e-9)
+            stats = self.replay.stats() if self.replay is not None else None
+            row["learner_steps_per_s"] = n_steps / dt
+            row["traj_per_s"] = n_steps * self.cfg.learner.batch_size / dt
+            if stats is not None:
+                row["traj_per_s/produced"] = (stats["num_inserts"] - inserts_prev) / dt
+                row["buffer/size"] = stats["size"]
+                row["buffer/samples_per_insert"] = stats["samples_per_insert"]
+                row["buffer/rejected"] = stats["num_rejected"]
+                row["buffer/inserts"] = stats["num_inserts"]
+            row.update(self.timer.pop_means(n_steps))
+            if self.is_eval_step():
+                row.update(self.evaluate())
+            if self.metrics is not None:
+                self.metrics.log(row)
+        self._reset_counters(num_inserts=row.get("buffer/inserts", 0))
+        self.last_row = row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Exact metrics on enumerable envs: ``l1_exact`` and ``logZ_err`` (rank 0).
+
+        ``l1_exact = Σ_x |P_T(x) - target(x)|`` with the model's exact P_T and the
+        loss's target (``R/Z``, or ``prior · R^β / Z_β`` for relative losses);
+        ``logZ_err = |logZ - log Z_target|`` when the loss learns logZ.
+        """
+        if not self.cfg.eval.exact or not is_enumerable(self.env):
+            return {}
+        if self._target is None:
+            prior = getattr(self.gflownet, "prior_pf", None)
+            self._target = target_distribution(self.cfg, self.env, prior)
+        probs, log_z = self._target
+        p_t = exact_terminating_distribution(self.env, self.policies["pf"])
+        out = {"l1_exact": float((p_t - probs.to(p_t.device)).abs().sum())}
+        logz = logz_of(self.gflownet)
+        if logz is not None:
+            out["logZ_err"] = abs(float(logz) - log_z)
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, progress_bar: bool = False) -> dict:
+        """Runs ``learner.total_steps`` steps; returns the last metric row."""
+        from tqdm import tqdm
+
+        self.maybe_publish(force=True)  # version 0: the actors start from the learner's weights
+        self.wait_for_replay()
+        self._reset_counters()
+        self.last_row: dict = {}
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress_bar and self.ctx.is_main),
+                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps:
+                self.train_step()
+                bar.update(1)
+                if self.is_log_step() and self.ctx.is_main:
+                    bar.set_postfix({k: f"{self.last_row[k]:.4g}" for k in ("loss", "l1_exact") if k in self.last_row},
+                                    refresh=False)
+        finally:
+            bar.close()
+        if self.publisher is not None and self.ctx.is_main:
+            self.publisher.flush()
+        return self.last_row
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Model (policies + logZ), optimizer and step."""
+        return {"gflownet": self.gflownet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gflownet.load_state_dict(state["gflownet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])

@@ -1,0 +1,171 @@
+"""Versioned policy weights in the Ray object store, behind a small named actor.
+
+Rank 0 of the learners ``ray.put``s a CPU copy of the policies' ``state_dict``
+and hands the store the object reference with its version (the learner step
+that produced it). Rollout actors poll ``poll()`` (one cheap call per batch)
+and fetch the weights only when the version changed. The store holds only the
+newest reference, so older weights are freed by Ray's reference counting.
+
+Object references are passed wrapped in a one-element list: Ray resolves a
+top-level ``ObjectRef`` argument into its value, which would copy the weights
+into the store actor; inside a list the reference itself is kept.
+
+The store also carries the run's stop flag, so actors learn that training is
+over from the same poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class WeightStore:
+    """Newest published ``(version, [state_dict_ref])`` and a stop flag (wrap with ``create_weight_store``)."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._refs: Optional[list] = None
+        self._stopped = False
+        self._num_publishes = 0
+
+    def publish(self, version: int, state_dict_ref: list) -> int:
+        """Stores ``state_dict_ref`` (``[ObjectRef]``) as ``version``; older versions are ignored.
+
+        Returns:
+            the newest version held after the call.
+
+        Raises:
+            ValueError: if ``state_dict_ref`` is not a one-element list.
+        """
+        if not isinstance(state_dict_ref, (list, tuple)) or len(state_dict_ref) != 1:
+            raise ValueError("WeightStore.publish: pass the reference wrapped as [ref] (Ray resolves bare refs)")
+        if int(version) > self._version:
+            self._version = int(version)
+            self._refs = list(state_dict_ref)
+            self._num_publishes += 1
+        return self._version
+
+    def latest_version(self) -> int:
+        """Newest published version (-1 before the first publish)."""
+        return self._version
+
+    def get(self) -> tuple[int, Optional[list]]:
+        """``(version, [state_dict_ref])``; ``(-1, None)`` before the first publish."""
+        return self._version, self._refs
+
+    def poll(self) -> tuple[int, bool]:
+        """``(latest_version, stopped)`` in one call (what rollout actors ask every batch)."""
+        return self._version, self._stopped
+
+    def stop(self) -> None:
+        """Tells every rollout actor to finish its loop."""
+        self._stopped = True
+
+    def stats(self) -> dict:
+        """``version``, ``num_publishes`` and ``stopped``."""
+        return {"version": self._version, "num_publishes": self._num_publishes, "stopped": self._stopped}
+
+
+def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = None):
+    """A ``WeightStore`` Ray actor (no CPU reserved), optionally named for ``ray.get_actor``."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": 0}
+    if name is not None:
+        options["name"] = name
+    if namespace is not None:
+        options["namespace"] = namespace
+    return ray.remote(WeightStore).options(**options).remote()
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` detached, on CPU, for ``ray.put`` (which copies it into the object store)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+class WeightPublisher:
+    """Learner side: puts weights in the object store and publishes them without blocking.
+
+    Publish calls are fire-and-forget (a Ray actor runs one caller's calls in
+    order, so the store sees versions in order); finished calls are reaped on
+    the next publish so that an error surfaces there, and at most
+    ``max_in_flight`` calls are outstanding (back-pressure if the store lags).
+
+    Args:
+        store: a ``WeightStore`` actor handle.
+        max_in_flight: outstanding publish calls before ``publish`` blocks.
+    """
+
+    def __init__(self, store, max_in_flight: int = 4) -> None:
+        self.store = store
+        self.max_in_flight = int(max_in_flight)
+        self._pending: list = []
+
+    def publish(self, version: int, module: nn.Module) -> None:
+        """Publishes ``module``'s weights as ``version``."""
+        import ray
+
+        ref = ray.put(cpu_state_dict(module))
+        self._pending.append(self.store.publish.remote(int(version), [ref]))
+        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        if len(self._pending) >= self.max_in_flight:
+            done_more, self._pending = ray.wait(self._pending, num_returns=len(self._pending) - self.max_in_flight + 1)
+            done += done_more
+        ray.get(done)  # re-raises a failed publish
+
+    def flush(self) -> None:
+        """Waits for every outstanding publish."""
+        import ray
+
+        ray.get(self._pending)
+        self._pending = []
+
+
+class WeightSubscriber:
+    """Actor side: loads newer published weights into a module.
+
+    Args:
+        store: a ``WeightStore`` actor handle.
+        module: the module to load into (on any device).
+    """
+
+    def __init__(self, store, module: nn.Module) -> None:
+        self.store = store
+        self.module = module
+        self.version = -1
+        self.num_updates = 0
+
+    def poll(self) -> tuple[int, bool]:
+        """``(latest published version, stopped)``."""
+        import ray
+
+        return ray.get(self.store.poll.remote())
+
+    def refresh(self, latest_version: Optional[int] = None) -> bool:
+        """Loads the newest weights if their version is newer than the loaded one.
+
+        Args:
+            latest_version: the version ``poll`` returned (asked for when None).
+
+        Returns:
+            whether new weights were loaded.
+        """
+        import ray
+
+        if latest_version is None:
+            latest_version, _ = self.poll()
+        if latest_version <= self.version:
+            return False
+        version, refs = ray.get(self.store.get.remote())
+        if refs is None or version <= self.version:
+            return False
+        self.module.load_state_dict(ray.get(refs[0]))
+        self.version = int(version)
+        self.num_updates += 1
+        return True
