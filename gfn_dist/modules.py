@@ -95,3 +95,12 @@ class Tabular(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.get_states_indices(x.long()).clamp(0, self.table.shape[0] - 1)
         return self.table[idx]
+
+
+def __getattr__(name: str):
+    # The recurrent sequence model lives in gfn_dist.recurrent; re-exported lazily (no import cycle).
+    if name == "RecurrentDiscreteSequenceModel":
+        from gfn_dist import recurrent
+
+        return recurrent.RecurrentDiscreteSequenceModel
+    raise AttributeError(name)
