@@ -102,7 +102,7 @@ class WeightPublisher:
         max_in_flight: outstanding publish calls before ``publish`` blocks.
     """
 
-    def __init__(self, store, max_in_flight: int = 4) -> None:
+    def __init__(self, store, max_in_flight: int = 2) -> None:
         self.store = store
         self.max_in_flight = int(max_in_flight)
         self._pending: list = []

@@ -1,0 +1,135 @@
+"""The distributed pipeline on a local Ray: 2 rollout actors, 2 replay shards, 1 learner.
+
+Policy-lag bound checked here (derivation). Let actor k pull version v when
+the learner has completed t0 steps, and let the learner use one of that
+batch's trajectories x in the update that starts after t completed steps;
+lag = t - v.
+
+* Publishing: version p is published right after step p when p % sync_every
+  == 0, with at most one publish call in flight (``WeightPublisher(max_in_flight=2)``),
+  so the store already holds p - sync_every, hence v >= t0 - 2 * sync_every + 1.
+* Learner progress is paced by shard k's rate limiter. The learner waits until
+  every shard holds min_size_to_sample m = capacity C items before its first
+  step, so afterwards both shards stay full and every update draws exactly
+  n = B / 2 items from shard k. The t - t0 updates that sample after the pull
+  draw (t - t0) n items, and the limiter allows at most
+  spi * (m + ΔI) + 2 * eb of them (insert side: S >= spi (I - m) - eb at the
+  pull; sample side: S <= spi I + eb), where ΔI <= n_push + C - 1 are the items
+  shard k received after the pull while x was still held (FIFO of capacity C).
+
+So lag <= 2 * sync_every - 1 + floor((spi * (n_push + C + m - 1) + 2 * eb) / n).
+"""
+
+import math
+
+import pytest
+import ray
+import torch
+
+from gfn_dist.config import load_config
+from gfn_dist.distributed.rollout_actor import SHIPPED_KEYS, RolloutWorker
+from gfn_dist.metrics import read_jsonl
+from gfn_dist.trainer import Trainer
+
+BATCH, PUSH, CAPACITY, SPI, TOLERANCE, SYNC_EVERY, STEPS = 16, 8, 16, 1.0, 16.0, 2, 40
+
+
+def lag_bound() -> int:
+    n = BATCH // 2
+    return 2 * SYNC_EVERY - 1 + math.floor((SPI * (PUSH + CAPACITY + CAPACITY - 1) + 2 * TOLERANCE) / n)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(run_dir):
+    return load_config(
+        None,
+        [
+            "model.hidden_dim=32",
+            "rollout.num_actors=2",
+            f"rollout.trajectories_per_push={PUSH}",
+            "rollout.num_cpus_per_actor=1",
+            "replay.num_shards=2",
+            f"replay.capacity_per_shard={CAPACITY}",
+            f"replay.min_size_to_sample={CAPACITY}",
+            f"replay.samples_per_insert={SPI}",
+            f"replay.samples_per_insert_tolerance={TOLERANCE}",
+            "replay.timeout_s=60",
+            f"learner.batch_size={BATCH}",
+            f"learner.sync_every={SYNC_EVERY}",
+            f"learner.max_steps={STEPS}",
+            "eval.interval_steps=20",
+            "logging.log_every=5",
+            "logging.progress_bar=false",
+            f"run.dir={run_dir}",
+        ],
+    )
+
+
+def _ordered(buffer_state):
+    """Stored items of a ``ReplayBuffer.state_dict()``, oldest first."""
+    size, cap, pos = (int(buffer_state[k]) for k in ("size", "capacity", "write_pos"))
+    order = (torch.arange(size) + (pos - size)) % cap
+    return {k: v[order] for k, v in buffer_state["storage"].items()}
+
+
+def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
+    torch.set_num_threads(1)
+    trainer = Trainer(_cfg(tmp_path / "run"))
+    try:
+        trainer.train()
+        snapshots = trainer.learner.replay.snapshot()
+        actor_stats = trainer.actor_stats()
+        stats = trainer.learner.replay.stats()
+    finally:
+        trainer.close()
+
+    # Every stored trajectory carries int64 policy_version and actor_id, and nothing else beyond the wire format.
+    for shard_index, snap in enumerate(snapshots):
+        items = _ordered(snap["buffer"])
+        assert set(items) == set(SHIPPED_KEYS)  # no recurrent carry, no estimator outputs, no log_probs
+        assert items["policy_version"].dtype == torch.int64 and items["actor_id"].dtype == torch.int64
+        assert len(items["actor_id"]) == CAPACITY
+        assert bool((items["actor_id"] == shard_index).all())  # routing: actor i -> shard i % 2
+        versions = items["policy_version"]
+        assert bool((versions[1:] >= versions[:-1]).all())  # FIFO order follows the actor's pulls
+        assert bool((versions % SYNC_EVERY == 0).all())  # only published versions
+
+    # Each actor loaded several, increasing versions.
+    for s in actor_stats:
+        used = s["versions_used"]
+        assert used[0] == 0 and len(used) >= 3, s
+        assert all(b > a for a, b in zip(used, used[1:])), s
+        assert s["num_weight_updates"] >= 3
+
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, STEPS + 1, 5))
+    assert all(r["world_size"] == 1 for r in rows)
+    max_lag = max(r["policy_lag_steps_max"] for r in rows)
+    assert 0 <= max_lag <= lag_bound(), (max_lag, lag_bound())
+    assert rows[-1]["trajectories"] == STEPS * BATCH
+    assert "l1_exact" in rows[-1] and "logZ_err" in rows[-1]
+    # The learner consumed what the rate limiter allowed: samples / inserts within the tolerance of the target.
+    assert stats["num_samples"] == STEPS * BATCH
+    assert stats["num_samples"] <= SPI * stats["num_inserts"] + 2 * TOLERANCE
+    assert stats["num_samples"] >= SPI * (stats["num_inserts"] - 2 * CAPACITY) - 2 * TOLERANCE - 2 * PUSH
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "policy.pt").is_file()
+
+
+def test_recurrent_carry_never_shipped():
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["env.name=bitseq", "model.policy=lstm", "model.pb=none", "model.hidden_dim=16",
+                             "rollout.trajectories_per_push=5"])
+    worker = RolloutWorker(cfg, actor_id=3)
+    td = worker.sample_batch()
+    assert set(td.keys()) == set(SHIPPED_KEYS)
+    assert td.batch_size == torch.Size([5])
+    assert bool((td["actor_id"] == 3).all()) and td["policy_version"].dtype == torch.int64
+    # Nothing shaped like the LSTM state (layers, N, hidden) or per-step hidden outputs.
+    assert all(v.shape[-1] != cfg.model.hidden_dim for v in td.values())
+    assert td["states"].shape[1] == worker.env.max_traj_len + 1
