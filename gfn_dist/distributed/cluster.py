@@ -33,6 +33,7 @@ from gfn_dist.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
 
 
 @dataclass
@@ -79,6 +80,7 @@ class RayContext:
     namespace: str
     owns_ray: bool
     connected: bool
+    auth_mode: Optional[str] = None
 
 
 def detect_launcher(cfg: TrainConfig) -> str:
@@ -186,27 +188,39 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
         owns = True
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
-    return RayContext(address, namespace, owns_ray=owns, connected=True)
+    # A new local Ray turns token authentication on in this process's environment
+    # (RAY_AUTH_MODE=token); other ranks must use the same mode to connect.
+    return RayContext(address, namespace, owns_ray=owns, connected=True, auth_mode=os.environ.get(RAY_AUTH_MODE))
 
 
-def connect_ray(address: str, namespace: str) -> RayContext:
-    """Ranks > 0: connects to rank 0's Ray (reuses a connection already up)."""
+def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -> RayContext:
+    """Ranks > 0: connects to rank 0's Ray (reuses a connection already up).
+
+    Args:
+        address: rank 0's GCS address.
+        namespace: the run's namespace.
+        auth_mode: rank 0's ``RAY_AUTH_MODE`` (the token itself is read by Ray from
+            its usual places, e.g. ``~/.ray/auth_token`` on the same node).
+    """
+    if auth_mode and RAY_AUTH_MODE not in os.environ:
+        # Before `import ray`: Ray caches its config (auth mode included) when first imported.
+        os.environ[RAY_AUTH_MODE] = auth_mode
     import ray
 
     if ray.is_initialized():
         return RayContext(address, namespace, owns_ray=False, connected=False)
     ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
-    return RayContext(address, namespace, owns_ray=False, connected=True)
+    return RayContext(address, namespace, owns_ray=False, connected=True, auth_mode=auth_mode)
 
 
 def bring_up_ray(cfg: TrainConfig, ctx: DistContext) -> RayContext:
-    """Rank 0 starts / connects; the others receive ``(address, namespace)`` and connect."""
+    """Rank 0 starts / connects; the others receive ``(address, namespace, auth_mode)`` and connect."""
     if ctx.is_main:
         ray_ctx = start_ray(cfg)
-        broadcast_object((ray_ctx.address, ray_ctx.namespace), ctx)
+        broadcast_object((ray_ctx.address, ray_ctx.namespace, ray_ctx.auth_mode), ctx)
         return ray_ctx
-    address, namespace = broadcast_object(None, ctx)
-    return connect_ray(address, namespace)
+    address, namespace, auth_mode = broadcast_object(None, ctx)
+    return connect_ray(address, namespace, auth_mode)
 
 
 def teardown(ctx: Optional[DistContext], ray_ctx: Optional[RayContext], actors: list) -> None:
