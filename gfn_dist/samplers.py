@@ -108,6 +108,10 @@ class Sampler:
             return self._sample_backward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
         return self._sample_forward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
 
+    #: Smallest working batch worth compacting: below this, a policy call costs the
+    #: same whatever the number of rows (launch-bound), so dropping finished rows saves nothing.
+    min_rows_to_compact: int = 32
+
     @torch.no_grad()
     def _sample_forward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
         est = self.estimator
@@ -116,41 +120,74 @@ class Sampler:
         T_max = env.max_traj_len
         exit_idx = env.n_actions - 1
         sf = env.sf
-        sink_shape = (N,) + (1,) * len(env.state_shape)
+        state_dims = (1,) * len(env.state_shape)
         states_buf = x.new_empty((T_max + 1, N, *env.state_shape))
         states_buf[0] = x
         actions_buf = torch.empty((T_max, N), dtype=torch.long, device=dev)
         lp_buf = torch.empty((T_max, N), device=dev) if save_logprobs else None
         # Gumbel noise for the whole rollout in one kernel (used with MaskedCategorical).
         log_noise = torch.empty((T_max, N, env.n_actions), device=dev).exponential_().log_()
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
         ok = torch.ones(N, dtype=torch.bool, device=dev)
         ctx = est.init_context(N, dev, conditions)
+        # Finished rows are dropped from the working batch once at least half of it is
+        # done (stateless policies only: a recurrent carry's layout is the policy's own).
+        can_compact = getattr(est, "is_vectorized", True) and not save_estimator_outputs
+        rows = None  # working rows (None: the whole batch, written in place)
+        xw, nw = x, N
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
         T = 0
         for t in range(T_max):
-            st = env.States(x)
+            st = env.States(xw)
             dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
-            # Every row is sampled; rows already finished hold sf and are padded after the loop.
-            if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == log_noise[t].shape:
-                a = dist.sample_with_log_noise(log_noise[t], out=actions_buf[t])
+            # Every working row is sampled; finished rows hold sf and are padded after the loop.
+            if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == (nw, env.n_actions):
+                a = dist.sample_with_log_noise(log_noise[t, :nw], out=actions_buf[t] if rows is None else None)
             else:
                 a = dist.sample()
-                actions_buf[t] = a
+                if rows is None:
+                    actions_buf[t] = a
             if getattr(dist, "mask", None) is not st.forward_masks:
                 # Not built from this batch's masks: check its actions (on device; one sync at the end).
-                ok &= st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
-            if save_logprobs:
-                lp, ctx = est.log_probs(a, dist, ctx, None, vectorized=True)
-                lp_buf[t] = lp
+                good = st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
+                if rows is None:
+                    ok &= good
+                else:
+                    ok[rows] = ok[rows] & good
+            lp = est.log_probs(a, dist, ctx, None, vectorized=True)[0] if save_logprobs else None
             done = done | (a == exit_idx)
-            x = torch.where(done.view(sink_shape), sf, env.step_tensor(x, a), out=states_buf[t + 1])
+            nxt = env.step_tensor(xw, a)
+            if rows is None:
+                xw = torch.where(done.view(nw, *state_dims), sf, nxt, out=states_buf[t + 1])
+                if save_logprobs:
+                    lp_buf[t] = lp
+            else:
+                xw = torch.where(done.view(nw, *state_dims), sf, nxt)
+                states_buf[t + 1].index_copy_(0, rows, xw)
+                actions_buf[t].index_copy_(0, rows, a)
+                if save_logprobs:
+                    lp_buf[t].index_copy_(0, rows, lp)
             T = t + 1
-            if bool(done.all()):
+            n_active = nw - int(done.sum())  # the one host sync per step
+            if n_active == 0:
                 break
+            if can_compact and nw >= self.min_rows_to_compact and 2 * n_active <= nw:
+                if rows is None:  # rows dropped from now on must read as padding
+                    states_buf[t + 2 :] = sf
+                    actions_buf[t + 1 :] = -1
+                    if save_logprobs:
+                        lp_buf[t + 1 :] = 0.0
+                keep = torch.nonzero(~done).squeeze(1)
+                rows = keep if rows is None else rows[keep]
+                xw, done, nw = xw[keep], done[keep], n_active
+                ctx.batch_size = nw
+                if ctx.conditions is not None:
+                    ctx.conditions = ctx.conditions[keep]
         if not bool(ok.all()):
-            rows = torch.nonzero(~ok).flatten().tolist()[:20]
-            raise ValueError(f"invalid action: the policy sampled actions outside the forward mask in trajectories {rows}")
-        if not bool(done.all()):
+            bad_rows = torch.nonzero(~ok).flatten().tolist()[:20]
+            raise ValueError(
+                f"invalid action: the policy sampled actions outside the forward mask in trajectories {bad_rows}"
+            )
+        if T == T_max and n_active:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
         finished_TN = env.States(states_buf[:T]).is_sink_state

@@ -111,3 +111,44 @@ def test_estimator_outputs_saved_per_step():
     env = HyperGrid(2, 5)
     traj = Sampler(make_pf(env)).sample_trajectories(env, n=6, save_estimator_outputs=True)
     assert traj.estimator_outputs.shape == (traj.max_length, 6, env.n_actions)
+
+
+class _ClimbsWhenX1IsOne(DiscretePolicyEstimator):
+    """Ignores the mask: increments coordinate 0 whenever x1 == 1, else exits."""
+
+    def to_probability_distribution(self, states, module_output, **kw):
+        climb = states.tensor[:, 1] == 1
+        logits = torch.full_like(module_output, -1e9)
+        logits[:, -1] = torch.where(climb, -1e9, 0.0)
+        logits[:, 0] = torch.where(climb, 0.0, -1e9)
+        return torch.distributions.Categorical(logits=logits)
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_invalid_action_after_compaction_names_original_rows(n):
+    # n=40: all but rows 1 and 3 exit at step 0, the working batch is compacted to
+    # those two rows, and row 3's invalid action (at step 1) must still be reported by its
+    # original index.
+    env = HyperGrid(2, 3)
+    pf = _ClimbsWhenX1IsOne(DiscreteUniform(env.n_actions), env.n_actions, env.preprocessor)
+    start = torch.zeros(n, 2, dtype=torch.long)
+    start[1] = torch.tensor([2, 1])  # invalid at step 0
+    start[3] = torch.tensor([1, 1])  # valid step to (2, 1), invalid at step 1
+    assert n < Sampler.min_rows_to_compact or n // 2 >= 2
+    with pytest.raises(ValueError, match=r"trajectories \[1, 3\]"):
+        Sampler(pf).sample_trajectories(env, states=env.States(start))
+
+
+def test_compacted_rollout_keeps_conventions_and_log_probs():
+    """Compaction changes which rows are computed, not the result (long-tailed batch of 256)."""
+    from gfn_dist.gflownet import get_trajectory_pfs
+
+    torch.manual_seed(0)
+    env = HyperGrid(4, 6)
+    pf = make_pf(env)
+    traj = Sampler(pf).sample_trajectories(env, n=256, save_logprobs=True)
+    replay_is_consistent(env, traj)
+    a = traj.actions_tensor[..., 0]
+    assert torch.equal(traj.terminating_idx, (a >= 0).sum(0))
+    assert bool((traj.log_probs[a < 0] == 0).all())
+    assert torch.allclose(get_trajectory_pfs(pf, traj), traj.log_probs, atol=1e-5)
