@@ -445,9 +445,10 @@ def resolve_on_policy(cfg: TrainConfig) -> TrainConfig:
 
     Same code path as off-policy training; only the numbers change: weights are
     published every step, each shard holds one batch worth of trajectories
-    (older ones are evicted), and the rate limiter targets one sample per
-    insert with a tolerance of one push, so the learner never re-reads old
-    data and the actors never run more than ~one batch ahead.
+    (older ones are evicted) and serves only when full, and the rate limiter
+    targets one sample per insert with the smallest stall-free tolerance, so
+    each trajectory is used once on average and the actors run at most about
+    one batch ahead (policy lag of a few steps; bound in tests/test_trainer_ray.py).
     """
     if not cfg.learner.on_policy:
         return cfg
@@ -458,5 +459,8 @@ def resolve_on_policy(cfg: TrainConfig) -> TrainConfig:
     r.capacity_per_shard = per_shard
     r.min_size_to_sample = per_shard
     r.samples_per_insert = 1.0
+    # The smallest tolerance that cannot stall (replay_shard module doc:
+    # spi * n_insert + n_sample <= spi * m + 2 * tolerance, n_sample <= batch_size).
+    r.samples_per_insert_tolerance = max(1.0, (per_push + lrn.batch_size - per_shard) / 2)
     r.prioritized = False
     return cfg

@@ -26,7 +26,7 @@ import pytest
 import ray
 import torch
 
-from gfn_dist.config import load_config
+from gfn_dist.config import load_config, resolve_on_policy
 from gfn_dist.distributed.rollout_actor import SHIPPED_KEYS, RolloutWorker
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
@@ -34,9 +34,13 @@ from gfn_dist.trainer import Trainer
 BATCH, PUSH, CAPACITY, SPI, TOLERANCE, SYNC_EVERY, STEPS = 16, 8, 16, 1.0, 16.0, 2, 40
 
 
-def lag_bound() -> int:
-    n = BATCH // 2
-    return 2 * SYNC_EVERY - 1 + math.floor((SPI * (PUSH + CAPACITY + CAPACITY - 1) + 2 * TOLERANCE) / n)
+def lag_bound(cfg) -> int:
+    """The bound of the module doc, from a resolved config (all shards full, equal shares)."""
+    r = cfg.replay
+    n = cfg.learner.batch_size // r.num_shards
+    assert r.min_size_to_sample == r.capacity_per_shard and cfg.learner.batch_size % r.num_shards == 0
+    budget = r.samples_per_insert * (cfg.rollout.trajectories_per_push + 2 * r.capacity_per_shard - 1)
+    return 2 * cfg.learner.sync_every - 1 + math.floor((budget + 2 * r.samples_per_insert_tolerance) / n)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def local_ray():
     ray.shutdown()
 
 
-def _cfg(run_dir):
+def _cfg(run_dir, *extra):
     return load_config(
         None,
         [
@@ -67,6 +71,7 @@ def _cfg(run_dir):
             "logging.log_every=5",
             "logging.progress_bar=false",
             f"run.dir={run_dir}",
+            *extra,
         ],
     )
 
@@ -80,7 +85,9 @@ def _ordered(buffer_state):
 
 def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     torch.set_num_threads(1)
-    trainer = Trainer(_cfg(tmp_path / "run"))
+    cfg = _cfg(tmp_path / "run")
+    assert lag_bound(cfg) == 11
+    trainer = Trainer(cfg)
     try:
         trainer.train()
         snapshots = trainer.learner.replay.snapshot()
@@ -111,7 +118,7 @@ def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     assert [r["step"] for r in rows] == list(range(5, STEPS + 1, 5))
     assert all(r["world_size"] == 1 for r in rows)
     max_lag = max(r["policy_lag_steps_max"] for r in rows)
-    assert 0 <= max_lag <= lag_bound(), (max_lag, lag_bound())
+    assert 0 <= max_lag <= lag_bound(cfg), (max_lag, lag_bound(cfg))
     assert rows[-1]["trajectories"] == STEPS * BATCH
     assert "l1_exact" in rows[-1] and "logZ_err" in rows[-1]
     # The learner consumed what the rate limiter allowed: samples / inserts within the tolerance of the target.
@@ -119,6 +126,24 @@ def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     assert stats["num_samples"] <= SPI * stats["num_inserts"] + 2 * TOLERANCE
     assert stats["num_samples"] >= SPI * (stats["num_inserts"] - 2 * CAPACITY) - 2 * TOLERANCE - 2 * PUSH
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "policy.pt").is_file()
+
+
+def test_on_policy_switch(local_ray, tmp_path):
+    """Same code path, on-policy numbers: every trajectory used ~once and a few steps old at most."""
+    torch.set_num_threads(1)
+    cfg = resolve_on_policy(_cfg(tmp_path / "run", "learner.on_policy=true", "rollout.num_actors=1",
+                                 "replay.num_shards=1", "replay.samples_per_insert_tolerance=null",
+                                 "learner.max_steps=20"))
+    assert cfg.replay.capacity_per_shard == cfg.replay.min_size_to_sample == BATCH
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        stats = trainer.learner.replay.stats()
+    finally:
+        trainer.close()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert max(r["policy_lag_steps_max"] for r in rows) <= lag_bound(cfg) == 3
+    assert abs(stats["num_samples"] - stats["num_inserts"]) <= 2 * BATCH
 
 
 def test_recurrent_carry_never_shipped():
