@@ -239,7 +239,8 @@ class LearnerConfig:
     sync_every: int = 1  # learner steps between weight publications to the actors
     max_steps: Optional[int] = 1000  # budget in learner steps (the smaller of the two budgets applies)
     max_trajectories: Optional[int] = None  # budget in consumed trajectories (rounded up to whole steps)
-    on_policy: bool = False  # fresh trajectories only: each used once on average, at most ~1 step old
+    on_policy: bool = False  # fresh trajectories only: each used once on average, a few steps old at most
+    prefetch: bool = True  # draw the next batch from replay while the current step computes (one step older)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
 
     def __post_init__(self) -> None:

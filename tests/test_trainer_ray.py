@@ -1,23 +1,30 @@
 """The distributed pipeline on a local Ray: 2 rollout actors, 2 replay shards, 1 learner.
 
-Policy-lag bound checked here (derivation). Let actor k pull version v when
-the learner has completed t0 steps, and let the learner use one of that
-batch's trajectories x in the update that starts after t completed steps;
-lag = t - v.
+Policy-lag bound checked here (derivation). Before each batch, actor k reads
+the weight store's answer to the poll it sent before the previous batch (and
+fetches newer weights if there are any): call "pull" the moment the store
+answered, t0 the learner's completed steps then, v the version the batch is
+sampled with (v >= the store's latest at the pull). The actor pushes the
+batch to shard k; the learner uses one of its trajectories x in draw j,
+the batch of the update that starts after j completed steps: lag = j - v.
 
 * Publishing: version p is published right after step p when p % sync_every
   == 0, with at most one publish call in flight (``WeightPublisher(max_in_flight=2)``),
-  so the store already holds p - sync_every, hence v >= t0 - 2 * sync_every + 1.
-* Learner progress is paced by shard k's rate limiter. The learner waits until
-  every shard holds min_size_to_sample m = capacity C items before its first
-  step, so afterwards both shards stay full and every update draws exactly
-  n = B / 2 items from shard k. The t - t0 updates that sample after the pull
-  draw (t - t0) n items, and the limiter allows at most
-  spi * (m + ΔI) + 2 * eb of them (insert side: S >= spi (I - m) - eb at the
-  pull; sample side: S <= spi I + eb), where ΔI <= n_push + C - 1 are the items
-  shard k received after the pull while x was still held (FIFO of capacity C).
+  so the store already holds p - sync_every: v >= t0 - 2 * sync_every + 1.
+* Prefetch (``learner.prefetch``): draw j starts while the learner has
+  completed j - 1 steps, so draws t0 + 2 .. j all start after the pull.
+* The learner waits until every shard holds min_size_to_sample m = capacity C
+  before its first step, so both shards stay full and every draw takes exactly
+  n = B / 2 items from shard k. The limiter caps what can be drawn from shard
+  k after the pull at spi * (m + ΔI) + 2 * eb (insert side at the pull:
+  S >= spi (I - m) - eb; sample side at the draw: S <= spi I + eb), where
+  ΔI <= 3 * n_push + C - 1 counts shard k's inserts after the pull while x is
+  held: the batch in flight and the batch being sampled when the store
+  answered (the poll is one batch old), x's batch, and fewer than C later
+  items (FIFO of capacity C).
 
-So lag <= 2 * sync_every - 1 + floor((spi * (n_push + C + m - 1) + 2 * eb) / n).
+So (j - t0 - 1) n <= spi * (3 n_push + C + m - 1) + 2 eb and
+lag <= 2 * sync_every + floor((spi * (3 n_push + C + m - 1) + 2 eb) / n).
 """
 
 import math
@@ -39,8 +46,9 @@ def lag_bound(cfg) -> int:
     r = cfg.replay
     n = cfg.learner.batch_size // r.num_shards
     assert r.min_size_to_sample == r.capacity_per_shard and cfg.learner.batch_size % r.num_shards == 0
-    budget = r.samples_per_insert * (cfg.rollout.trajectories_per_push + 2 * r.capacity_per_shard - 1)
-    return 2 * cfg.learner.sync_every - 1 + math.floor((budget + 2 * r.samples_per_insert_tolerance) / n)
+    assert cfg.learner.prefetch
+    budget = r.samples_per_insert * (3 * cfg.rollout.trajectories_per_push + 2 * r.capacity_per_shard - 1)
+    return 2 * cfg.learner.sync_every + math.floor((budget + 2 * r.samples_per_insert_tolerance) / n)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,7 @@ def _ordered(buffer_state):
 def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path / "run")
-    assert lag_bound(cfg) == 11
+    assert lag_bound(cfg) == 14
     trainer = Trainer(cfg)
     try:
         trainer.train()
@@ -142,7 +150,7 @@ def test_on_policy_switch(local_ray, tmp_path):
     finally:
         trainer.close()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert max(r["policy_lag_steps_max"] for r in rows) <= lag_bound(cfg) == 3
+    assert max(r["policy_lag_steps_max"] for r in rows) <= lag_bound(cfg) == 5
     assert abs(stats["num_samples"] - stats["num_inserts"]) <= 2 * BATCH
 
 

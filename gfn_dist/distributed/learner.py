@@ -22,6 +22,9 @@ Policy versions. Version ``v`` is the policy after ``v`` learner steps
 trajectory sampled with version ``v`` and used by the update that starts after
 ``s`` completed steps has ``policy_lag_steps = s - v``.
 
+With ``learner.prefetch`` the next batch is drawn from replay in a background
+thread while the current step computes.
+
 Host syncs (``.item()``) happen only on log steps; the running sums of loss
 and policy lag stay on the device in between.
 """
@@ -32,6 +35,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -169,6 +173,9 @@ class Learner:
         self.step = 0
         self.timer = PhaseTimer()
         self._target = None  # (probs, logZ) of the exact evaluation, built on first use
+        self._prefetch = None  # Future of the next batch (learner.prefetch)
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-prefetch")
         self._reset_counters()
 
     # ------------------------------------------------------------------ the step, top to bottom
@@ -204,7 +211,24 @@ class Learner:
     # ------------------------------------------------------------------ phases
 
     def sample_replay(self):
-        """This rank's share of the global batch from the shards (waits on the rate limiter).
+        """This rank's batch for the current step (TensorDict ``(B/W,)``).
+
+        With ``learner.prefetch`` the next step's batch is drawn in a background
+        thread while this step computes (hiding the replay round trips); its
+        trajectories are then up to one step older. The policy lag is measured
+        when a batch is used.
+        """
+        if not self.cfg.learner.prefetch:
+            return self._draw()
+        if self._prefetch is None:
+            self._prefetch = self._executor.submit(self._draw)
+        td = self._prefetch.result()  # re-raises the draw's error
+        # Never draw past the budget: nothing would consume it (and it might wait on stopped actors).
+        self._prefetch = self._executor.submit(self._draw) if self.step + 1 < self.total_steps else None
+        return td
+
+    def _draw(self):
+        """Draws this rank's share from the shards, waiting on the rate limiter.
 
         Raises:
             TimeoutError: if replay refused for ``replay.timeout_s`` (naming the limiter condition).
@@ -215,6 +239,8 @@ class Learner:
             try:
                 return self.replay.sample(self.local_batch_size, timeout_s=min(2.0, timeout_s))
             except TimeoutError:
+                if self._closing:  # training ended (or failed) while this draw waited
+                    raise
                 self.health_check()  # a dead actor explains an empty replay: say so
                 if time.monotonic() > deadline:
                     raise
@@ -363,6 +389,8 @@ class Learner:
                                     refresh=False)
         finally:
             bar.close()
+            self._closing = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if self.publisher is not None and self.ctx.is_main:
             self.publisher.flush()
         return self.last_row

@@ -6,13 +6,15 @@ built from the (plain-data) ``TrainConfig`` and its ``actor_id``: it builds its
 own environment, policy copy (P_F, and P_B for local search) and sampler, so no
 live object crosses process boundaries. Its loop (``run``):
 
-1. poll the weight store; load the weights when the published version changed;
+1. poll the weight store (the answer to the previous batch's poll, so the
+   round trip overlaps sampling); load the weights when the version changed;
 2. sample a batch (``Sampler`` / ``LocalSearchSampler`` with the exploration
    ``policy_kwargs``);
 3. convert it to the wire format ``Trajectories.to_tensordict(max_length=env.max_traj_len)``
    and tag every trajectory with ``policy_version`` and ``actor_id`` (int64);
-4. push it to replay shard ``actor_id % num_shards``, waiting while the rate
-   limiter refuses.
+4. push it to replay shard ``actor_id % num_shards`` (``ReplayShard.try_add``),
+   retrying while the rate limiter refuses. One push stays in flight while
+   the next batch is sampled, which hides the transport and insert time.
 
 A recurrent policy's carry lives in the sampler's ``RolloutContext`` for the
 duration of one rollout and is never part of the pushed TensorDict.
@@ -111,29 +113,50 @@ class RolloutWorker:
         """Loads newer published weights; returns True when the run asked to stop."""
         if self.weights is None:
             return self._stop
-        latest, stopped = self.weights.poll()
+        latest, stopped = self.weights.poll_overlapped()
         if self.weights.refresh(latest):
             self.policy_version = self.weights.version
         return stopped or self._stop
 
-    def push(self, td: TensorDict) -> bool:
-        """Pushes ``td`` to this actor's shard, waiting while the limiter refuses.
+    def submit_push(self, td: TensorDict):
+        """Sends ``td`` to this actor's shard without waiting; returns the pending ``try_add`` reference."""
+        # By value: Ray inlines small batches in the call and spills large ones to the object store itself.
+        return self.replay.shards[self.shard_index].try_add.remote(td)
+
+    def complete_push(self, pending, td: TensorDict) -> bool:
+        """Waits for a submitted push to be accepted, resubmitting while the rate limiter refuses.
 
         Returns:
             False if the run stopped while waiting (the batch is dropped).
+
+        Raises:
+            ValueError: if the shard rejected the batch as invalid (naming the field).
+            TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
         """
-        poll_s = min(1.0, self.cfg.replay.timeout_s)
+        import ray
+
         deadline = time.monotonic() + self.cfg.replay.timeout_s
+        backoff = 0.001
         while True:
-            try:
-                self.replay.add(td, self.shard_index, timeout_s=poll_s)
+            result = ray.get(pending)
+            if result["accepted"]:
                 return True
-            except TimeoutError:
-                # Waiting on the learners; check between tries whether training is over.
-                if self._run_stopped():
-                    return False
-                if time.monotonic() > deadline:
-                    raise
+            if result["status"] == "invalid":
+                raise ValueError(f"rollout actor {self.actor_id}: shard {self.shard_index} rejected a batch: "
+                                 f"{result['reason']}")
+            # Rate limited: the learners are behind. Training may be over; check before retrying.
+            if self._run_stopped():
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout actor {self.actor_id}: shard {self.shard_index} refused a batch for "
+                                   f"{self.cfg.replay.timeout_s:g} s: {result['reason']}")
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 0.05)
+            pending = self.submit_push(td)
+
+    def push(self, td: TensorDict) -> bool:
+        """Pushes ``td`` and waits until it is accepted (see ``complete_push``)."""
+        return self.complete_push(self.submit_push(td), td)
 
     def _run_stopped(self) -> bool:
         """Whether the run asked to stop (no weight loading: the pending batch keeps its version)."""
@@ -147,7 +170,10 @@ class RolloutWorker:
         """Sample-and-push loop until the weight store says stop (or ``max_batches``).
 
         Waits for the first published weights before sampling, so no trajectory
-        comes from the actor's own random initialisation.
+        comes from the actor's own random initialisation. One push is kept in
+        flight: batch k+1 is sampled while the shard inserts batch k, and batch
+        k must be accepted before batch k+1 is sent (so the rate limiter still
+        paces every batch).
 
         Returns:
             ``stats()`` at the end.
@@ -155,9 +181,12 @@ class RolloutWorker:
         if self.replay is None:
             raise ValueError("RolloutWorker.run: built without shard_handles; nothing to push to")
         poll_every = self.cfg.rollout.weight_poll_every
+        in_flight = None  # (pending try_add reference, batch)
+        stopped = False
         while max_batches is None or self.num_batches < max_batches:
             if self.policy_version < 0 or self.num_batches % poll_every == 0:
-                if self.refresh_weights():
+                stopped = self.refresh_weights()
+                if stopped:
                     break
                 if self.policy_version < 0:
                     time.sleep(0.01)
@@ -165,14 +194,18 @@ class RolloutWorker:
             t0 = time.perf_counter()
             td = self.sample_batch()
             t1 = time.perf_counter()
-            if not self.push(td):
+            if in_flight is not None and not self.complete_push(*in_flight):
+                stopped = True
                 break
+            in_flight = (self.submit_push(td), td)
             self.push_time_s += time.perf_counter() - t1
             self.sample_time_s += t1 - t0
             self.num_batches += 1
             self.num_trajectories += td.batch_size[0]
             if not self.versions_used or self.versions_used[-1] != self.policy_version:
                 self.versions_used.append(self.policy_version)
+        if in_flight is not None and not stopped:
+            self.complete_push(*in_flight)
         return self.stats()
 
     def stop(self) -> None:

@@ -11,7 +11,9 @@ top-level ``ObjectRef`` argument into its value, which would copy the weights
 into the store actor; inside a list the reference itself is kept.
 
 The store also carries the run's stop flag, so actors learn that training is
-over from the same poll.
+over from the same poll. Actors poll overlapped (``WeightSubscriber.poll_overlapped``:
+the answer to the previous poll is read, the next poll is sent), so the round
+trip overlaps sampling; weights are fetched only when the version changed.
 """
 
 from __future__ import annotations
@@ -140,12 +142,31 @@ class WeightSubscriber:
         self.module = module
         self.version = -1
         self.num_updates = 0
+        self._poll_ref = None
+        self._known: tuple[int, bool] = (-1, False)
 
     def poll(self) -> tuple[int, bool]:
-        """``(latest published version, stopped)``."""
+        """``(latest published version, stopped)``, asked now (one round trip)."""
         import ray
 
-        return ray.get(self.store.poll.remote())
+        self._known = tuple(ray.get(self.store.poll.remote()))
+        return self._known
+
+    def poll_overlapped(self) -> tuple[int, bool]:
+        """``(latest published version, stopped)`` from the poll sent on the previous call.
+
+        Returns the answer to the previous call's poll (waiting for it if it has
+        not arrived yet; it had a whole rollout batch to do so) and sends the
+        next poll, so the round trip overlaps the caller's work. The first call
+        polls synchronously. The answer is at most one call old, which keeps
+        the policy-lag bound of tests/test_trainer_ray.py.
+        """
+        import ray
+
+        ref = self._poll_ref if self._poll_ref is not None else self.store.poll.remote()
+        self._known = tuple(ray.get(ref))
+        self._poll_ref = self.store.poll.remote()
+        return self._known
 
     def refresh(self, latest_version: Optional[int] = None) -> bool:
         """Loads the newest weights if their version is newer than the loaded one.

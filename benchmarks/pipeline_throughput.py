@@ -1,0 +1,157 @@
+"""Throughput of the distributed pipeline vs the same sampler in-process.
+
+Three measurements on the ``configs/hypergrid_tb.yaml`` setting (HyperGrid(2, 8),
+MLP 256x2 P_F), each actor with one torch thread:
+
+1. **in-process**: ``Sampler.sample_trajectories(env, n=push)`` in a loop in
+   this process (one thread): the rate a rollout actor could reach with no
+   transport at all.
+2. **actor -> replay, no learner**: one ``RolloutWorker`` Ray actor pushing to
+   one shard with the rate limiter off. ``overhead = 1 - actor_rate / in_process_rate``
+   is the cost of tagging, ``to_tensordict``, ``ray.put`` and the shard insert
+   (plus the weight-version poll per batch). Target: <= 20 % with one actor.
+3. **training pipeline**: the full trainer (learner consuming, rate limiter at
+   ``samples_per_insert = 1``) with 1 and 2 actors: trajectories/s produced by
+   the actors and consumed by the learner, learner steps/s, policy lag.
+
+    python benchmarks/pipeline_throughput.py [--pushes 64 256 1024] [--steps 200]
+
+Numbers depend on the machine's load; the script records them in
+``benchmarks/results/pipeline_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from gfn_dist.builders import build_env, build_policies, build_sampler
+from gfn_dist.config import load_config
+from gfn_dist.distributed.replay_client import ReplayClient
+from gfn_dist.distributed.replay_shard import ReplayShardConfig, create_replay_shards
+from gfn_dist.distributed.rollout_actor import create_rollout_actors
+from gfn_dist.distributed.weight_store import WeightPublisher, create_weight_store
+from gfn_dist.metrics import read_jsonl
+from gfn_dist.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "hypergrid_tb.yaml"
+
+
+def in_process_rate(push: int, seconds: float) -> float:
+    """Trajectories/s of the sampler alone, one thread."""
+    cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}"])
+    torch.manual_seed(0)
+    env = build_env(cfg)
+    policies = build_policies(cfg, env).eval()
+    sampler, kwargs = build_sampler(cfg, policies)
+    sampler.sample_trajectories(env, n=push, **kwargs)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sampler.sample_trajectories(env, n=push, **kwargs)
+        n += push
+    return n / (time.perf_counter() - t0)
+
+
+def actor_rate(push: int, seconds: float) -> dict:
+    """One rollout actor pushing into one shard with the limiter off (no learner)."""
+    cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}", "replay.capacity_per_shard=100000",
+                               "replay.min_size_to_sample=1"])
+    shards = create_replay_shards(1, ReplayShardConfig(capacity=100_000, samples_per_insert=None), name_prefix=None,
+                                  num_cpus=0)
+    store = create_weight_store()
+    env = build_env(cfg)
+    torch.manual_seed(0)
+    WeightPublisher(store).publish(0, build_policies(cfg, env))
+    (actor,) = create_rollout_actors(cfg, shards, store)
+    ray.get(actor.stats.remote())  # constructed
+    client = ReplayClient(shards)
+    ref = actor.run.remote()
+    time.sleep(min(3.0, seconds / 3))  # let the actor reach steady state
+    i0, s0, t0 = client.stats()["num_inserts"], ray.get(actor.stats.remote()), time.perf_counter()
+    time.sleep(seconds)
+    i1, s1, t1 = client.stats()["num_inserts"], ray.get(actor.stats.remote()), time.perf_counter()
+    ray.get(store.stop.remote())
+    ray.get(ref)
+    for h in (actor, *shards, store):
+        ray.kill(h)
+    batches = max(s1["num_batches"] - s0["num_batches"], 1)
+    return {
+        "traj_per_s": (i1 - i0) / (t1 - t0),
+        "sample_ms_per_batch": 1e3 * (s1["sample_time_s"] - s0["sample_time_s"]) / batches,
+        "push_ms_per_batch": 1e3 * (s1["push_time_s"] - s0["push_time_s"]) / batches,
+    }
+
+
+def pipeline(num_actors: int, steps: int, run_dir: Path) -> dict:
+    """The trainer with ``num_actors`` actors; means over the log rows after the first (warm-up)."""
+    cfg = load_config(PRESET, [f"rollout.num_actors={num_actors}", f"replay.num_shards={num_actors}",
+                               f"learner.max_steps={steps}", "eval.interval_steps=0", "eval.exact=false",
+                               f"logging.log_every={max(steps // 8, 1)}", "logging.progress_bar=false",
+                               f"run.dir={run_dir}", "run.save_policy=false"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    rows = read_jsonl(run_dir / "metrics.jsonl")[1:]
+    mean = lambda k: statistics.fmean(r[k] for r in rows)  # noqa: E731
+    return {
+        "num_actors": num_actors,
+        "traj_per_s_produced": mean("traj_per_s/produced"),
+        "traj_per_s_consumed": mean("traj_per_s"),
+        "learner_steps_per_s": mean("learner_steps_per_s"),
+        "policy_lag_steps_mean": mean("policy_lag_steps_mean"),
+        "policy_lag_steps_max": max(r["policy_lag_steps_max"] for r in rows),
+        "time_ms_per_step": {k: 1e3 * mean(k) for k in ("time/sample_s", "time/loss_s", "time/backward_s",
+                                                         "time/sync_s")},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pushes", type=int, nargs="+", default=[64, 256, 1024], help="trajectories per push")
+    p.add_argument("--seconds", type=float, default=8.0, help="measurement window per rate")
+    p.add_argument("--steps", type=int, default=200, help="learner steps per pipeline run")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_throughput.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        transport = []
+        for push in args.pushes:
+            base = in_process_rate(push, args.seconds)
+            act = actor_rate(push, args.seconds)
+            transport.append({"trajectories_per_push": push, "in_process_traj_per_s": base,
+                              "actor_traj_per_s": act["traj_per_s"], "overhead": 1 - act["traj_per_s"] / base,
+                              **{k: v for k, v in act.items() if k != "traj_per_s"}})
+            print(f"push={push:5d}  in-process {base:9.0f} traj/s  actor->replay {act['traj_per_s']:9.0f} traj/s  "
+                  f"overhead {100 * transport[-1]['overhead']:5.1f} %  (sample {act['sample_ms_per_batch']:.1f} ms, "
+                  f"push {act['push_ms_per_batch']:.1f} ms per batch)", flush=True)
+        runs = []
+        for num_actors in (1, 2):
+            r = pipeline(num_actors, args.steps, Path("/tmp") / f"pipeline_bench_{num_actors}_{time.time_ns()}")
+            runs.append(r)
+            print(f"actors={num_actors}  produced {r['traj_per_s_produced']:7.0f} traj/s  consumed "
+                  f"{r['traj_per_s_consumed']:7.0f} traj/s  learner {r['learner_steps_per_s']:5.1f} steps/s  "
+                  f"lag mean {r['policy_lag_steps_mean']:.1f} max {r['policy_lag_steps_max']:.0f}  "
+                  f"ms/step {json.dumps({k: round(v, 1) for k, v in r['time_ms_per_step'].items()})}", flush=True)
+    finally:
+        ray.shutdown()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{platform.node()} ({torch.get_num_threads()} torch thread, "
+                                          f"{__import__('os').cpu_count()} cores)",
+                               "transport": transport, "pipeline": runs}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
