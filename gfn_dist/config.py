@@ -308,12 +308,10 @@ class ClusterConfig:
     address: Optional[str] = None  # Ray address to connect to; null starts an embedded local Ray
     launcher: str = "auto"  # auto (torchrun if its env vars are set) | local | torchrun
     num_cpus: Optional[float] = None  # CPUs of the embedded Ray; null = what the actors reserve (>= 1)
-    startup_timeout_s: float = 120.0  # rank > 0 waits this long for rank 0's Ray address
 
     def __post_init__(self) -> None:
         _choice("cluster.launcher", self.launcher, LAUNCHERS)
         _positive("cluster.num_cpus", self.num_cpus)
-        _positive("cluster.startup_timeout_s", self.startup_timeout_s)
 
 
 @dataclass
