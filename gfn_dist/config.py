@@ -287,18 +287,30 @@ class RunConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases sink. Offline by default: files under RUN_DIR/wandb, no account, no network
+    (upload later with ``wandb sync RUN_DIR/wandb/offline-run-*``)."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "gfn_dist"  # wandb project
+    entity: Optional[str] = None  # wandb team / user (online); null = the account's default
+    name: Optional[str] = None  # run name; null = the run directory's name
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
 class LoggingConfig:
     """Metric sinks (rank 0 only). JSONL is always written."""
 
     log_every: int = 10  # learner steps between metric rows
-    wandb: str = "disabled"  # disabled | offline | online
-    wandb_project: str = "gfn_dist"  # wandb project name
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # wandb sink (offline by default)
     tensorboard: bool = False  # also write TensorBoard event files under RUN_DIR/tb
     progress_bar: bool = True  # tqdm bar on the driver's terminal
 
     def __post_init__(self) -> None:
         _positive("logging.log_every", self.log_every)
-        _choice("logging.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass

@@ -6,8 +6,15 @@ carry their units: ``time/sample_s``, ``traj_per_s``, ...) with an integer
 ``MetricLogger.for_rank(rank, ...)`` returns a no-op logger on other ranks.
 
 * ``JsonlSink``: one JSON object per line in ``RUN_DIR/metrics.jsonl``, flushed per row.
-* ``WandbSink``: ``wandb.init(mode=offline|online)``, imported lazily.
+* ``WandbSink``: ``wandb.init(mode=offline|online, dir=RUN_DIR)``, imported lazily.
+  Offline (the default of ``logging.wandb.mode``) needs no account and makes no
+  network call: the run lands in ``RUN_DIR/wandb/offline-run-*`` (upload later
+  with ``wandb sync``). A resumed run reuses the wandb run id kept in
+  ``RUN_DIR/wandb/run_id``.
 * ``TensorBoardSink``: ``torch.utils.tensorboard.SummaryWriter`` under ``RUN_DIR/tb``, imported lazily.
+
+``MetricLogger.from_config(cfg, run_dir, rank)`` builds the sinks a
+``TrainConfig``'s ``logging`` section asks for.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -50,13 +58,45 @@ class JsonlSink:
 
 
 class WandbSink:
-    """Weights & Biases run (``mode`` offline or online)."""
+    """Weights & Biases run under ``RUN_DIR/wandb``.
 
-    def __init__(self, run_dir: Path, mode: str, project: str, config: Optional[dict]) -> None:
+    Args:
+        run_dir: the run directory (wandb's ``dir``: what ``WANDB_DIR`` would set).
+        mode: ``offline`` (local files only) or ``online``.
+        project: wandb project.
+        config: the resolved configuration (plain dicts), recorded with the run.
+        entity: wandb team / user (online), None for the account's default.
+        name: run name, None for the run directory's name.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        mode: str,
+        project: str,
+        config: Optional[dict] = None,
+        entity: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        if mode not in ("offline", "online"):
+            raise ValueError(f"logging.wandb.mode: WandbSink needs offline | online, got {mode!r}")
+        os.environ.setdefault("WANDB_SILENT", "true")  # no banners / login prompts on the driver's terminal
         import wandb  # lazy: only when enabled
 
-        self._wandb = wandb
-        self._run = wandb.init(project=project, mode=mode, dir=str(run_dir), config=config, reinit=True)
+        run_dir = Path(run_dir).resolve()
+        id_file = run_dir / "wandb" / "run_id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)  # before init: wandb infers the git root from dir
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self._run = wandb.init(
+            project=project, entity=entity, name=name or run_dir.name, id=run_id, resume="allow", mode=mode,
+            dir=str(run_dir), config=config, reinit="create_new", settings=wandb.Settings(silent=True),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's wandb directory (``RUN_DIR/wandb/offline-run-*`` offline)."""
+        return Path(self._run.dir).parent
 
     def write(self, row: dict) -> None:
         self._run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
@@ -103,17 +143,32 @@ class MetricLogger:
         tensorboard: bool = False,
         project: str = "gfn_dist",
         config: Optional[dict] = None,
+        wandb_entity: Optional[str] = None,
+        wandb_name: Optional[str] = None,
     ) -> "MetricLogger":
         """Rank 0: JSONL (+ optional wandb / TensorBoard); other ranks: no sinks."""
         if rank != 0:
             return cls([])
         run_dir = Path(run_dir)
-        sinks: list = [JsonlSink(run_dir / "metrics.jsonl")]
-        if wandb_mode != "disabled":
-            sinks.append(WandbSink(run_dir, wandb_mode, project, config))
-        if tensorboard:
-            sinks.append(TensorBoardSink(run_dir))
-        return cls(sinks)
+        out = cls([JsonlSink(run_dir / "metrics.jsonl")])
+        try:
+            if wandb_mode != "disabled":
+                out.sinks.append(WandbSink(run_dir, wandb_mode, project, config, wandb_entity, wandb_name))
+            if tensorboard:
+                out.sinks.append(TensorBoardSink(run_dir))
+        except BaseException:
+            out.close()  # the sinks opened so far
+            raise
+        return out
+
+    @classmethod
+    def from_config(cls, cfg, run_dir: str | Path, rank: int = 0) -> "MetricLogger":
+        """The sinks ``cfg.logging`` (of a ``TrainConfig``) asks for; no sinks on ranks > 0."""
+        from gfn_dist.config import to_dict
+
+        w = cfg.logging.wandb
+        return cls.for_rank(rank, run_dir, w.mode, cfg.logging.tensorboard, w.project,
+                            to_dict(cfg) if rank == 0 else None, w.entity, w.name)
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Writes ``row`` (must hold ``step``) to every sink.

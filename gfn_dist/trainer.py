@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from gfn_dist.builders import build_env, build_gflownet, build_policies
-from gfn_dist.config import TrainConfig, check_world_size, limiter_tolerance, to_dict, to_yaml
+from gfn_dist.config import TrainConfig, check_world_size, limiter_tolerance, to_yaml
 from gfn_dist.distributed import cluster
 from gfn_dist.distributed.learner import Learner
 from gfn_dist.metrics import MetricLogger
@@ -92,8 +92,7 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self.metrics = MetricLogger.for_rank(0, self.run_dir, cfg.logging.wandb, cfg.logging.tensorboard,
-                                                 cfg.logging.wandb_project, to_dict(cfg))
+            self.metrics = MetricLogger.from_config(cfg, self.run_dir)
         if ctx.device.type == "cpu":
             torch.set_num_threads(cluster.learner_num_threads(cfg, ctx))
         torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights

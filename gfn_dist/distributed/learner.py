@@ -172,6 +172,7 @@ class Learner:
         self.health_check = health_check or (lambda: None)
         self.step = 0
         self.timer = PhaseTimer()
+        self._t_start = time.perf_counter()  # wall clock of the run (metric elapsed_s)
         self._target = None  # (probs, logZ) of the exact evaluation, built on first use
         self._prefetch = None  # Future of the next batch (learner.prefetch)
         self._closing = False
@@ -317,6 +318,7 @@ class Learner:
         row = {
             "step": self.step,
             "trajectories": self.step * self.cfg.learner.batch_size,
+            "elapsed_s": time.perf_counter() - self._t_start,
             "world_size": self.ctx.world_size,
             "loss": loss_sum / max(n_steps * self.ctx.world_size, 1),
             "policy_lag_steps_mean": lag_sum / max(lag_count, 1.0),
@@ -385,7 +387,8 @@ class Learner:
                 self.train_step()
                 bar.update(1)
                 if self.is_log_step() and self.ctx.is_main:
-                    bar.set_postfix({k: f"{self.last_row[k]:.4g}" for k in ("loss", "l1_exact") if k in self.last_row},
+                    bar.set_postfix({k: f"{self.last_row[k]:.4g}" for k in ("trajectories", "loss", "l1_exact")
+                                     if k in self.last_row},
                                     refresh=False)
         finally:
             bar.close()
