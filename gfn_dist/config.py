@@ -12,7 +12,8 @@ builds the dataclasses (``OmegaConf.to_object``), which runs every
 that needs the launcher (the global batch must split evenly over the learners).
 
 Sections: ``env``, ``model``, ``loss``, ``sampler``, ``rollout``, ``replay``,
-``learner``, ``eval``, ``run``, ``logging``, ``cluster``.
+``learner``, ``eval``, ``run``, ``checkpoint``, ``logging``, ``cluster``; and the
+top-level ``resume`` (false | true | auto, see ``gfn_dist.checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -192,6 +193,7 @@ class RolloutConfig:
     num_cpus_per_actor: float = 1.0  # Ray CPUs reserved per actor (fractional ok)
     num_gpus_per_actor: float = 0.0  # Ray GPUs per actor (fractional ok); > 0 samples on CUDA
     weight_poll_every: int = 1  # batches between checks for newer published weights
+    synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; gfn_dist.checkpoint)
 
     def __post_init__(self) -> None:
         _positive("rollout.num_actors", self.num_actors)
@@ -287,6 +289,19 @@ class RunConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints ``step_N/`` (layout, resume and preemption: ``gfn_dist.checkpoint``)."""
+
+    interval_steps: int = 500  # learner steps between checkpoints (0: only at the end and on preemption)
+    keep_last: Optional[int] = 3  # newest checkpoints kept; null keeps all
+    dir: Optional[str] = None  # checkpoint directory; null = RUN_DIR/checkpoints
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.interval_steps", self.interval_steps, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases sink. Offline by default: files under RUN_DIR/wandb, no account, no network
     (upload later with ``wandb sync RUN_DIR/wandb/offline-run-*``)."""
@@ -339,10 +354,14 @@ class TrainConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    resume: Union[bool, str] = False  # false | true (newest checkpoint, must exist) | auto (if one exists)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.resume, bool) and self.resume != "auto":
+            raise ConfigError(f"resume: must be true, false or auto, got {self.resume!r}")
         if self.model.policy != "mlp" and self.env.name != "bitseq":
             raise ConfigError(
                 f"model.policy: a recurrent policy ({self.model.policy}) needs an autoregressive env "
