@@ -171,6 +171,9 @@ class Learner:
         self.metrics = metrics
         self.health_check = health_check or (lambda: None)
         self.step = 0
+        self.checkpointer = None  # gfn_dist.checkpoint.Checkpointer (set by the Trainer): after_step / at_end
+        self.rollout_step = None  # rollout.synchronous: called with the learner before each step's draw
+        self.preempted = False  # training stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.timer = PhaseTimer()
         self._t_start = time.perf_counter()  # wall clock of the run (metric elapsed_s)
         self._target = None  # (probs, logZ) of the exact evaluation, built on first use
@@ -183,6 +186,9 @@ class Learner:
 
     def train_step(self) -> None:
         """One learner step: sample, loss, backward + clip + Adam, publish, log."""
+        if self.rollout_step is not None:
+            with self.timer.phase("time/rollout_s"):
+                self.rollout_step(self)  # rollout.synchronous: rank 0 samples from the current weights
         with self.timer.phase("time/sample_s"):
             td = self.sample_replay()  # this rank's B / W trajectories
         with self.timer.phase("time/loss_s"):
@@ -219,7 +225,7 @@ class Learner:
         trajectories are then up to one step older. The policy lag is measured
         when a batch is used.
         """
-        if not self.cfg.learner.prefetch:
+        if not self.cfg.learner.prefetch or self.rollout_step is not None:
             return self._draw()
         if self._prefetch is None:
             self._prefetch = self._executor.submit(self._draw)
@@ -376,8 +382,9 @@ class Learner:
         """Runs ``learner.total_steps`` steps; returns the last metric row."""
         from tqdm import tqdm
 
-        self.maybe_publish(force=True)  # version 0: the actors start from the learner's weights
-        self.wait_for_replay()
+        self.maybe_publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
+        if self.rollout_step is None:  # synchronous rollouts fill replay before each draw
+            self.wait_for_replay()
         self._reset_counters()
         self.last_row: dict = {}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress_bar and self.ctx.is_main),
@@ -390,6 +397,11 @@ class Learner:
                     bar.set_postfix({k: f"{self.last_row[k]:.4g}" for k in ("trajectories", "loss", "l1_exact")
                                      if k in self.last_row},
                                     refresh=False)
+                if self.checkpointer is not None and self.checkpointer.after_step(self):
+                    self.preempted = True  # checkpointed; every rank stops after this step
+                    break
+            if self.checkpointer is not None and not self.preempted:
+                self.checkpointer.at_end(self)
         finally:
             bar.close()
             self._closing = True
