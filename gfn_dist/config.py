@@ -31,7 +31,8 @@ POLICY_NAMES = ("mlp", "lstm", "gru")
 PB_NAMES = ("learned", "uniform", "none")
 LOSS_NAMES = ("tb", "lpv", "rtb", "relative_lpv", "trust_pcl")
 SAMPLER_NAMES = ("sampler", "local_search")
-LAUNCHERS = ("auto", "local", "torchrun")
+LAUNCHERS = ("auto", "local", "torchrun", "ray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -333,12 +334,20 @@ class ClusterConfig:
     """Where Ray runs and how learners are launched."""
 
     address: Optional[str] = None  # Ray address to connect to; null starts an embedded local Ray
-    launcher: str = "auto"  # auto (torchrun if its env vars are set) | local | torchrun
-    num_cpus: Optional[float] = None  # CPUs of the embedded Ray; null = what the actors reserve (>= 1)
+    launcher: str = "auto"  # auto (torchrun if its env vars are set) | local | torchrun | ray (Ray Train workers)
+    num_cpus: Optional[float] = None  # CPUs of the embedded Ray; null = what the actors (and learners) reserve (>= 1)
+    connect_timeout_s: float = 30.0  # give up on an unreachable cluster.address after this
+    num_learners: int = 1  # launcher=ray: learner workers forming the DDP group (world size)
+    num_cpus_per_learner: float = 1.0  # launcher=ray: Ray CPUs per learner worker (also its torch threads)
+    placement_strategy: str = "PACK"  # launcher=ray: learners' placement group (PACK | SPREAD | STRICT_*)
 
     def __post_init__(self) -> None:
         _choice("cluster.launcher", self.launcher, LAUNCHERS)
         _positive("cluster.num_cpus", self.num_cpus)
+        _positive("cluster.connect_timeout_s", self.connect_timeout_s)
+        _positive("cluster.num_learners", self.num_learners)
+        _positive("cluster.num_cpus_per_learner", self.num_cpus_per_learner, allow_zero=True)
+        _choice("cluster.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
 
 
 @dataclass
@@ -377,6 +386,11 @@ class TrainConfig:
             )
         if self.model.policy != "mlp" and self.sampler.name == "local_search":
             raise ConfigError("sampler.name: local_search is not supported with a recurrent policy (model.policy)")
+        if self.cluster.launcher == "ray" and self.learner.batch_size % self.cluster.num_learners != 0:
+            raise ConfigError(
+                f"learner.batch_size: {self.learner.batch_size} is not divisible by "
+                f"cluster.num_learners={self.cluster.num_learners}"
+            )
 
 
 # ---------------------------------------------------------------------------- loading
