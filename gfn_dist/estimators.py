@@ -92,10 +92,13 @@ class MaskedCategorical(Distribution):
         return torch.argmax(self._raw_logits - log_noise, dim=-1, out=out)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """log P(value); ``value`` of shape ``B`` or ``(*B, 1)``; returns ``B``."""
-        if value.dim() == self._raw_logits.dim():
-            value = value.squeeze(-1)
-        return self.logits.gather(-1, value.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        """log P(value); ``value`` of shape ``B`` or ``(*B, 1)``; returns ``B``.
+
+        The dummy action ``-1`` (padding) is read as action 0: callers mask those entries.
+        """
+        if value.dim() != self._raw_logits.dim():
+            value = value.unsqueeze(-1)
+        return self.logits.gather(-1, value.clamp(min=0)).squeeze(-1)
 
     def entropy(self) -> torch.Tensor:
         lp = self.logits

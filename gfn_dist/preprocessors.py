@@ -71,8 +71,8 @@ class OneHotPreprocessor(Preprocessor):
 class KHotPreprocessor(Preprocessor):
     """Concatenated one-hots of each coordinate: ``(*B, ndim * height)``.
 
-    Integer coordinates in ``[0, height)``; negative values (sink padding) map
-    to all-zero rows.
+    Integer coordinates in ``[0, height)``; the value ``-1`` (sink padding) maps
+    to an all-zero block.
 
     Args:
         height: number of values per coordinate.
@@ -83,10 +83,11 @@ class KHotPreprocessor(Preprocessor):
         super().__init__(height * ndim)
         self.height = int(height)
         self.ndim = int(ndim)
-        self._values: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        # Two kernels (compare, cast): this runs once per rollout step.
-        if self._values is None or self._values.device != x.device:
-            self._values = torch.arange(self.height, device=x.device)
-        return (x.unsqueeze(-1) == self._values).flatten(start_dim=-2).float()
+        # One lookup kernel: rows 0..H-1 of the table are the identity, row H (reached
+        # by index -1, which wraps) is zeros. This runs once per rollout step.
+        if self._table is None or self._table.device != x.device:
+            self._table = torch.cat([torch.eye(self.height), torch.zeros(1, self.height)]).to(x.device)
+        return self._table[x].flatten(start_dim=-2)

@@ -127,7 +127,6 @@ class Sampler:
         lp_buf = torch.empty((T_max, N), device=dev) if save_logprobs else None
         # Gumbel noise for the whole rollout in one kernel (used with MaskedCategorical).
         log_noise = torch.empty((T_max, N, env.n_actions), device=dev).exponential_().log_()
-        ok = torch.ones(N, dtype=torch.bool, device=dev)
         ctx = est.init_context(N, dev, conditions)
         # Finished rows are dropped from the working batch once at least half of it is
         # done (stateless policies only: a recurrent carry's layout is the policy's own).
@@ -147,12 +146,16 @@ class Sampler:
                 if rows is None:
                     actions_buf[t] = a
             if getattr(dist, "mask", None) is not st.forward_masks:
-                # Not built from this batch's masks: check its actions (on device; one sync at the end).
+                # Not built from this batch's masks (a custom distribution): check its actions
+                # now, before an invalid action produces a state the environment cannot hold.
                 good = st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
-                if rows is None:
-                    ok &= good
-                else:
-                    ok[rows] = ok[rows] & good
+                if not bool(good.all()):
+                    bad = torch.nonzero(~good).flatten()
+                    bad_rows = (bad if rows is None else rows[bad]).tolist()[:20]
+                    raise ValueError(
+                        f"invalid action: the policy sampled actions outside the forward mask "
+                        f"in trajectories {bad_rows} at step {t}"
+                    )
             lp = est.log_probs(a, dist, ctx, None, vectorized=True)[0] if save_logprobs else None
             done = done | (a == exit_idx)
             nxt = env.step_tensor(xw, a)
@@ -182,11 +185,6 @@ class Sampler:
                 ctx.batch_size = nw
                 if ctx.conditions is not None:
                     ctx.conditions = ctx.conditions[keep]
-        if not bool(ok.all()):
-            bad_rows = torch.nonzero(~ok).flatten().tolist()[:20]
-            raise ValueError(
-                f"invalid action: the policy sampled actions outside the forward mask in trajectories {bad_rows}"
-            )
         if T == T_max and n_active:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.

@@ -126,16 +126,18 @@ class _ClimbsWhenX1IsOne(DiscretePolicyEstimator):
 
 @pytest.mark.parametrize("n", [5, 40])
 def test_invalid_action_after_compaction_names_original_rows(n):
-    # n=40: all but rows 1 and 3 exit at step 0, the working batch is compacted to
-    # those two rows, and row 3's invalid action (at step 1) must still be reported by its
-    # original index.
+    # n=40: all but rows 1 and 3 exit at step 0 and the working batch is compacted;
+    # row 3's invalid action (at step 1) must still be reported by its original index.
     env = HyperGrid(2, 3)
     pf = _ClimbsWhenX1IsOne(DiscreteUniform(env.n_actions), env.n_actions, env.preprocessor)
     start = torch.zeros(n, 2, dtype=torch.long)
     start[1] = torch.tensor([2, 1])  # invalid at step 0
     start[3] = torch.tensor([1, 1])  # valid step to (2, 1), invalid at step 1
     assert n < Sampler.min_rows_to_compact or n // 2 >= 2
-    with pytest.raises(ValueError, match=r"trajectories \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"trajectories \[1\] at step 0"):
+        Sampler(pf).sample_trajectories(env, states=env.States(start))
+    start[1] = 0  # now only row 3 is invalid, at step 1 (after compaction when n=40)
+    with pytest.raises(ValueError, match=r"trajectories \[3\] at step 1"):
         Sampler(pf).sample_trajectories(env, states=env.States(start))
 
 

@@ -53,7 +53,7 @@ class HyperGrid(DiscreteEnv):
             raise ValueError(f"HyperGrid: R0 must be > 0, got {R0}")
         self.ndim, self.height = int(ndim), int(height)
         self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)
-        self._dims = torch.arange(ndim, device=device)
+        self._unit_steps = torch.cat([torch.eye(ndim, dtype=torch.long), torch.zeros(1, ndim, dtype=torch.long)]).to(device)
         self._true = torch.ones(1, dtype=torch.bool, device=device)
         s0 = torch.zeros(ndim, dtype=torch.long)
         sf = torch.full((ndim,), -1, dtype=torch.long)
@@ -78,8 +78,9 @@ class HyperGrid(DiscreteEnv):
         return x > 0
 
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # a == ndim (exit) matches no coordinate: the row is unchanged (and replaced by sf).
-        return x + (a.unsqueeze(-1) == self._dims)
+        # Row a of the table is the unit vector of coordinate a; the exit row is zero
+        # (the row is unchanged, and replaced by sf).
+        return x + self._unit_steps[a]
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return x.scatter_add(-1, a.unsqueeze(-1), -torch.ones_like(a).unsqueeze(-1))
