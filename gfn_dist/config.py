@@ -195,6 +195,8 @@ class RolloutConfig:
     num_gpus_per_actor: float = 0.0  # Ray GPUs per actor (fractional ok); > 0 samples on CUDA
     weight_poll_every: int = 1  # batches between checks for newer published weights
     synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; gfn_dist.checkpoint)
+    max_restarts: int = 3  # Ray restarts of a dead actor process (-1: unlimited; gfn_dist.distributed.health)
+    max_consecutive_failures: int = 3  # the run fails when one actor fails this many times without pushing between
 
     def __post_init__(self) -> None:
         _positive("rollout.num_actors", self.num_actors)
@@ -202,6 +204,9 @@ class RolloutConfig:
         _positive("rollout.num_cpus_per_actor", self.num_cpus_per_actor, allow_zero=True)
         _positive("rollout.num_gpus_per_actor", self.num_gpus_per_actor, allow_zero=True)
         _positive("rollout.weight_poll_every", self.weight_poll_every)
+        if self.max_restarts < -1:
+            raise ConfigError(f"rollout.max_restarts: must be >= 0, or -1 for unlimited, got {self.max_restarts}")
+        _positive("rollout.max_consecutive_failures", self.max_consecutive_failures)
 
 
 @dataclass
@@ -216,9 +221,14 @@ class ReplayConfig:
     samples_per_insert: Optional[float] = 1.0  # target sampled / inserted items; null disables the limiter
     samples_per_insert_tolerance: Optional[float] = None  # limiter tolerance in items; null = stall-free minimum
     timeout_s: float = 120.0  # learners / actors give up waiting on the rate limiter after this
+    max_restarts: int = 3  # Ray restarts of a dead shard, restored from its latest snapshot (-1: unlimited)
+    snapshot_every_inserts: int = 0  # snapshot shards to RUN_DIR/replay every this many items (0: checkpoints only)
 
     def __post_init__(self) -> None:
         _positive("replay.num_shards", self.num_shards)
+        if self.max_restarts < -1:
+            raise ConfigError(f"replay.max_restarts: must be >= 0, or -1 for unlimited, got {self.max_restarts}")
+        _positive("replay.snapshot_every_inserts", self.snapshot_every_inserts, allow_zero=True)
         _positive("replay.capacity_per_shard", self.capacity_per_shard)
         _positive("replay.priority_alpha", self.priority_alpha, allow_zero=True)
         if not 1 <= self.min_size_to_sample <= self.capacity_per_shard:
@@ -447,6 +457,33 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"learner.batch_size: {cfg.learner.batch_size} is not divisible by the world size {world_size}"
         )
+
+
+def check_devices(cfg: TrainConfig, num_gpus: Optional[int] = None) -> None:
+    """Checks that the GPUs the configuration asks for exist (before anything starts).
+
+    Rollout GPUs are checked only for an embedded Ray (``cluster.address`` unset):
+    a cluster's GPUs are not this machine's.
+
+    Args:
+        cfg: the configuration.
+        num_gpus: CUDA devices visible here (``torch.cuda.device_count()`` when None).
+
+    Raises:
+        ConfigError: naming ``learner.device`` or ``rollout.num_gpus_per_actor``.
+    """
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.learner.device == "cuda" and num_gpus == 0:
+        raise ConfigError(f"learner.device: 'cuda' requested but no CUDA GPU is visible; use one of "
+                          f"{[d for d in DEVICES if d != 'cuda']}")
+    need = cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
+    if need > 0 and not cfg.cluster.address and need > num_gpus:
+        raise ConfigError(f"rollout.num_gpus_per_actor: {cfg.rollout.num_actors} actors x "
+                          f"{cfg.rollout.num_gpus_per_actor:g} GPUs need {need:g} GPUs but {num_gpus} are visible; "
+                          f"set it to 0 (or at most {num_gpus / cfg.rollout.num_actors:g})")
 
 
 def to_yaml(cfg: TrainConfig) -> str:
