@@ -8,6 +8,10 @@ Parse the config, build the trainer, ``trainer.train()``, close in ``finally``
 (actors killed, Ray shut down, process group destroyed). Exit codes: 0 done,
 2 bad configuration (one line on stderr naming the key, before any actor
 starts), 1 any other error.
+
+SIGTERM / SIGINT during training (SLURM ``--signal``, torchrun, Ctrl-C): every
+rank finishes its step, a checkpoint is written, actors stop, exit code 0;
+``resume=true`` continues (``gfn_dist.checkpoint``). A second Ctrl-C aborts.
 """
 
 from __future__ import annotations
@@ -35,10 +39,16 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
+        from gfn_dist.checkpoint import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
         trainer = Trainer(cfg, preset=Path(config).stem)
+        install_preemption_handlers()  # after Ray is up (it installs its own SIGTERM handler)
         row = trainer.train()
+        learner = getattr(trainer, "learner", None)
+        if getattr(learner, "preempted", False):
+            logger.warning("stopped by signal %s at step %d after a checkpoint; continue with resume=true",
+                           preemption_requested(), learner.step)
         logger.info("done: %s", {k: row[k] for k in ("step", "loss", "l1_exact", "logZ_err") if k in row})
         logger.info("run directory: %s", trainer.run_dir)
         return 0
@@ -48,6 +58,9 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+            from gfn_dist.checkpoint import uninstall_preemption_handlers
+
+            uninstall_preemption_handlers()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -85,7 +85,10 @@ class Trainer:
     def _setup(self, preset: str) -> None:
         cfg = self.cfg
         self.ctx = ctx = cluster.init_distributed(cfg)
-        self.run_dir = Path(cluster.broadcast_object(cfg.run.dir or default_run_dir(preset), ctx))
+        from gfn_dist.checkpoint import Checkpointer, SynchronousRollout, resume_run_dir
+
+        run_dir = (cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)) if ctx.is_main else None
+        self.run_dir = Path(cluster.broadcast_object(run_dir, ctx))
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went
         self.ray_ctx = cluster.bring_up_ray(cfg, ctx)
         shards = self._replay_shards()
@@ -108,6 +111,12 @@ class Trainer:
             metrics=self.metrics,
             health_check=self.check_actors,
         )
+        if cfg.rollout.synchronous:  # built before resuming: its workers seed the RNG
+            self.learner.rollout_step = SynchronousRollout(cfg, ctx, shards)
+        self.checkpointer = Checkpointer(cfg, ctx, self.run_dir, replay=self.learner.replay if ctx.is_main else None,
+                                         actors=self.actors)
+        self.learner.checkpointer = self.checkpointer
+        self.checkpointer.maybe_resume(self.learner)  # before the actors start pushing (train)
 
     def _replay_shards(self) -> list:
         """Rank 0 creates the named shards, weight store and rollout actors; the others look the shards up."""
@@ -123,7 +132,8 @@ class Trainer:
             shards = create_replay_shards(cfg.replay.num_shards, replay_shard_config(cfg, ctx.world_size),
                                           name_prefix=prefix, namespace=ns, num_cpus=0)
             store = create_weight_store(name=f"{ns}_weights", namespace=ns)
-            self.actors = create_rollout_actors(cfg, shards, store, name_prefix=ns, namespace=ns)
+            if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (gfn_dist.checkpoint)
+                self.actors = create_rollout_actors(cfg, shards, store, name_prefix=ns, namespace=ns)
             self.handles = [*self.actors, *shards, store]
             self.store = store
             self._publisher = WeightPublisher(store)
