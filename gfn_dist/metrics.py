@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -81,12 +82,14 @@ class WandbSink:
         if mode not in ("offline", "online"):
             raise ValueError(f"logging.wandb.mode: WandbSink needs offline | online, got {mode!r}")
         os.environ.setdefault("WANDB_SILENT", "true")  # no banners / login prompts on the driver's terminal
+        if mode == "offline":  # nothing leaves the machine, not even crash reports
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb  # lazy: only when enabled
 
         run_dir = Path(run_dir).resolve()
         id_file = run_dir / "wandb" / "run_id"
         id_file.parent.mkdir(parents=True, exist_ok=True)  # before init: wandb infers the git root from dir
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self._run = wandb.init(
             project=project, entity=entity, name=name or run_dir.name, id=run_id, resume="allow", mode=mode,
