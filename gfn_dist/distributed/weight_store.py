@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gfn_dist.distributed.wire import state_dict_from_wire, state_dict_to_wire
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,7 +115,7 @@ class WeightPublisher:
         """Publishes ``module``'s weights as ``version``."""
         import ray
 
-        ref = ray.put(cpu_state_dict(module))
+        ref = ray.put(state_dict_to_wire(cpu_state_dict(module)))  # numpy: no torch pickling
         self._pending.append(self.store.publish.remote(int(version), [ref]))
         done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
         if len(self._pending) >= self.max_in_flight:
@@ -186,7 +188,7 @@ class WeightSubscriber:
         version, refs = ray.get(self.store.get.remote())
         if refs is None or version <= self.version:
             return False
-        self.module.load_state_dict(ray.get(refs[0]))
+        self.module.load_state_dict(state_dict_from_wire(ray.get(refs[0])))
         self.version = int(version)
         self.num_updates += 1
         return True
