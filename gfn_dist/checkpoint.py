@@ -52,6 +52,13 @@ uninterrupted one (tests/test_checkpoint.py).
 Test hook. ``GFN_DIST_FAULT_INJECT=rank:R,step:S[,attempt:A]`` makes learner
 rank R raise ``RuntimeError`` right after step S on torchrun attempt A
 (``TORCHELASTIC_RESTART_COUNT``, default 0), so a restarted run passes S.
+
+torchrun restarts. ``torchrun --max-restarts=N ... resume=auto run.dir=DIR``
+restarts every rank after a failure and they continue from the newest
+checkpoint. Export ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun:
+with its default shared rendezvous store, the restarted ranks read the
+previous attempt's gloo / NCCL addresses and fail to connect
+(pytorch/pytorch#135712; seen with torch 2.13).
 """
 
 from __future__ import annotations
