@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from gfn_dist.builders import build_env, build_gflownet, build_policies
-from gfn_dist.config import TrainConfig, check_world_size, limiter_tolerance, to_yaml
+from gfn_dist.config import TrainConfig, check_devices, check_world_size, limiter_tolerance, to_yaml
 from gfn_dist.distributed import cluster
 from gfn_dist.distributed.learner import Learner
 from gfn_dist.metrics import MetricLogger
@@ -49,6 +49,9 @@ def replay_shard_config(cfg: TrainConfig, world_size: int):
         samples_per_insert=r.samples_per_insert or None,
         error_buffer=limiter_tolerance(cfg, world_size) if r.samples_per_insert else None,
         seed=cfg.run.seed + 10_000,
+        # insert journal + restart snapshots (gfn_dist.distributed.health), per shard under RUN_DIR/replay
+        state_dir=str(Path(cfg.run.dir) / "replay") if cfg.run.dir else None,
+        snapshot_every_inserts=r.snapshot_every_inserts,
     )
 
 
@@ -74,8 +77,10 @@ class Trainer:
         self.metrics = MetricLogger([])
         self.store = None
         self._publisher = None
+        self.supervisor = None  # rank 0: gfn_dist.distributed.health.ActorSupervisor
         launcher = cluster.detect_launcher(cfg)
         check_world_size(cfg, cluster.world_size_of(launcher))  # before anything starts
+        check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
         try:
             self._setup(preset)
         except BaseException:
@@ -130,7 +135,8 @@ class Trainer:
         prefix = f"{ns}_replay"
         if ctx.is_main:
             shards = create_replay_shards(cfg.replay.num_shards, replay_shard_config(cfg, ctx.world_size),
-                                          name_prefix=prefix, namespace=ns, num_cpus=0)
+                                          name_prefix=prefix, namespace=ns, num_cpus=0,
+                                          max_restarts=cfg.replay.max_restarts)
             store = create_weight_store(name=f"{ns}_weights", namespace=ns)
             if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (gfn_dist.checkpoint)
                 self.actors = create_rollout_actors(cfg, shards, store, name_prefix=ns, namespace=ns)
@@ -144,20 +150,25 @@ class Trainer:
         return shards
 
     def check_actors(self) -> None:
-        """Raises if a rollout actor's loop ended (with its error, if it failed)."""
-        if not self.run_refs:
-            return
-        import ray
+        """Raises ``ActorFailure`` once the rollout actors failed more than the config allows (rank 0).
 
-        done, _ = ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0)
-        for ref in done:
-            stats = ray.get(ref)  # re-raises the actor's exception
-            raise RuntimeError(f"rollout actor {stats.get('actor_id')} stopped before training ended: {stats}")
+        Failed actors are restarted meanwhile (``gfn_dist.distributed.health``).
+        """
+        if self.supervisor is not None:
+            self.supervisor.check(self.learner.step)
 
     def train(self) -> dict:
         """Starts the rollout actors (rank 0) and runs the learner; returns the last metric row."""
         if self.ctx.is_main:
-            self.run_refs = [a.run.remote() for a in self.actors]
+            from gfn_dist.distributed.health import ActorSupervisor
+
+            r = self.cfg.rollout
+            self.supervisor = ActorSupervisor(self.actors, self.cfg.replay.num_shards, replay=self.learner.replay,
+                                              max_restarts=r.max_restarts,
+                                              max_consecutive_failures=r.max_consecutive_failures)
+            self.learner.extra_metrics = self.supervisor.metrics
+            self.supervisor.start()
+            self.run_refs = self.supervisor.run_refs
         row = self.learner.train(progress_bar=self.cfg.logging.progress_bar)
         if self.ctx.is_main and self.cfg.run.save_policy:
             torch.save({"policies": self.policies.state_dict(), "step": self.learner.step},
@@ -174,6 +185,9 @@ class Trainer:
     def close(self) -> None:
         """Stops the actors, kills what rank 0 created, shuts Ray down, destroys the process group."""
         try:
+            if self.supervisor is not None:
+                self.supervisor.close()  # before the stop: an ending run() is no failure
+                self.run_refs = self.supervisor.run_refs
             if self.ctx is not None and self.ctx.is_main and self.store is not None:
                 import ray
 

@@ -172,6 +172,7 @@ class Learner:
         self.health_check = health_check or (lambda: None)
         self.step = 0
         self.checkpointer = None  # gfn_dist.checkpoint.Checkpointer (set by the Trainer): after_step / at_end
+        self.extra_metrics = None  # rank 0: callable -> dict merged into each metric row (fault counters)
         self.rollout_step = None  # rollout.synchronous: called with the learner before each step's draw
         self.preempted = False  # training stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.timer = PhaseTimer()
@@ -348,6 +349,8 @@ class Learner:
                 row["buffer/rejected"] = stats["num_rejected"]
                 row["buffer/inserts"] = stats["num_inserts"]
             row.update(self.timer.pop_means(n_steps))
+            if self.extra_metrics is not None:
+                row.update(self.extra_metrics())  # actors/restarts, replay/items_lost, rollout/rejected_* ...
             if self.is_eval_step():
                 row.update(self.evaluate())
             if self.metrics is not None:

@@ -10,6 +10,13 @@ Routing: inserts from rollout actor ``actor_id`` go to shard
 n over the shards in proportion to their current sizes with the
 largest-remainder method (``allocate_proportional``), draws every share in
 parallel and concatenates the results, shard 0's items first.
+
+Shard failures: a shard whose call fails with ``RayActorError`` (its process
+died; Ray may be restarting it) is *down*: sampling skips it and its share goes
+to the live shards, and a probe call (``size``) tells when it is back. Shards
+in ``starved`` (their rollout actors are all down, set by
+``gfn_dist.distributed.health.ActorSupervisor``) are skipped too while another
+shard can serve, instead of waiting on a rate limiter no insert will open.
 """
 
 from __future__ import annotations
@@ -105,6 +112,16 @@ class ReplayClient:
         self.timeout_s = float(timeout_s)
         self.initial_backoff_s = float(initial_backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.starved: frozenset = frozenset()  # shards fed only by down actors (set by the actor supervisor)
+        self.last_stats: Optional[Dict[str, Any]] = None  # the latest stats() (down shards: their last answer)
+        self._down: Dict[int, Any] = {}  # shard -> pending probe; skipped until the probe answers
+        self._gone: set = set()  # shards that will not come back (Ray's restart budget spent)
+        self._shard_stats: List[Optional[Dict[str, Any]]] = [None] * len(self.shards)
+
+    def __getstate__(self) -> dict:  # shipped to actors: handles and numbers only, no pending probes
+        state = dict(self.__dict__)
+        state.update(_down={}, _gone=set(), last_stats=None, _shard_stats=[None] * len(self.shards))
+        return state
 
     @property
     def num_shards(self) -> int:
@@ -114,6 +131,52 @@ class ReplayClient:
     def shard_for_actor(self, actor_id: int) -> int:
         """Shard index for rollout actor ``actor_id`` (``actor_id % num_shards``)."""
         return shard_for_actor(actor_id, self.num_shards)
+
+    # ------------------------------------------------------------------ shard failures
+
+    def available(self) -> List[int]:
+        """Indices of the shards not known to be down (a down shard is up again once its probe answers)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for i, probe in list(self._down.items()):
+            ready, _ = ray.wait([probe], timeout=0)
+            if not ready:
+                continue
+            del self._down[i]
+            try:
+                ray.get(probe)
+                logger.warning("ReplayClient: replay shard %d is back", i)
+            except RayActorError as err:  # no restart left: it stays skipped
+                self._gone.add(i)
+                logger.error("ReplayClient: replay shard %d is gone for good: %s", i, str(err).splitlines()[0])
+        return [i for i in range(self.num_shards) if i not in self._down and i not in self._gone]
+
+    def mark_down(self, index: int, err: BaseException) -> None:
+        """Skips shard ``index`` until it answers again (called when a call to it raised ``RayActorError``)."""
+        if index in self._down or index in self._gone:
+            return
+        logger.warning("ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until "
+                       "it is back", index, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        self._down[index] = self.shards[index].size.remote()  # Ray holds it until a restarted shard is up
+
+    def _eligible(self) -> List[int]:
+        """Live shards to sample from: those not starved, or every live one if all are starved."""
+        live = self.available()
+        return [i for i in live if i not in self.starved] or live
+
+    def _gather(self, refs: Dict[int, Any]) -> Dict[int, Any]:
+        """``ray.get`` of one call per shard; a shard whose call raised ``RayActorError`` is marked down, left out."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        out = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = ray.get(ref)
+            except RayActorError as err:
+                self.mark_down(i, err)
+        return out
 
     # ------------------------------------------------------------------ insert
 
@@ -162,10 +225,9 @@ class ReplayClient:
     # ------------------------------------------------------------------ sample
 
     def sizes(self) -> List[int]:
-        """Current number of items in each shard."""
-        import ray
-
-        return [int(s) for s in ray.get([shard.size.remote() for shard in self.shards])]
+        """Current number of items in each shard (0 for a shard that is down)."""
+        answers = self._gather({i: self.shards[i].size.remote() for i in self.available()})
+        return [int(answers.get(i, 0)) for i in range(self.num_shards)]
 
     def sample(self, n: int, timeout_s: Optional[float] = None) -> TensorDict:
         """Draws ``n`` items over the shards in proportion to their sizes.
@@ -173,7 +235,8 @@ class ReplayClient:
         The split is ``allocate_proportional(n, sizes)`` on the sizes read at
         the start (re-read while every shard is empty). Shares are requested in
         parallel; refused shares are retried (same counts) with backoff, while
-        granted ones are kept.
+        granted ones are kept. The share of a shard that is down, or starved
+        while another shard can serve (module doc), is split over the others.
 
         Args:
             n: number of items (>= 1).
@@ -185,7 +248,7 @@ class ReplayClient:
         Raises:
             ValueError: if ``n < 1``.
             TimeoutError: if shards still refused after ``timeout_s``, naming
-                each blocking shard and its limiter condition.
+                each blocking shard and its limiter condition (and the shards down).
         """
         import ray
 
@@ -195,39 +258,60 @@ class ReplayClient:
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + timeout
         backoff = self.initial_backoff_s
+        parts: Dict[int, List[TensorDict]] = {}
+        pending: Dict[int, int] = {}  # shard -> share still to draw from it
+        unassigned = n  # items not yet given to a shard (at first; then those of shards that failed)
 
-        def wait_or_raise(blocked: Dict[int, int]) -> None:
+        def wait_or_raise() -> None:
             nonlocal backoff
             now = time.monotonic()
             if now >= deadline:
-                reasons = ray.get([self.shards[i].check_sample.remote(k) for i, k in blocked.items()])
-                detail = "; ".join(
-                    f"shard {i} (share {k}): {r or 'unblocked just now'}" for (i, k), r in zip(blocked.items(), reasons)
-                )
+                live = self.available()
+                blocked = {i: k for i, k in pending.items() if i in live}
+                if unassigned:  # nothing to draw from: name every live shard's condition
+                    blocked.update({i: unassigned for i in live if i not in blocked})
+                reasons = self._gather({i: self.shards[i].check_sample.remote(k) for i, k in blocked.items()})
+                detail = "; ".join(f"shard {i} (share {k}): {reasons.get(i) or 'unblocked just now'}"
+                                   for i, k in blocked.items())
+                down = sorted(set(range(self.num_shards)) - set(live))
+                if down:
+                    detail += f"; shards down: {down}"
                 raise TimeoutError(
                     f"ReplayClient.sample(n={n}): rate limiter still refused after {timeout:g} s: {detail}"
                 )
             time.sleep(min(backoff, deadline - now))
             backoff = min(2 * backoff, self.max_backoff_s)
 
-        sizes = self.sizes()
-        while sum(sizes) == 0:
-            wait_or_raise({i: n for i in range(self.num_shards)})
-            sizes = self.sizes()
-        counts = allocate_proportional(n, sizes)
-        pending = {i: k for i, k in enumerate(counts) if k > 0}
-        parts: Dict[int, TensorDict] = {}
         while True:
-            refs = {i: self.shards[i].try_sample.remote(k) for i, k in pending.items()}
-            results = dict(zip(refs.keys(), ray.get(list(refs.values()))))
-            for i, part in results.items():
-                if part is not None:
-                    parts[i] = part
-                    del pending[i]
-            if not pending:
+            if unassigned:
+                eligible = self._eligible()
+                sizes = self.sizes()
+                weights = [sizes[i] if i in eligible else 0 for i in range(self.num_shards)]
+                if sum(weights) > 0:
+                    for i, k in enumerate(allocate_proportional(unassigned, weights)):
+                        if k:
+                            pending[i] = pending.get(i, 0) + k
+                    unassigned = 0
+            moved = False
+            if pending:
+                results = self._gather({i: self.shards[i].try_sample.remote(k) for i, k in pending.items()})
+                for i in list(pending):
+                    if i not in results:  # the shard went down: its share goes to the others
+                        unassigned += pending.pop(i)
+                        moved = True
+                    elif results[i] is not None:
+                        parts.setdefault(i, []).append(results[i])
+                        del pending[i]
+            if not pending and not unassigned:
                 break
-            wait_or_raise(pending)
-        return torch.cat([parts[i] for i in sorted(parts)], dim=0)
+            eligible = self._eligible()
+            for i in list(pending):  # refused by a shard that is down or starved while others can serve
+                if i not in eligible:
+                    unassigned += pending.pop(i)
+                    moved = True
+            if not moved:
+                wait_or_raise()
+        return torch.cat([p for i in sorted(parts) for p in parts[i]], dim=0)
 
     # ------------------------------------------------------------------ stats / state
 
@@ -237,21 +321,28 @@ class ReplayClient:
         Returns:
             dict with the sums over shards of ``size``, ``capacity``,
             ``num_inserts``, ``num_samples``, ``num_rejected``,
-            ``num_add_throttled``, ``num_sample_throttled``; the overall
-            observed ``samples_per_insert``; ``num_shards``; and ``shards``:
-            the list of per-shard ``ReplayShard.stats()`` dicts.
+            ``num_add_throttled``, ``num_sample_throttled``, ``items_lost`` and
+            ``num_restarts``; the overall observed ``samples_per_insert``;
+            ``num_shards``; ``num_shards_down``; and ``shards``: the list of
+            per-shard ``ReplayShard.stats()`` dicts with ``available`` (a shard
+            that is down reports its last answer). Also kept as ``last_stats``.
         """
-        import ray
-
-        per_shard = ray.get([shard.stats.remote() for shard in self.shards])
+        answers = self._gather({i: self.shards[i].stats.remote() for i in self.available()})
+        per_shard = []
+        for i in range(self.num_shards):
+            if i in answers:
+                self._shard_stats[i] = answers[i]
+            per_shard.append({**(self._shard_stats[i] or {}), "available": i in answers})
         summed = (
             "size", "capacity", "num_inserts", "num_samples",
-            "num_rejected", "num_add_throttled", "num_sample_throttled",
+            "num_rejected", "num_add_throttled", "num_sample_throttled", "items_lost", "num_restarts",
         )
-        out: Dict[str, Any] = {k: sum(int(s[k]) for s in per_shard) for k in summed}
+        out: Dict[str, Any] = {k: sum(int(s.get(k, 0)) for s in per_shard) for k in summed}
         out["samples_per_insert"] = out["num_samples"] / out["num_inserts"] if out["num_inserts"] else 0.0
         out["num_shards"] = self.num_shards
+        out["num_shards_down"] = sum(not s["available"] for s in per_shard)
         out["shards"] = per_shard
+        self.last_stats = out
         return out
 
     def snapshot(self) -> List[Dict[str, Any]]:

@@ -29,6 +29,11 @@ eb``; keep ``error_buffer`` large enough for your insert / sample batch sizes
 Ray actor calls do not block: ``try_add`` / ``try_sample`` answer at once
 (accepted / refused), and ``ReplayClient`` waits and retries with backoff.
 
+Fault tolerance: with ``state_dir`` a shard journals its insert count and keeps
+snapshots there, and a shard that Ray restarts (``max_restarts``) comes back
+from its latest snapshot, reporting the items inserted after it as lost
+(``gfn_dist.distributed.health``).
+
 Counters reported by ``stats()``:
 
 * ``num_inserts`` / ``num_samples``: items inserted / sampled (the limiter's I, S);
@@ -68,6 +73,10 @@ class ReplayShardConfig:
         error_buffer: tolerance of the ratio, in sampled items; None means
             ``samples_per_insert * min_size_to_sample`` (see module doc).
         seed: seed of the shard's sampling RNG; None draws from the OS.
+        state_dir: directory of the shard's insert journal and restart snapshots
+            (``gfn_dist.distributed.health.ShardPersistence``); None keeps no state on disk.
+        snapshot_every_inserts: with ``state_dir``, snapshot every this many inserted
+            items (0: only when ``snapshot()`` or ``restore()`` is called).
     """
 
     capacity: int = 100_000
@@ -77,6 +86,8 @@ class ReplayShardConfig:
     samples_per_insert: Optional[float] = None
     error_buffer: Optional[float] = None
     seed: Optional[int] = None
+    state_dir: Optional[str] = None
+    snapshot_every_inserts: int = 0
 
     def __post_init__(self) -> None:
         if int(self.capacity) < 1:
@@ -171,6 +182,13 @@ class ReplayShard:
         self.num_rejected = 0
         self.num_add_throttled = 0
         self.num_sample_throttled = 0
+        self.persistence = None  # set last: restoring after a Ray restart must not write back
+        if cfg.state_dir is not None:
+            from gfn_dist.distributed.health import ShardPersistence
+
+            persistence = ShardPersistence(cfg.state_dir, cfg.snapshot_every_inserts)
+            persistence.start(self)  # after a Ray restart: restores the latest snapshot, reports the items lost
+            self.persistence = persistence
 
     # ------------------------------------------------------------------ limiter queries
 
@@ -211,6 +229,8 @@ class ReplayShard:
             return {"accepted": False, "status": "rate_limited", "num_items": n, "reason": blocker,
                     "size": len(self.buffer)}
         self.buffer.add(td)
+        if self.persistence is not None:
+            self.persistence.after_insert(self)  # journal; periodic snapshot
         return {"accepted": True, "status": "ok", "num_items": n, "reason": None, "size": len(self.buffer)}
 
     def try_sample(self, n: int) -> Optional[TensorDict]:
@@ -248,10 +268,13 @@ class ReplayShard:
             ``num_rejected``, ``num_add_throttled``, ``num_sample_throttled``,
             ``samples_per_insert`` (observed ``num_samples / num_inserts``, 0.0
             before any insert), ``target_samples_per_insert`` (None if disabled)
-            and ``min_size_to_sample``.
+            and ``min_size_to_sample``; with a ``state_dir`` also ``num_restarts``,
+            ``items_lost``, ``restored_size``, ``restored_inserts``, ``num_snapshots``.
         """
         b = self.buffer
+        extra = self.persistence.stats() if self.persistence is not None else {}
         return {
+            **extra,
             "size": len(b),
             "capacity": b.capacity,
             "num_inserts": b.num_inserts,
@@ -267,18 +290,24 @@ class ReplayShard:
     def snapshot(self) -> Dict[str, Any]:
         """State of the shard as plain tensors (``torch.load(weights_only=True)``-safe).
 
+        With a ``state_dir`` the state also becomes the shard's restart point
+        (so every checkpoint is one).
+
         Returns:
             dict: ``buffer`` (``ReplayBuffer.state_dict()``), ``rng_state`` (uint8
             tensor), and int64 scalar tensors ``num_rejected``,
             ``num_add_throttled``, ``num_sample_throttled``.
         """
-        return {
+        state = {
             "buffer": self.buffer.state_dict(),
             "rng_state": self.generator.get_state(),
             "num_rejected": torch.tensor(self.num_rejected, dtype=torch.int64),
             "num_add_throttled": torch.tensor(self.num_add_throttled, dtype=torch.int64),
             "num_sample_throttled": torch.tensor(self.num_sample_throttled, dtype=torch.int64),
         }
+        if self.persistence is not None:
+            self.persistence.save(state)
+        return state
 
     def restore(self, state: Dict[str, Any]) -> None:
         """Restores contents, counters and RNG from ``snapshot()`` output.
@@ -295,6 +324,8 @@ class ReplayShard:
         self.num_rejected = int(state["num_rejected"])
         self.num_add_throttled = int(state["num_add_throttled"])
         self.num_sample_throttled = int(state["num_sample_throttled"])
+        if self.persistence is not None:
+            self.persistence.save(state)  # the restored state is the new restart point
 
     def get_config(self) -> Dict[str, Any]:
         """The shard's configuration as a plain dict."""
@@ -316,6 +347,7 @@ def create_replay_shard(
     namespace: Optional[str] = None,
     lifetime: Optional[str] = None,
     num_cpus: Optional[float] = None,
+    max_restarts: int = 0,
 ):
     """Creates one ``ReplayShard`` Ray actor (Ray must be initialized).
 
@@ -325,6 +357,8 @@ def create_replay_shard(
         namespace: Ray namespace of the named actor (the job's namespace if None).
         lifetime: Ray actor lifetime: None (fate-shared with the creating job) or "detached".
         num_cpus: CPUs the actor reserves (Ray's actor default if None).
+        max_restarts: times Ray restarts the shard if its process dies (-1: unlimited);
+            a restarted shard restores its latest snapshot when ``config.state_dir`` is set.
 
     Returns:
         the actor handle (``ray.actor.ActorHandle``).
@@ -340,6 +374,8 @@ def create_replay_shard(
         options["lifetime"] = lifetime
     if num_cpus is not None:
         options["num_cpus"] = num_cpus
+    if max_restarts:
+        options["max_restarts"] = int(max_restarts)  # calls in flight at a death fail; later ones wait for it
     actor_cls = ray.remote(ReplayShard)
     return actor_cls.options(**options).remote(config if config is not None else ReplayShardConfig())
 
@@ -352,17 +388,18 @@ def create_replay_shards(
     namespace: Optional[str] = None,
     lifetime: Optional[str] = None,
     num_cpus: Optional[float] = None,
+    max_restarts: int = 0,
 ) -> List[Any]:
     """Creates ``num_shards`` shard actors named ``shard_name(i, name_prefix)``.
 
     Shard i's sampling seed is ``config.seed + i`` (when a seed is set) so shards
-    draw independent streams.
+    draw independent streams; its state directory is ``config.state_dir/shard_<i>``.
 
     Args:
         num_shards: number of shards (>= 1).
         config: configuration shared by all shards.
         name_prefix: actor name prefix; None creates anonymous actors.
-        namespace, lifetime, num_cpus: as in ``create_replay_shard``.
+        namespace, lifetime, num_cpus, max_restarts: as in ``create_replay_shard``.
 
     Returns:
         list of actor handles, shard 0 first.
@@ -375,11 +412,12 @@ def create_replay_shards(
     config = config if config is not None else ReplayShardConfig()
     handles = []
     for i in range(int(num_shards)):
-        cfg_i = ReplayShardConfig(**{**asdict(config), "seed": None if config.seed is None else config.seed + i})
+        state_dir = None if config.state_dir is None else f"{config.state_dir}/shard_{i}"
+        cfg_i = ReplayShardConfig(**{**asdict(config), "seed": None if config.seed is None else config.seed + i,
+                                     "state_dir": state_dir})
         name = shard_name(i, name_prefix) if name_prefix is not None else None
-        handles.append(
-            create_replay_shard(cfg_i, name=name, namespace=namespace, lifetime=lifetime, num_cpus=num_cpus)
-        )
+        handles.append(create_replay_shard(cfg_i, name=name, namespace=namespace, lifetime=lifetime,
+                                           num_cpus=num_cpus, max_restarts=max_restarts))
     return handles
 
 

@@ -19,6 +19,12 @@ live object crosses process boundaries. Its loop (``run``):
 A recurrent policy's carry lives in the sampler's ``RolloutContext`` for the
 duration of one rollout and is never part of the pushed TensorDict.
 
+Faults (``gfn_dist.distributed.health``): trajectories with a NaN / +inf
+log-reward, or -inf without ``loss.log_reward_clip_min``, are dropped before the
+push and counted; a push whose shard died is dropped and counted (the next one
+waits for Ray to restart the shard); Ray restarts a dead actor
+(``rollout.max_restarts``) and the driver's ``ActorSupervisor`` starts its loop again.
+
 Seeds: actor ``i`` seeds torch with ``run.seed + i``. Each actor uses one
 intra-op thread (``torch.set_num_threads(1)``): actors are the unit of parallelism.
 """
@@ -94,6 +100,11 @@ class RolloutWorker:
         self.push_time_s = 0.0
         self.versions_used: list[int] = []
         self._stop = False
+        from gfn_dist.distributed.health import RewardScreen
+
+        self.screen = RewardScreen(cfg.loss.log_reward_clip_min, self.actor_id)
+        self.num_dropped = 0  # trajectories of pushes lost with a dead shard
+        self._push_failures = 0  # consecutive pushes lost with a dead shard
 
     # ------------------------------------------------------------------ one batch
 
@@ -104,6 +115,7 @@ class RolloutWorker:
                                                 **self.sample_kwargs)
         td = traj.to_tensordict(max_length=self.env.max_traj_len)
         td = td.exclude("log_probs")  # learners recompute log P_F under the current policy
+        td = self.screen(td)  # rows with unusable log-rewards are dropped and counted
         n = td.batch_size[0]
         td.set("policy_version", torch.full((n,), self.policy_version, dtype=torch.int64, device=td.device))
         td.set("actor_id", torch.full((n,), self.actor_id, dtype=torch.int64, device=td.device))
@@ -132,13 +144,19 @@ class RolloutWorker:
         Raises:
             ValueError: if the shard rejected the batch as invalid (naming the field).
             TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
+            RuntimeError: if the shard died on ``rollout.max_consecutive_failures`` pushes in a row.
         """
         import ray
+        from ray.exceptions import RayActorError
 
         deadline = time.monotonic() + self.cfg.replay.timeout_s
         backoff = 0.001
         while True:
-            result = ray.get(pending)
+            try:
+                result = ray.get(pending)
+            except RayActorError as err:  # the shard died: drop this batch; the next push waits for its restart
+                return self._push_lost(td, err)
+            self._push_failures = 0
             if result["accepted"]:
                 return True
             if result["status"] == "invalid":
@@ -153,6 +171,18 @@ class RolloutWorker:
             time.sleep(backoff)
             backoff = min(2 * backoff, 0.05)
             pending = self.submit_push(td)
+
+    def _push_lost(self, td: TensorDict, err: Exception) -> bool:
+        self.num_dropped += int(td.batch_size[0])
+        self._push_failures += 1
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if self._push_failures >= self.cfg.rollout.max_consecutive_failures:
+            raise RuntimeError(f"rollout actor {self.actor_id}: replay shard {self.shard_index} failed "
+                               f"{self._push_failures} pushes in a row (rollout.max_consecutive_failures="
+                               f"{self.cfg.rollout.max_consecutive_failures}): {first}") from err
+        logger.warning("rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
+                       self.actor_id, self.shard_index, first, td.batch_size[0])
+        return True
 
     def push(self, td: TensorDict) -> bool:
         """Pushes ``td`` and waits until it is accepted (see ``complete_push``)."""
@@ -215,7 +245,9 @@ class RolloutWorker:
     def stats(self) -> dict:
         """Counters: ``actor_id``, ``policy_version``, ``num_batches``, ``num_trajectories``,
         ``num_weight_updates``, ``versions_used`` (distinct versions in the order used),
-        ``sample_time_s`` and ``push_time_s`` (cumulative)."""
+        ``sample_time_s`` and ``push_time_s`` (cumulative), ``rejected_nan`` / ``rejected_posinf`` /
+        ``rejected_neginf`` (trajectories dropped for their log-reward) and ``dropped_trajectories``
+        (lost with a dead shard)."""
         return {
             "actor_id": self.actor_id,
             "policy_version": self.policy_version,
@@ -225,6 +257,8 @@ class RolloutWorker:
             "versions_used": list(self.versions_used),
             "sample_time_s": self.sample_time_s,
             "push_time_s": self.push_time_s,
+            **self.screen.stats(),
+            "dropped_trajectories": self.num_dropped,
         }
 
 
@@ -245,7 +279,9 @@ def create_rollout_actors(
 
     Each reserves ``rollout.num_cpus_per_actor`` CPUs and ``rollout.num_gpus_per_actor``
     GPUs (fractional allowed) and allows two concurrent calls, so ``stats`` /
-    ``stop`` answer while ``run`` is looping.
+    ``stop`` answer while ``run`` is looping. Ray restarts a dead actor up to
+    ``rollout.max_restarts`` times; calls in flight then fail (no retries: the
+    ``ActorSupervisor`` calls ``run`` again).
 
     Returns:
         actor handles, actor 0 first.
@@ -259,6 +295,8 @@ def create_rollout_actors(
             "num_cpus": cfg.rollout.num_cpus_per_actor,
             "num_gpus": cfg.rollout.num_gpus_per_actor,
             "max_concurrency": 2,
+            "max_restarts": cfg.rollout.max_restarts,
+            "max_task_retries": 0,
         }
         if name_prefix is not None:
             options["name"] = rollout_actor_name(name_prefix, i)

@@ -1,0 +1,564 @@
+"""Fault tolerance: supervised rollout actors, recoverable replay shards, screened rewards, a loopback-only Ray.
+
+Rollout actors (``ActorSupervisor``, on the driver / rank 0)
+    Actors are Ray actors with ``max_restarts = rollout.max_restarts``: Ray
+    restarts a dead actor process by re-running its constructor (a fresh policy
+    copy, counters at zero). A daemon thread of the driver watches every actor's
+    ``run`` call. When one ends with an error -- the process died
+    (``RayActorError``) or ``run`` raised -- it submits ``run`` again (Ray holds
+    the call until the restarted actor is up) and the actor's loop loads the
+    newest published weights before its first batch. Meanwhile the learner
+    keeps sampling: the shards fed only by down actors are marked *starved* on
+    the learner's ``ReplayClient``, which then draws from the other shards
+    instead of waiting on a rate limiter that no insert will open. An actor is
+    up again once it has pushed a batch since the failure, which resets its
+    count of consecutive failures. The run fails, with one message naming the
+    actor, the count and the last error, after ``rollout.max_consecutive_failures``
+    failures in a row, or when a death exceeds Ray's restart budget.
+
+Replay shards (``ShardPersistence``, inside each shard)
+    A shard with a state directory (``RUN_DIR/replay/shard_<i>``) keeps there
+
+    * ``journal.bin``: 32 bytes rewritten in place (``os.pwrite``) after every
+      insert: the shard's ``num_inserts``, restarts and items lost so far. The
+      write lands in the kernel's page cache, so it survives the process being
+      killed (not a crash of the whole node);
+    * ``snapshot.pt``: the latest ``ReplayShard.snapshot()`` (plain tensors,
+      loaded with ``torch.load(weights_only=True)``), written atomically every
+      ``replay.snapshot_every_inserts`` inserted items and whenever
+      ``snapshot()`` is called (checkpoints) or ``restore()`` runs.
+
+    When Ray restarts a dead shard (``replay.max_restarts``), its constructor
+    restores the snapshot and reports the items inserted after it as lost:
+    ``items_lost = journal.num_inserts - snapshot.num_inserts`` (logged as a
+    warning, in the shard's ``stats()`` and as the metric ``replay/items_lost``).
+    A shard created fresh (not a Ray restart) clears what a previous run left.
+
+Rewards (``RewardScreen``, inside each rollout actor)
+    Trajectories whose log-reward is NaN or +inf, or -inf while
+    ``loss.log_reward_clip_min`` is -inf (the loss would be infinite), are
+    dropped before the push and counted (``rollout/rejected_nan``,
+    ``rollout/rejected_posinf``, ``rollout/rejected_neginf``), with a one-time
+    hint to set ``loss.log_reward_clip_min`` for zero rewards.
+
+Network exposure (``loopback_only_ray``)
+    The embedded Ray of a single-node run binds every server to 127.0.0.1 (Ray
+    on Linux otherwise listens on all interfaces) and runs without its dashboard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from tensordict import TensorDict
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------- network exposure
+
+
+@contextlib.contextmanager
+def loopback_only_ray():
+    """While active, Ray resolves this node's IP to 127.0.0.1 (pass ``_node_ip_address=LOOPBACK`` too).
+
+    Ray maps a loopback ``_node_ip_address`` to the machine's routable address
+    unless it believes clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    read from the module constant at call time). The raylet, GCS and workers
+    then bind 127.0.0.1 only. Both settings are restored on exit, so a later
+    connection to a real cluster from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+
+
+def is_loopback_address(address: Optional[str]) -> bool:
+    """Whether a ``host:port`` Ray address is on this machine's loopback interface."""
+    host = (address or "").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def single_node_launch() -> bool:
+    """True unless torchrun reports ranks on other nodes (``LOCAL_WORLD_SIZE < WORLD_SIZE``)."""
+    world = os.environ.get("WORLD_SIZE")
+    local = os.environ.get("LOCAL_WORLD_SIZE", world)
+    return world is None or int(local) >= int(world)
+
+
+# ---------------------------------------------------------------------------- rewards
+
+
+class RewardScreen:
+    """Drops trajectories whose log-reward the loss cannot use, and counts them (rollout actor side).
+
+    Args:
+        log_reward_clip_min: ``loss.log_reward_clip_min``; when finite, -inf
+            log-rewards are kept (the loss clamps them).
+        actor_id: for the log messages.
+    """
+
+    def __init__(self, log_reward_clip_min: float = float("-inf"), actor_id: int = 0) -> None:
+        self.keep_neginf = bool(torch.isfinite(torch.tensor(float(log_reward_clip_min))))
+        self.actor_id = int(actor_id)
+        self.num_nan = 0
+        self.num_posinf = 0
+        self.num_neginf = 0
+        self._logged: set[str] = set()
+
+    def __call__(self, td: TensorDict) -> TensorDict:
+        """``td`` without its unusable rows (TensorDict ``(N,)`` with ``log_rewards (N,)``)."""
+        log_rewards = td.get("log_rewards")
+        if bool(torch.isfinite(log_rewards).all()):  # the common case: one check, no copy
+            return td
+        nan = torch.isnan(log_rewards)
+        posinf = torch.isposinf(log_rewards)
+        neginf = torch.isneginf(log_rewards) & (not self.keep_neginf)
+        self.num_nan += int(nan.sum())
+        self.num_posinf += int(posinf.sum())
+        self.num_neginf += int(neginf.sum())
+        for name, mask in (("NaN", nan), ("+inf", posinf)):
+            if bool(mask.any()):
+                self._log_once(name, f"rollout actor {self.actor_id}: rejected trajectories with {name} log-reward "
+                                     f"(rows {_rows(mask)}); counted in rollout/rejected_"
+                                     f"{'nan' if name == 'NaN' else 'posinf'}")
+        if bool(neginf.any()):
+            self._log_once("-inf", f"rollout actor {self.actor_id}: rejected trajectories with log-reward -inf "
+                                   f"(zero reward; rows {_rows(neginf)}); set loss.log_reward_clip_min (e.g. -100) "
+                                   f"to train on them (counted in rollout/rejected_neginf)")
+        bad = nan | posinf | neginf
+        return td[~bad] if bool(bad.any()) else td
+
+    def _log_once(self, kind: str, message: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            logger.warning(message)
+
+    def stats(self) -> Dict[str, int]:
+        """``rejected_nan``, ``rejected_posinf``, ``rejected_neginf``: trajectories dropped so far."""
+        return {"rejected_nan": self.num_nan, "rejected_posinf": self.num_posinf, "rejected_neginf": self.num_neginf}
+
+
+def _rows(mask: torch.Tensor, limit: int = 20) -> List[int]:
+    return torch.nonzero(mask).flatten()[:limit].tolist()
+
+
+# ---------------------------------------------------------------------------- replay shard persistence
+
+
+def was_restarted_by_ray() -> bool:
+    """Whether the current process is a Ray actor that Ray restarted (False outside Ray actors)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor, or Ray not importable
+        return False
+
+
+class ShardPersistence:
+    """Insert journal and snapshots of one replay shard (see module doc).
+
+    Args:
+        state_dir: the shard's own directory (created).
+        snapshot_every_inserts: snapshot every this many inserted items (0: only
+            when ``save`` is called, i.e. on ``snapshot()`` / ``restore()``).
+
+    Raises:
+        ValueError: if ``snapshot_every_inserts < 0``.
+    """
+
+    SNAPSHOT = "snapshot.pt"
+    JOURNAL = "journal.bin"
+    _FORMAT = "<4q"  # num_inserts, num_restarts, items_lost, format tag
+    _TAG = 0x67666E31
+
+    def __init__(self, state_dir: str | Path, snapshot_every_inserts: int = 0) -> None:
+        if int(snapshot_every_inserts) < 0:
+            raise ValueError(f"replay.snapshot_every_inserts: must be >= 0, got {snapshot_every_inserts}")
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.every = int(snapshot_every_inserts)
+        self.num_restarts = 0
+        self.items_lost = 0
+        self.restored_size = -1  # size right after the last restart's restore (-1: never restarted)
+        self.restored_inserts = -1  # num_inserts of the snapshot restored at the last restart
+        self.num_snapshots = 0
+        self._last_snapshot_inserts = 0
+        self._fd: Optional[int] = None
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.dir / self.SNAPSHOT
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / self.JOURNAL
+
+    def start(self, shard, restarted: Optional[bool] = None) -> None:
+        """Called once by the shard's constructor: recovers after a Ray restart, else starts clean.
+
+        Args:
+            shard: the ``ReplayShard`` (its ``restore`` must not call back into this object).
+            restarted: whether Ray restarted the process (detected when None).
+        """
+        restarted = was_restarted_by_ray() if restarted is None else restarted
+        journal = self.read_journal(self.journal_path)
+        if restarted and journal is not None:
+            self._recover(shard, journal)
+        else:  # a new shard: nothing from an earlier run in this directory applies
+            self.snapshot_path.unlink(missing_ok=True)
+        self._fd = os.open(self.journal_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._write_journal(shard.buffer.num_inserts)
+
+    def _recover(self, shard, journal: Dict[str, int]) -> None:
+        if self.snapshot_path.is_file():
+            # Plain tensors only: weights_only refuses anything that would run code when loaded.
+            shard.restore(torch.load(self.snapshot_path, map_location="cpu", weights_only=True))
+        restored = shard.buffer.num_inserts
+        lost = max(0, journal["num_inserts"] - restored)
+        self.num_restarts = journal["num_restarts"] + 1
+        self.items_lost = journal["items_lost"] + lost
+        self.restored_size = len(shard.buffer)
+        self.restored_inserts = restored
+        self._last_snapshot_inserts = restored
+        logger.warning(
+            "replay shard %s restarted (restart %d): restored %d items from the snapshot taken at %d inserts; "
+            "%d items inserted after it were lost (%d lost in all)",
+            self.dir.name, self.num_restarts, self.restored_size, restored, lost, self.items_lost,
+        )
+
+    @classmethod
+    def read_journal(cls, path: str | Path) -> Optional[Dict[str, int]]:
+        """The journal's ``num_inserts``, ``num_restarts``, ``items_lost``; None if absent or unreadable."""
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(raw) < struct.calcsize(cls._FORMAT):
+            return None
+        inserts, restarts, lost, tag = struct.unpack_from(cls._FORMAT, raw)
+        if tag != cls._TAG:
+            return None
+        return {"num_inserts": inserts, "num_restarts": restarts, "items_lost": lost}
+
+    def _write_journal(self, num_inserts: int) -> None:
+        if self._fd is not None:
+            os.pwrite(self._fd, struct.pack(self._FORMAT, num_inserts, self.num_restarts, self.items_lost,
+                                            self._TAG), 0)
+
+    def after_insert(self, shard) -> None:
+        """Journals the insert count; snapshots when ``snapshot_every_inserts`` items arrived since the last one."""
+        inserts = shard.buffer.num_inserts
+        self._write_journal(inserts)
+        if self.every and inserts - self._last_snapshot_inserts >= self.every:
+            shard.snapshot()  # ReplayShard.snapshot() hands its state to save()
+
+    def save(self, state: Dict[str, Any]) -> None:
+        """Writes ``state`` (a ``ReplayShard.snapshot()``) as the restart point, atomically."""
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.snapshot_path)
+        inserts = int(state["buffer"]["num_inserts"])
+        self._last_snapshot_inserts = inserts
+        self.num_snapshots += 1
+        self._write_journal(inserts)  # after a restore the journal must not remember the old count
+
+    def stats(self) -> Dict[str, int]:
+        """``num_restarts``, ``items_lost``, ``restored_size``, ``restored_inserts``, ``num_snapshots``."""
+        return {"num_restarts": self.num_restarts, "items_lost": self.items_lost, "restored_size": self.restored_size,
+                "restored_inserts": self.restored_inserts, "num_snapshots": self.num_snapshots}
+
+
+# ---------------------------------------------------------------------------- rollout actor supervision
+
+
+@dataclass
+class FailureEvent:
+    """One failure of a rollout actor.
+
+    Attributes:
+        actor_id: the actor.
+        kind: ``died`` (the process died; Ray restarts it), ``error`` (``run``
+            raised) or ``stopped`` (``run`` returned before training ended).
+        error: the error's first line.
+        step_failed: the learner step when the failure was seen.
+        step_recovered: the learner step when the actor had pushed again (None until then).
+    """
+
+    actor_id: int
+    kind: str
+    error: str
+    step_failed: int
+    step_recovered: Optional[int] = None
+
+
+class ActorFailure(RuntimeError):
+    """A rollout actor failed more often than the configuration allows."""
+
+
+class ActorSupervisor:
+    """Watches the rollout actors' ``run`` calls, restarts them, keeps the learner fed (see module doc).
+
+    Args:
+        actors: rollout actor handles, actor i at index i.
+        num_shards: number of replay shards (actor i feeds shard ``i % num_shards``).
+        replay: the learner's ``ReplayClient`` (its ``starved`` set is maintained); None to skip.
+        max_restarts: ``rollout.max_restarts`` (-1: unlimited).
+        max_consecutive_failures: ``rollout.max_consecutive_failures``.
+        poll_interval_s: how often the thread looks at the ``run`` calls.
+        stats_interval_s: how often it asks the actors for their counters.
+    """
+
+    def __init__(
+        self,
+        actors: Sequence[Any],
+        num_shards: int,
+        replay=None,
+        max_restarts: int = 3,
+        max_consecutive_failures: int = 3,
+        poll_interval_s: float = 0.2,
+        stats_interval_s: float = 1.0,
+    ) -> None:
+        n = len(actors)
+        self.actors = list(actors)
+        self.num_shards = int(num_shards)
+        self.replay = replay
+        self.max_restarts = int(max_restarts)
+        self.max_consecutive_failures = int(max_consecutive_failures)
+        self.poll_interval_s = float(poll_interval_s)
+        self.stats_interval_s = float(stats_interval_s)
+        self.step = 0  # the learner's step, as last reported through check()
+        self.events: List[FailureEvent] = []
+        self.restarts = [0] * n  # process deaths (each one a Ray restart)
+        self.failures = [0] * n
+        self.consecutive = [0] * n
+        self._runs: Dict[int, Any] = {}  # actor -> pending run() reference
+        self._down: Dict[int, int] = {}  # actor -> num_batches it must exceed to count as up again
+        self._stats: List[dict] = [{} for _ in range(n)]  # latest stats() of each actor's current process
+        self._carried: List[Dict[str, int]] = [{} for _ in range(n)]  # counters of its earlier processes
+        self._stats_refs: Dict[int, Any] = {}
+        self._next_stats = 0.0
+        self._hinted: set[str] = set()
+        self._fatal: Optional[str] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> None:
+        """Starts every actor's ``run`` and the watching thread."""
+        self._runs = {k: a.run.remote() for k, a in enumerate(self.actors)}
+        self._thread = threading.Thread(target=self._loop, name="actor-supervisor", daemon=True)
+        self._thread.start()
+
+    @property
+    def run_refs(self) -> list:
+        """The pending ``run`` references (current processes)."""
+        return list(self._runs.values())
+
+    def check(self, step: Optional[int] = None) -> None:
+        """Records the learner step; raises ``ActorFailure`` if the run must stop (called by the learner)."""
+        if step is not None:
+            self.step = int(step)
+        if self._thread is None and self._runs:  # not started as a thread: poll inline
+            self.poll()
+        if self._fatal is not None:
+            raise ActorFailure(self._fatal)
+
+    def close(self) -> None:
+        """Stops the watching thread (before the actors are told to stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def metrics(self) -> Dict[str, float]:
+        """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped``, ``replay/*``."""
+        with self._lock:
+            totals = self._totals()
+            row = {
+                "actors/restarts": sum(self.restarts),
+                "actors/failures": sum(self.failures),
+                "actors/down": len(self._down),
+                "rollout/rejected_nan": totals.get("rejected_nan", 0),
+                "rollout/rejected_posinf": totals.get("rejected_posinf", 0),
+                "rollout/rejected_neginf": totals.get("rejected_neginf", 0),
+                "rollout/dropped": totals.get("dropped_trajectories", 0),
+            }
+        stats = getattr(self.replay, "last_stats", None)
+        if stats:
+            row["replay/items_lost"] = stats.get("items_lost", 0)
+            row["replay/shard_restarts"] = stats.get("num_restarts", 0)
+            row["replay/shards_down"] = stats.get("num_shards_down", 0)
+        return row
+
+    # ------------------------------------------------------------------ the thread
+
+    def _loop(self) -> None:
+        while not self._stop.is_set() and self._fatal is None:
+            try:
+                self.poll(timeout_s=self.poll_interval_s)
+            except Exception as err:  # never die silently: the learner raises it at its next check
+                logger.exception("actor supervisor failed")
+                self._fatal = f"actor supervisor failed: {err!r}"
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """One round: handles ended ``run`` calls, reads counters, updates the starved shards."""
+        import ray
+
+        refs = {ref: k for k, ref in self._runs.items()}
+        if refs:
+            ray.wait(list(refs), num_returns=1, timeout=timeout_s)  # the thread's sleep, cut short by an end
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        else:
+            done = []
+            time.sleep(timeout_s)
+        if self._stop.is_set():
+            return
+        for ref in done:
+            self._on_run_ended(refs[ref], ref)
+        self._poll_stats()
+        self._update_starved()
+
+    def _on_run_ended(self, k: int, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            ray.get(ref)
+            kind, error = "stopped", "run() returned before training ended"
+        except RayActorError as err:
+            kind, error = "died", _first_line(err)
+        except Exception as err:  # run() raised: the process is alive, its error is the cause
+            kind, error = "error", _first_line(getattr(err, "cause", None) or err)
+        with self._lock:
+            self.failures[k] += 1
+            self.consecutive[k] += 1
+            event = FailureEvent(k, kind, error, self.step)
+            self.events.append(event)
+            if kind == "died":
+                self.restarts[k] += 1
+                for key, value in self._stats[k].items():  # the new process counts from zero
+                    if isinstance(value, int):
+                        self._carried[k][key] = self._carried[k].get(key, 0) + value
+                self._stats[k] = {}
+                baseline = 0
+            else:
+                baseline = int(self._stats[k].get("num_batches", 0))
+        logger.warning("rollout actor %d %s (failure %d in a row, %d in all): %s; restarting its loop",
+                       k, kind, self.consecutive[k], self.failures[k], error)
+        if self.consecutive[k] >= self.max_consecutive_failures:
+            self._fatal = (f"rollout actor {k} failed {self.consecutive[k]} times in a row without pushing a batch "
+                           f"in between (rollout.max_consecutive_failures={self.max_consecutive_failures}); "
+                           f"last failure ({kind}): {error}")
+            return
+        if kind == "died" and 0 <= self.max_restarts < self.restarts[k]:
+            self._fatal = (f"rollout actor {k} died {self.restarts[k]} times; Ray's restart budget "
+                           f"(rollout.max_restarts={self.max_restarts}) is spent; last failure: {error}")
+            return
+        if kind != "died":  # same process: its counters go on, it is up once num_batches grows
+            try:
+                baseline = int(ray.get(self.actors[k].stats.remote(), timeout=10.0)["num_batches"])
+            except Exception as err:  # it died meanwhile: the next run() failure says so
+                logger.debug("stats of actor %d: %s", k, err)
+        with self._lock:
+            self._down[k] = baseline
+            self._stats_refs.pop(k, None)  # an answer from the old process would be stale
+        self._runs[k] = self.actors[k].run.remote()  # Ray holds it until a restarted actor is up
+
+    def _poll_stats(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval_s
+            for k, actor in enumerate(self.actors):
+                if k not in self._stats_refs:
+                    self._stats_refs[k] = actor.stats.remote()
+        if not self._stats_refs:
+            return
+        refs = {ref: k for k, ref in self._stats_refs.items()}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in done:
+            k = refs[ref]
+            del self._stats_refs[k]
+            try:
+                stats = ray.get(ref)
+            except Exception as err:  # the process died; its run() reference reports it
+                logger.debug("stats of actor %d: %s", k, err)
+                continue
+            with self._lock:
+                self._stats[k] = stats
+                if k in self._down and int(stats.get("num_batches", 0)) > self._down[k]:
+                    del self._down[k]
+                    self.consecutive[k] = 0
+                    for event in self.events:
+                        if event.actor_id == k and event.step_recovered is None:
+                            event.step_recovered = self.step
+                    logger.warning("rollout actor %d is back: pushing again with policy version %s",
+                                   k, stats.get("policy_version"))
+        self._hint_rejections()
+
+    def _hint_rejections(self) -> None:
+        totals = self._totals()
+        if totals.get("rejected_neginf", 0) and "neginf" not in self._hinted:
+            self._hinted.add("neginf")
+            logger.warning("rollout actors rejected trajectories with log-reward -inf (zero reward); set "
+                           "loss.log_reward_clip_min (e.g. -100) to train on them (metric rollout/rejected_neginf)")
+        for key in ("rejected_nan", "rejected_posinf"):
+            if totals.get(key, 0) and key not in self._hinted:
+                self._hinted.add(key)
+                logger.warning("rollout actors rejected trajectories with %s log-reward (metric rollout/%s): "
+                               "check the reward function", "NaN" if key == "rejected_nan" else "+inf", key)
+
+    def _totals(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for stats, carried in zip(self._stats, self._carried):
+            for src in (stats, carried):
+                for key, value in src.items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        out[key] = out.get(key, 0) + value
+        return out
+
+    def _update_starved(self) -> None:
+        """Shards whose producers are all down: the learner's client draws from the others meanwhile."""
+        if self.replay is None or not self.actors:
+            return
+        with self._lock:
+            down = set(self._down)
+        producers: Dict[int, List[int]] = {}
+        for k in range(len(self.actors)):
+            producers.setdefault(k % self.num_shards, []).append(k)
+        starved = frozenset(s for s, ks in producers.items() if all(k in down for k in ks))
+        if starved != getattr(self.replay, "starved", frozenset()):
+            self.replay.starved = starved
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
