@@ -12,6 +12,9 @@ Launch modes:
   to Ray and creates the named actors in a namespace unique to the run, then
   broadcasts ``(address, namespace)`` (``broadcast_object_list``) so the other
   ranks connect and look the actors up with ``ray.get_actor``.
+* ``ray`` (``cluster.launcher=ray``): the driver only brings up / connects to Ray
+  and creates the actors; the learners are Ray Train workers whose process group
+  Ray Train initialises (``gfn_dist.distributed.ray_launcher``).
 
 ``teardown`` always runs (``finally``): stop and kill the actors (rank 0),
 disconnect / shut down Ray, destroy the process group.
@@ -20,6 +23,7 @@ disconnect / shut down Ray, destroy the process group.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -42,7 +46,7 @@ class DistContext:
 
     Attributes:
         rank, world_size, local_rank: as torch.distributed spells them.
-        launcher: ``local`` or ``torchrun``.
+        launcher: ``local``, ``torchrun`` or ``ray`` (a Ray Train worker).
         device: the learner's device.
         backend: the process-group backend, or None without a process group.
     """
@@ -98,6 +102,9 @@ def world_size_of(launcher: str) -> int:
     """
     if launcher == "local":
         return 1
+    if launcher == "ray":
+        raise ValueError("cluster.launcher: ray runs the learners as Ray Train workers "
+                         "(gfn_dist.distributed.ray_launcher.RayTrainer), not in this process")
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise ValueError(f"cluster.launcher: torchrun requested but {missing} are not set (run under torchrun)")
@@ -160,10 +167,12 @@ def learner_num_threads(cfg: TrainConfig, ctx: DistContext) -> int:
 
 
 def embedded_num_cpus(cfg: TrainConfig) -> float:
-    """CPUs of the embedded Ray: ``cluster.num_cpus``, else what the rollout actors reserve (>= 1)."""
+    """CPUs of the embedded Ray: ``cluster.num_cpus``, else what the rollout actors (and, with
+    ``cluster.launcher=ray``, the learner workers) reserve, rounded up (Ray wants whole CPUs; >= 1)."""
     if cfg.cluster.num_cpus is not None:
         return cfg.cluster.num_cpus
-    return max(1.0, cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor)
+    learners = cfg.cluster.num_learners * cfg.cluster.num_cpus_per_learner if cfg.cluster.launcher == "ray" else 0.0
+    return float(max(1, math.ceil(cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + learners)))  # whole CPUs
 
 
 def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
@@ -172,6 +181,9 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
     Args:
         cfg: the configuration.
         namespace: the run's Ray namespace (default ``gfn_dist_<random>``).
+
+    Raises:
+        ConnectionError: if ``cluster.address`` does not answer within ``cluster.connect_timeout_s``.
     """
     import ray
 
@@ -181,10 +193,16 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
         return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
     common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     if cfg.cluster.address:
+        from gfn_dist.distributed.ray_launcher import wait_for_cluster
+
+        wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)  # ray.init alone may wait for minutes
         ray.init(address=cfg.cluster.address, **common)
         owns = False
     else:
-        ray.init(num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
+        # address="local": a new Ray even if RAY_ADDRESS or a `ray start` on this host
+        # (/tmp/ray/ray_current_cluster) points elsewhere; with None, ray.init would connect there
+        # and refuse num_cpus.
+        ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
         owns = True
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)

@@ -1,0 +1,150 @@
+"""``cluster.launcher=ray``: learners as Ray Train workers forming the DDP group.
+
+* Two learner workers on a simulated two-node Ray cluster (``ray.cluster_utils.Cluster``:
+  a head and one worker node on this machine, learners placed with SPREAD) train a
+  short budget; every metric row records world size 2, the learners ran on two
+  different Ray nodes in one gloo group, and the weights rank 0 published reached
+  the rollout actors.
+* The embedded Ray starts its own cluster even when ``RAY_ADDRESS`` points elsewhere
+  (``ray.init(address="local")``; a stale address used to make it fail).
+* An unreachable ``cluster.address`` fails with a ``ConnectionError`` naming it,
+  within ``cluster.connect_timeout_s``.
+* ``learner.batch_size`` must split over ``cluster.num_learners``.
+"""
+
+import math
+import socket
+import time
+
+import pytest
+import torch
+
+from gfn_dist.config import ConfigError, load_config
+from gfn_dist.metrics import read_jsonl
+
+STEPS, BATCH, W = 12, 16, 2
+
+
+def _cfg(*extra):
+    return load_config(
+        None,
+        [
+            "cluster.launcher=ray",
+            f"cluster.num_learners={W}",
+            "cluster.num_cpus_per_learner=1",
+            "env.hypergrid.height=4",
+            "model.hidden_dim=32",
+            "rollout.num_actors=1",
+            "rollout.num_cpus_per_actor=1",
+            "rollout.trajectories_per_push=16",
+            "replay.min_size_to_sample=16",
+            "replay.timeout_s=120",
+            f"learner.batch_size={BATCH}",
+            f"learner.max_steps={STEPS}",
+            "eval.interval_steps=6",
+            "logging.log_every=4",
+            "logging.progress_bar=false",
+            "logging.wandb.mode=disabled",
+            *extra,
+        ],
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_batch_must_split_over_learners():
+    with pytest.raises(ConfigError, match=r"learner\.batch_size.*cluster\.num_learners=3"):
+        _cfg("cluster.num_learners=3")
+    assert _cfg("cluster.num_learners=4").cluster.num_learners == 4
+
+
+def test_unreachable_address_fails_within_timeout():
+    import ray
+
+    import gfn_dist.checkpoint  # noqa: F401  (imported here so that the timing below is the connection's)
+    import gfn_dist.distributed.replay_shard  # noqa: F401
+    import gfn_dist.distributed.rollout_actor  # noqa: F401
+    import gfn_dist.trainer  # noqa: F401
+    from gfn_dist.distributed.ray_launcher import RayTrainer
+
+    port = _free_port()  # nothing listens there once the socket is closed
+    cfg = _cfg(f"cluster.address=127.0.0.1:{port}", "cluster.connect_timeout_s=2")
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"cluster\.address=127\.0\.0\.1:{port}.*within 2 s"):
+        RayTrainer(cfg)
+    elapsed = time.monotonic() - t0
+    assert 1.5 <= elapsed < 10.0, elapsed  # retried until the timeout, then gave up
+    assert not ray.is_initialized()
+
+
+def test_embedded_ray_ignores_ray_address(monkeypatch):
+    import ray
+
+    from gfn_dist.distributed import cluster
+
+    # What a `ray start` elsewhere on the host leaves behind: ray.init(num_cpus=...)
+    # without address="local" would try to connect there and refuse num_cpus.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
+    assert not ray.is_initialized()
+    ctx = cluster.start_ray(_cfg())
+    try:
+        assert ctx.owns_ray and ctx.connected
+        assert ray.cluster_resources()["CPU"] == 3.0  # 1 actor + 2 learners, each 1 CPU
+    finally:
+        cluster.teardown(None, ctx, [])
+    assert not ray.is_initialized()
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A head and one worker node (2 CPUs each) on this machine, without touching the host's
+    Ray address file (/tmp/ray/ray_current_cluster), which other processes' ray.init would read."""
+    import ray._common.utils
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
+    import ray
+
+    from gfn_dist.distributed.ray_launcher import RayTrainer
+
+    run_dir = tmp_path / "run"
+    cfg = _cfg(f"cluster.address={two_node_cluster.address}", "cluster.placement_strategy=SPREAD",
+               f"run.dir={run_dir}")
+    trainer = RayTrainer(cfg)
+    try:
+        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+        last = trainer.train()
+        stats = trainer.actor_stats()
+    finally:
+        trainer.close()
+    assert not ray.is_initialized()
+
+    # One DDP group of two learner workers, one per Ray node (SPREAD), gloo on CPU.
+    assert trainer.learner_backend == "gloo"
+    assert len(trainer.learner_nodes) == W and len(set(trainer.learner_nodes)) == W
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 6, 8, 12]
+    assert all(r["world_size"] == W for r in rows)
+    assert last["step"] == STEPS and last["trajectories"] == STEPS * BATCH
+    assert math.isfinite(last["loss"]) and 0.0 <= last["l1_exact"] <= 2.0
+    # Rank 0 published weights the actor picked up; the driver saved rank 0's final policies.
+    assert max(s.get("policy_version", -1) for s in stats) > 0, stats
+    saved = torch.load(run_dir / "policy.pt", weights_only=True)
+    assert saved["step"] == STEPS and trainer.learner.step == STEPS
+    assert set(saved["policies"]) and all(torch.isfinite(v).all() for v in saved["policies"].values())
