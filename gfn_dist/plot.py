@@ -218,7 +218,7 @@ def plot_distributions(run_dir: Path, out_dir: Path) -> Optional[Path]:
         lim = float(abs(diff).max()) or 1.0
         im = axes[0, 2].imshow(diff, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[0, 2].set(title=f"P_T - target (L1 = {l1:.4f})", xlabel="x[1]", ylabel="x[0]")
-        fig.colorbar(im, ax=axes[0, 2], shrink=0.8)
+        fig.colorbar(im, ax=axes[0, 2], shrink=0.8, format="%.2g")  # no offset text over the title
         return _save(fig, out_dir / "p_t_heatmap.png")
     order = torch.argsort(target, descending=True)
     fig, axes = _figure(1, 1, width=8.0)

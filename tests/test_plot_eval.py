@@ -18,7 +18,6 @@ import torch
 from gfn_dist.builders import build_env, build_gflownet, build_policies
 from gfn_dist.cli import main
 from gfn_dist.config import load_config, to_yaml
-from gfn_dist.evaluate import load_policy
 from gfn_dist.plot import distributions, elapsed_seconds, plot_distributions, true_log_z
 from gfn_dist.train_single import l1_exact, train_single
 
