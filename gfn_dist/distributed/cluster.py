@@ -22,6 +22,7 @@ disconnect / shut down Ray, destroy the process group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -202,7 +203,12 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
         # address="local": a new Ray even if RAY_ADDRESS or a `ray start` on this host
         # (/tmp/ray/ray_current_cluster) points elsewhere; with None, ray.init would connect there
         # and refuse num_cpus.
-        ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
+        from gfn_dist.distributed.health import loopback_only_ray, single_node_launch
+
+        # One node: every Ray server binds 127.0.0.1 only, and no dashboard (health.loopback_only_ray);
+        # torchrun across nodes without cluster.address needs the node's routable address instead.
+        with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
+            ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
         owns = True
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
@@ -227,7 +233,11 @@ def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -
 
     if ray.is_initialized():
         return RayContext(address, namespace, owns_ray=False, connected=False)
-    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    from gfn_dist.distributed.health import is_loopback_address, loopback_only_ray
+
+    # Rank 0's Ray on 127.0.0.1: this process must register with the same (loopback) node address.
+    with loopback_only_ray() if is_loopback_address(address) else contextlib.nullcontext():
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     return RayContext(address, namespace, owns_ray=False, connected=True, auth_mode=auth_mode)
 
 

@@ -559,6 +559,20 @@ class ActorSupervisor:
             self.replay.starved = starved
 
 
+def actor_state(handle) -> Optional[str]:
+    """Ray's state of an actor (``ALIVE``, ``RESTARTING``, ``DEAD``, ...), or None when it cannot tell.
+
+    Reads the GCS actor table through ``ray._private.state`` (Ray's debugging
+    API; the public ``ray.util.state`` needs the dashboard, which is off).
+    """
+    try:
+        from ray._private import state
+
+        return state.actors(handle._actor_id.hex()).get("State")
+    except Exception:  # an older / newer Ray without this API: callers treat None as "no news"
+        return None
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"

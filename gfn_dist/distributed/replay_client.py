@@ -12,8 +12,10 @@ largest-remainder method (``allocate_proportional``), draws every share in
 parallel and concatenates the results, shard 0's items first.
 
 Shard failures: a shard whose call fails with ``RayActorError`` (its process
-died; Ray may be restarting it) is *down*: sampling skips it and its share goes
-to the live shards, and a probe call (``size``) tells when it is back. Shards
+died; Ray may be restarting it), or that is slow to answer while Ray reports it
+restarting (calls to a restarting actor wait for it), is *down*: sampling skips
+it and its share goes to the live shards; a pending call to it (the probe) tells
+when it is back. Shards
 in ``starved`` (their rollout actors are all down, set by
 ``gfn_dist.distributed.health.ActorSupervisor``) are skipped too while another
 shard can serve, instead of waiting on a rate limiter no insert will open.
@@ -89,6 +91,7 @@ class ReplayClient:
         timeout_s: default seconds ``add`` / ``sample`` wait on the rate limiter.
         initial_backoff_s: first wait after a refusal; doubles up to ``max_backoff_s``.
         max_backoff_s: longest wait between retries.
+        check_down_after_s: a shard slower than this to answer is asked about (is Ray restarting it?).
 
     Raises:
         ValueError: if there are no shards or a time is not positive.
@@ -100,6 +103,7 @@ class ReplayClient:
         timeout_s: float = 60.0,
         initial_backoff_s: float = 0.001,
         max_backoff_s: float = 0.05,
+        check_down_after_s: float = 0.5,
     ) -> None:
         self.shards = list(shard_handles)
         if not self.shards:
@@ -112,6 +116,7 @@ class ReplayClient:
         self.timeout_s = float(timeout_s)
         self.initial_backoff_s = float(initial_backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.check_down_after_s = float(check_down_after_s)
         self.starved: frozenset = frozenset()  # shards fed only by down actors (set by the actor supervisor)
         self.last_stats: Optional[Dict[str, Any]] = None  # the latest stats() (down shards: their last answer)
         self._down: Dict[int, Any] = {}  # shard -> pending probe; skipped until the probe answers
@@ -139,26 +144,38 @@ class ReplayClient:
         import ray
         from ray.exceptions import RayActorError
 
+        from gfn_dist.distributed.health import actor_state
+
         for i, probe in list(self._down.items()):
             ready, _ = ray.wait([probe], timeout=0)
             if not ready:
                 continue
-            del self._down[i]
             try:
                 ray.get(probe)
+                del self._down[i]
                 logger.warning("ReplayClient: replay shard %d is back", i)
-            except RayActorError as err:  # no restart left: it stays skipped
-                self._gone.add(i)
-                logger.error("ReplayClient: replay shard %d is gone for good: %s", i, str(err).splitlines()[0])
+            except RayActorError as err:
+                if actor_state(self.shards[i]) in ("DEAD", None):  # no restart left: it stays skipped
+                    del self._down[i]
+                    self._gone.add(i)
+                    logger.error("ReplayClient: replay shard %d is gone for good: %s", i, str(err).splitlines()[0])
+                else:  # the probe was in flight when it died; ask again
+                    self._down[i] = self.shards[i].size.remote()
         return [i for i in range(self.num_shards) if i not in self._down and i not in self._gone]
 
-    def mark_down(self, index: int, err: BaseException) -> None:
-        """Skips shard ``index`` until it answers again (called when a call to it raised ``RayActorError``)."""
+    def mark_down(self, index: int, err: BaseException, probe: Any = None) -> None:
+        """Skips shard ``index`` until it answers again.
+
+        Args:
+            index: the shard.
+            err: why (logged).
+            probe: a pending call to the shard whose answer means it is back (a new ``size`` call if None).
+        """
         if index in self._down or index in self._gone:
             return
         logger.warning("ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until "
                        "it is back", index, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        self._down[index] = self.shards[index].size.remote()  # Ray holds it until a restarted shard is up
+        self._down[index] = probe if probe is not None else self.shards[index].size.remote()
 
     def _eligible(self) -> List[int]:
         """Live shards to sample from: those not starved, or every live one if all are starved."""
@@ -166,16 +183,32 @@ class ReplayClient:
         return [i for i in live if i not in self.starved] or live
 
     def _gather(self, refs: Dict[int, Any]) -> Dict[int, Any]:
-        """``ray.get`` of one call per shard; a shard whose call raised ``RayActorError`` is marked down, left out."""
+        """The answers of one call per shard, without the shards found down (marked down, left out).
+
+        A shard is down when its call raised ``RayActorError``, or when it is
+        slower than ``check_down_after_s`` and Ray reports it not alive (the call
+        then waits for the restart; it becomes the shard's probe).
+        """
         import ray
         from ray.exceptions import RayActorError
 
+        from gfn_dist.distributed.health import actor_state
+
+        waiting = {ref: i for i, ref in refs.items()}
         out = {}
-        for i, ref in refs.items():
-            try:
-                out[i] = ray.get(ref)
-            except RayActorError as err:
-                self.mark_down(i, err)
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=self.check_down_after_s)
+            for ref in ready:
+                i = waiting.pop(ref)
+                try:
+                    out[i] = ray.get(ref)
+                except RayActorError as err:
+                    self.mark_down(i, err)
+            for ref, i in list(waiting.items()):  # slow: a restarting shard holds the call until it is back
+                state = actor_state(self.shards[i])
+                if state not in ("ALIVE", None):
+                    del waiting[ref]
+                    self.mark_down(i, RuntimeError(f"Ray reports the shard {state}"), probe=ref)
         return out
 
     # ------------------------------------------------------------------ insert
