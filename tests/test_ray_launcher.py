@@ -6,13 +6,16 @@
   different Ray nodes in one gloo group, and the weights rank 0 published reached
   the rollout actors.
 * The embedded Ray starts its own cluster even when ``RAY_ADDRESS`` points elsewhere
-  (``ray.init(address="local")``; a stale address used to make it fail).
+  (``ray.init(address="local")``; a stale address used to make it fail), and a
+  stop request on the driver (SIGTERM under ``gfn-dist train``) reaches the
+  learner workers: both stop at the same step after a preemption checkpoint.
 * An unreachable ``cluster.address`` fails with a ``ConnectionError`` naming it,
   within ``cluster.connect_timeout_s``.
 * ``learner.batch_size`` must split over ``cluster.num_learners``.
 """
 
 import math
+import os
 import socket
 import time
 
@@ -50,6 +53,13 @@ def _cfg(*extra):
     )
 
 
+@pytest.fixture(autouse=True)
+def _patient_raylet(monkeypatch):
+    # On a loaded 2-core machine the dashboard agent can take > 30 s to start, and the
+    # raylet (which reads RAY_* variables from the process that starts it) then gives up.
+    monkeypatch.setenv("RAY_agent_register_timeout_ms", os.environ.get("RAY_agent_register_timeout_ms", "180000"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,22 +91,38 @@ def test_unreachable_address_fails_within_timeout():
     assert not ray.is_initialized()
 
 
-def test_embedded_ray_ignores_ray_address(monkeypatch):
+def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):
+    """Embedded Ray despite a stale RAY_ADDRESS; a signal on the driver checkpoints and stops both learners."""
+    import json
+
     import ray
 
-    from gfn_dist.distributed import cluster
+    from gfn_dist.checkpoint import clear_preemption, list_checkpoints, request_preemption
+    from gfn_dist.distributed.ray_launcher import RayTrainer
 
     # What a `ray start` elsewhere on the host leaves behind: ray.init(num_cpus=...)
     # without address="local" would try to connect there and refuse num_cpus.
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
-    assert not ray.is_initialized()
-    ctx = cluster.start_ray(_cfg())
+    run_dir, budget = tmp_path / "run", 100_000
+    trainer = RayTrainer(_cfg(f"run.dir={run_dir}", f"learner.max_steps={budget}", "checkpoint.interval_steps=0"))
     try:
-        assert ctx.owns_ray and ctx.connected
-        assert ray.cluster_resources()["CPU"] == 3.0  # 1 actor + 2 learners, each 1 CPU
+        assert trainer.ray_ctx.owns_ray
+        assert ray.cluster_resources()["CPU"] == 3.0  # 1 actor + 2 learners, 1 CPU each
+        request_preemption()  # what SIGTERM does on the driver under gfn-dist train (install_preemption_handlers)
+        last = trainer.train()
     finally:
-        cluster.teardown(None, ctx, [])
+        clear_preemption()
+        trainer.close()
     assert not ray.is_initialized()
+
+    step = trainer.learner.step
+    assert trainer.learner.preempted and 1 <= step < budget
+    (ckpt_step, ckpt), = list_checkpoints(run_dir / "checkpoints")  # the preemption checkpoint only
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert ckpt_step == step and meta["reason"] == "preempt" and meta["world_size"] == W
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == step == last["step"] and all(r["world_size"] == W for r in rows)
+    assert torch.load(run_dir / "policy.pt", weights_only=True)["step"] == step
 
 
 @pytest.fixture
