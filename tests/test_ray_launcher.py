@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,17 @@ def test_unreachable_address_fails_within_timeout():
     elapsed = time.monotonic() - t0
     assert 1.5 <= elapsed < 10.0, elapsed  # retried until the timeout, then gave up
     assert not ray.is_initialized()
+
+
+def test_unreachable_address_cli_one_line(capsys):
+    from gfn_dist.train import run_train
+
+    port = _free_port()
+    overrides = ["cluster.launcher=ray", "cluster.num_learners=2", f"cluster.address=127.0.0.1:{port}",
+                 "cluster.connect_timeout_s=1", "logging.wandb.mode=disabled"]
+    assert run_train(str(Path(__file__).parents[1] / "configs" / "hypergrid_tb.yaml"), overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cluster.address=127.0.0.1:{port}: no Ray cluster answered" in err[0], err
 
 
 def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):

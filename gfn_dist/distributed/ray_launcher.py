@@ -36,8 +36,9 @@ raises its own preemption flag, the ranks agree at the next step boundary,
 checkpoint and stop.
 
 ``cluster.address`` is checked first (``wait_for_cluster``): an address that does
-not answer within ``cluster.connect_timeout_s`` raises ``ConnectionError``
-naming it, where ``ray.init`` alone would keep retrying for minutes.
+not answer within ``cluster.connect_timeout_s`` raises ``ClusterUnreachableError``
+naming it (a ``ConnectionError``; also a ``ConfigError``, so ``gfn-dist train``
+prints one line and exits 2), where ``ray.init`` alone would keep retrying for minutes.
 
 Not supported in this mode: ``rollout.synchronous``.
 """
@@ -63,12 +64,17 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- connecting
 
 
+class ClusterUnreachableError(ConfigError, ConnectionError):
+    """``cluster.address`` did not answer in time. A ``ConnectionError``, and a ``ConfigError``
+    naming the key, so that ``gfn-dist train`` exits with one line on stderr (exit code 2)."""
+
+
 def _host_port(address: str) -> tuple[str, int]:
     """``(host, port)`` of a Ray address (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``).
 
     Raises:
-        ConnectionError: for ``auto`` when no running cluster is recorded on this host.
-        ValueError: naming ``cluster.address`` if it has no port.
+        ClusterUnreachableError: for ``auto`` when no running cluster is recorded on this host.
+        ConfigError: naming ``cluster.address`` if it has no port.
     """
     if address == "auto":
         # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host).
@@ -77,14 +83,14 @@ def _host_port(address: str) -> tuple[str, int]:
         try:
             resolved = canonicalize_bootstrap_address("auto")
         except ConnectionError as err:
-            raise ConnectionError(f"cluster.address=auto: no running Ray cluster found on this host ({err})") from err
+            raise ClusterUnreachableError(f"cluster.address=auto: no running Ray cluster found ({err})") from err
         if not resolved:
-            raise ConnectionError("cluster.address=auto: no running Ray cluster found on this host")
+            raise ClusterUnreachableError("cluster.address=auto: no running Ray cluster found on this host")
         address = resolved
     address = address.split("://", 1)[-1]
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"cluster.address: expected HOST:PORT (or ray://HOST:PORT, auto), got {address!r}")
+        raise ConfigError(f"cluster.address: expected HOST:PORT (or ray://HOST:PORT, auto), got {address!r}")
     return host.strip("[]"), int(port)
 
 
@@ -98,8 +104,8 @@ def wait_for_cluster(address: str, timeout_s: float) -> None:
         timeout_s: ``cluster.connect_timeout_s``, seconds.
 
     Raises:
-        ConnectionError: naming the address and the timeout, if nothing answered.
-        ValueError: if the address is malformed.
+        ClusterUnreachableError: naming the address and the timeout, if nothing answered.
+        ConfigError: if the address is malformed.
     """
     host, port = _host_port(address)
     deadline = time.monotonic() + timeout_s
@@ -110,7 +116,7 @@ def wait_for_cluster(address: str, timeout_s: float) -> None:
             return
         except OSError as err:
             if time.monotonic() + 0.25 >= deadline:
-                raise ConnectionError(
+                raise ClusterUnreachableError(
                     f"cluster.address={address}: no Ray cluster answered at {host}:{port} within "
                     f"{timeout_s:g} s (cluster.connect_timeout_s; last error: {err}). Start one "
                     f"(`ray start --head --port={port}`) or fix the address."
@@ -297,7 +303,8 @@ class RayTrainer:
 
     Raises:
         ConfigError: if the launcher is not ``ray`` or the batch does not split over the learners.
-        ConnectionError: if ``cluster.address`` does not answer within ``cluster.connect_timeout_s``.
+        ClusterUnreachableError: (a ``ConnectionError``) if ``cluster.address`` does not answer
+            within ``cluster.connect_timeout_s``.
     """
 
     def __init__(self, cfg: TrainConfig, preset: str = "run") -> None:
