@@ -5,9 +5,10 @@ Rollout actors (``ActorSupervisor``, on the driver / rank 0)
     restarts a dead actor process by re-running its constructor (a fresh policy
     copy, counters at zero). A daemon thread of the driver watches every actor's
     ``run`` call. When one ends with an error -- the process died
-    (``RayActorError``) or ``run`` raised -- it submits ``run`` again (Ray holds
-    the call until the restarted actor is up) and the actor's loop loads the
-    newest published weights before its first batch. Meanwhile the learner
+    (``RayActorError``) or ``run`` raised -- it calls ``run`` again (after a
+    death, once Ray reports the restarted actor alive: calls to a restarting
+    actor fail) and the actor's loop loads the newest published weights before
+    its first batch. Meanwhile the learner
     keeps sampling: the shards fed only by down actors are marked *starved* on
     the learner's ``ReplayClient``, which then draws from the other shards
     instead of waiting on a rate limiter that no insert will open. An actor is
@@ -324,6 +325,11 @@ class ActorFailure(RuntimeError):
 class ActorSupervisor:
     """Watches the rollout actors' ``run`` calls, restarts them, keeps the learner fed (see module doc).
 
+    A death is counted from Ray's own restart count of the actor (the GCS actor
+    table): calls to a restarting actor fail at once, so one death can end
+    several ``run`` calls; ``run`` is called again when Ray reports the actor
+    alive.
+
     Args:
         actors: rollout actor handles, actor i at index i.
         num_shards: number of replay shards (actor i feeds shard ``i % num_shards``).
@@ -332,6 +338,7 @@ class ActorSupervisor:
         max_consecutive_failures: ``rollout.max_consecutive_failures``.
         poll_interval_s: how often the thread looks at the ``run`` calls.
         stats_interval_s: how often it asks the actors for their counters.
+        restart_timeout_s: the run fails if Ray has not restarted a dead actor after this.
     """
 
     def __init__(
@@ -343,6 +350,7 @@ class ActorSupervisor:
         max_consecutive_failures: int = 3,
         poll_interval_s: float = 0.2,
         stats_interval_s: float = 1.0,
+        restart_timeout_s: float = 300.0,
     ) -> None:
         n = len(actors)
         self.actors = list(actors)
@@ -352,12 +360,15 @@ class ActorSupervisor:
         self.max_consecutive_failures = int(max_consecutive_failures)
         self.poll_interval_s = float(poll_interval_s)
         self.stats_interval_s = float(stats_interval_s)
+        self.restart_timeout_s = float(restart_timeout_s)
         self.step = 0  # the learner's step, as last reported through check()
         self.events: List[FailureEvent] = []
         self.restarts = [0] * n  # process deaths (each one a Ray restart)
         self.failures = [0] * n
         self.consecutive = [0] * n
         self._runs: Dict[int, Any] = {}  # actor -> pending run() reference
+        self._outages: Dict[int, Dict[str, Any]] = {}  # actor whose process died -> since, Ray restarts before, error
+        self._ray_restarts = [0] * n  # Ray's restart count of each actor, as last seen
         self._down: Dict[int, int] = {}  # actor -> num_batches it must exceed to count as up again
         self._stats: List[dict] = [{} for _ in range(n)]  # latest stats() of each actor's current process
         self._carried: List[Dict[str, int]] = [{} for _ in range(n)]  # counters of its earlier processes
@@ -386,8 +397,6 @@ class ActorSupervisor:
         """Records the learner step; raises ``ActorFailure`` if the run must stop (called by the learner)."""
         if step is not None:
             self.step = int(step)
-        if self._thread is None and self._runs:  # not started as a thread: poll inline
-            self.poll()
         if self._fatal is not None:
             raise ActorFailure(self._fatal)
 
@@ -428,7 +437,7 @@ class ActorSupervisor:
                 self._fatal = f"actor supervisor failed: {err!r}"
 
     def poll(self, timeout_s: float = 0.0) -> None:
-        """One round: handles ended ``run`` calls, reads counters, updates the starved shards."""
+        """One round: ended ``run`` calls, restarted actors, counters, starved shards."""
         import ray
 
         refs = {ref: k for k, ref in self._runs.items()}
@@ -442,6 +451,8 @@ class ActorSupervisor:
             return
         for ref in done:
             self._on_run_ended(refs[ref], ref)
+        if self._outages and self._fatal is None:
+            self._resume_restarted()
         self._poll_stats()
         self._update_starved()
 
@@ -449,47 +460,86 @@ class ActorSupervisor:
         import ray
         from ray.exceptions import RayActorError
 
+        del self._runs[k]
         try:
             ray.get(ref)
             kind, error = "stopped", "run() returned before training ended"
-        except RayActorError as err:
-            kind, error = "died", _first_line(err)
+        except RayActorError as err:  # the process died (or is unreachable): see _resume_restarted
+            if k not in self._outages:
+                self._start_outage(k, _first_line(err))
+            return
         except Exception as err:  # run() raised: the process is alive, its error is the cause
             kind, error = "error", _first_line(getattr(err, "cause", None) or err)
+        if self._record_failure(k, kind, error):
+            return
+        baseline = int(self._stats[k].get("num_batches", 0))
+        try:  # the same process goes on counting: it is up again once num_batches grows
+            baseline = int(ray.get(self.actors[k].stats.remote(), timeout=10.0)["num_batches"])
+        except Exception as err:  # it died meanwhile: the next run() failure says so
+            logger.debug("stats of actor %d: %s", k, err)
+        with self._lock:
+            self._down[k] = baseline
+        self._runs[k] = self.actors[k].run.remote()
+
+    def _start_outage(self, k: int, error: str) -> None:
+        self._outages[k] = {"since": time.monotonic(), "restarts_before": self._ray_restarts[k], "error": error}
+        with self._lock:
+            for key, value in self._stats[k].items():  # a new process counts from zero
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self._carried[k][key] = self._carried[k].get(key, 0) + value
+            self._stats[k] = {}
+            self._down[k] = 0
+            self._stats_refs.pop(k, None)  # an answer from the dead process would be stale
+        logger.warning("rollout actor %d is unreachable (%s); waiting for Ray to restart it", k, error)
+
+    def _resume_restarted(self) -> None:
+        """Counts the deaths Ray restarted, and calls ``run`` again on each actor Ray reports alive."""
+        now = time.monotonic()
+        for k, outage in list(self._outages.items()):
+            info = actor_info(self.actors[k])
+            state = None if info is None else info.get("State")
+            seen = outage["restarts_before"] if info is None else int(info.get("NumRestarts", 0))
+            if info is None and not outage.get("counted"):  # no actor table: one death per outage
+                seen, outage["counted"] = seen + 1, True
+            while self._ray_restarts[k] < seen:
+                self._ray_restarts[k] += 1
+                if self._record_failure(k, "died", outage["error"]):
+                    return
+            if state == "DEAD":
+                self._fatal = (f"rollout actor {k} died and Ray did not restart it (rollout.max_restarts="
+                               f"{self.max_restarts}); last failure: {outage['error']}")
+                return
+            if state == "ALIVE" or (info is None and now > outage["since"] + 2.0):
+                if self._ray_restarts[k] == outage["restarts_before"] and info is not None:
+                    if now < outage["since"] + 2.0:  # Ray may not have noticed the death yet
+                        continue
+                    if self._record_failure(k, "unreachable", outage["error"]):  # alive, not restarted
+                        return
+                del self._outages[k]
+                self._runs[k] = self.actors[k].run.remote()
+            elif now > outage["since"] + self.restart_timeout_s:
+                self._fatal = (f"rollout actor {k} was not restarted within {self.restart_timeout_s:g} s "
+                               f"(Ray reports it {state}); last failure: {outage['error']}")
+                return
+
+    def _record_failure(self, k: int, kind: str, error: str) -> bool:
+        """Counts one failure of actor ``k``; returns True (and sets the fatal message) if the run must stop."""
         with self._lock:
             self.failures[k] += 1
             self.consecutive[k] += 1
-            event = FailureEvent(k, kind, error, self.step)
-            self.events.append(event)
+            self.events.append(FailureEvent(k, kind, error, self.step))
             if kind == "died":
                 self.restarts[k] += 1
-                for key, value in self._stats[k].items():  # the new process counts from zero
-                    if isinstance(value, int):
-                        self._carried[k][key] = self._carried[k].get(key, 0) + value
-                self._stats[k] = {}
-                baseline = 0
-            else:
-                baseline = int(self._stats[k].get("num_batches", 0))
-        logger.warning("rollout actor %d %s (failure %d in a row, %d in all): %s; restarting its loop",
+        logger.warning("rollout actor %d %s (failure %d in a row, %d in all): %s",
                        k, kind, self.consecutive[k], self.failures[k], error)
         if self.consecutive[k] >= self.max_consecutive_failures:
             self._fatal = (f"rollout actor {k} failed {self.consecutive[k]} times in a row without pushing a batch "
                            f"in between (rollout.max_consecutive_failures={self.max_consecutive_failures}); "
                            f"last failure ({kind}): {error}")
-            return
-        if kind == "died" and 0 <= self.max_restarts < self.restarts[k]:
+        elif kind == "died" and 0 <= self.max_restarts < self.restarts[k]:
             self._fatal = (f"rollout actor {k} died {self.restarts[k]} times; Ray's restart budget "
                            f"(rollout.max_restarts={self.max_restarts}) is spent; last failure: {error}")
-            return
-        if kind != "died":  # same process: its counters go on, it is up once num_batches grows
-            try:
-                baseline = int(ray.get(self.actors[k].stats.remote(), timeout=10.0)["num_batches"])
-            except Exception as err:  # it died meanwhile: the next run() failure says so
-                logger.debug("stats of actor %d: %s", k, err)
-        with self._lock:
-            self._down[k] = baseline
-            self._stats_refs.pop(k, None)  # an answer from the old process would be stale
-        self._runs[k] = self.actors[k].run.remote()  # Ray holds it until a restarted actor is up
+        return self._fatal is not None
 
     def _poll_stats(self) -> None:
         import ray
@@ -498,7 +548,7 @@ class ActorSupervisor:
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval_s
             for k, actor in enumerate(self.actors):
-                if k not in self._stats_refs:
+                if k not in self._stats_refs and k not in self._outages:
                     self._stats_refs[k] = actor.stats.remote()
         if not self._stats_refs:
             return
@@ -506,6 +556,8 @@ class ActorSupervisor:
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
         for ref in done:
             k = refs[ref]
+            if self._stats_refs.get(k) is not ref:
+                continue
             del self._stats_refs[k]
             try:
                 stats = ray.get(ref)
@@ -514,7 +566,7 @@ class ActorSupervisor:
                 continue
             with self._lock:
                 self._stats[k] = stats
-                if k in self._down and int(stats.get("num_batches", 0)) > self._down[k]:
+                if k in self._down and k not in self._outages and int(stats.get("num_batches", 0)) > self._down[k]:
                     del self._down[k]
                     self.consecutive[k] = 0
                     for event in self.events:
@@ -525,7 +577,8 @@ class ActorSupervisor:
         self._hint_rejections()
 
     def _hint_rejections(self) -> None:
-        totals = self._totals()
+        with self._lock:
+            totals = self._totals()
         if totals.get("rejected_neginf", 0) and "neginf" not in self._hinted:
             self._hinted.add("neginf")
             logger.warning("rollout actors rejected trajectories with log-reward -inf (zero reward); set "
@@ -559,8 +612,8 @@ class ActorSupervisor:
             self.replay.starved = starved
 
 
-def actor_state(handle) -> Optional[str]:
-    """Ray's state of an actor (``ALIVE``, ``RESTARTING``, ``DEAD``, ...), or None when it cannot tell.
+def actor_info(handle) -> Optional[Dict[str, Any]]:
+    """Ray's record of an actor (``State``: ALIVE / RESTARTING / DEAD ..., ``NumRestarts``), or None.
 
     Reads the GCS actor table through ``ray._private.state`` (Ray's debugging
     API; the public ``ray.util.state`` needs the dashboard, which is off).
@@ -568,9 +621,43 @@ def actor_state(handle) -> Optional[str]:
     try:
         from ray._private import state
 
-        return state.actors(handle._actor_id.hex()).get("State")
-    except Exception:  # an older / newer Ray without this API: callers treat None as "no news"
+        return dict(state.actors(handle._actor_id.hex()))
+    except Exception:  # a Ray without this API: callers treat None as "no news"
         return None
+
+
+def actor_state(handle) -> Optional[str]:
+    """``actor_info(handle)["State"]``, or None when Ray cannot tell."""
+    info = actor_info(handle)
+    return None if info is None else info.get("State")
+
+
+def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: float = 0.2) -> str:
+    """Waits while Ray restarts an actor (calls to it fail meanwhile).
+
+    Args:
+        handle: the actor.
+        timeout_s: give up after this.
+        should_stop: optional callable; True ends the wait early.
+        interval_s: seconds between looks at the actor table.
+
+    Returns:
+        ``ALIVE``, ``DEAD``, ``TIMEOUT`` or ``STOPPED`` (``ALIVE`` after one
+        interval when Ray cannot tell).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = actor_state(handle)
+        if state is None:
+            time.sleep(interval_s)
+            return "ALIVE"
+        if state in ("ALIVE", "DEAD"):
+            return state
+        if should_stop is not None and should_stop():
+            return "STOPPED"
+        if time.monotonic() > deadline:
+            return "TIMEOUT"
+        time.sleep(interval_s)
 
 
 def _first_line(err: BaseException) -> str:

@@ -119,13 +119,14 @@ class ReplayClient:
         self.check_down_after_s = float(check_down_after_s)
         self.starved: frozenset = frozenset()  # shards fed only by down actors (set by the actor supervisor)
         self.last_stats: Optional[Dict[str, Any]] = None  # the latest stats() (down shards: their last answer)
-        self._down: Dict[int, Any] = {}  # shard -> pending probe; skipped until the probe answers
+        self._down: Dict[int, Any] = {}  # shard -> pending probe call (None: restarting); skipped until it answers
+        self._next_look: Dict[int, float] = {}  # shard -> when to look at Ray's actor table again
         self._gone: set = set()  # shards that will not come back (Ray's restart budget spent)
         self._shard_stats: List[Optional[Dict[str, Any]]] = [None] * len(self.shards)
 
     def __getstate__(self) -> dict:  # shipped to actors: handles and numbers only, no pending probes
         state = dict(self.__dict__)
-        state.update(_down={}, _gone=set(), last_stats=None, _shard_stats=[None] * len(self.shards))
+        state.update(_down={}, _gone=set(), _next_look={}, last_stats=None, _shard_stats=[None] * len(self.shards))
         return state
 
     @property
@@ -146,7 +147,18 @@ class ReplayClient:
 
         from gfn_dist.distributed.health import actor_state
 
+        now = time.monotonic()
         for i, probe in list(self._down.items()):
+            if probe is None:  # restarting (calls fail meanwhile): look at Ray's actor table now and then
+                if now < self._next_look.get(i, 0.0):
+                    continue
+                self._next_look[i] = now + 0.2
+                state = actor_state(self.shards[i])
+                if state == "DEAD":
+                    self._give_up(i, "Ray did not restart it")
+                elif state in ("ALIVE", None):
+                    self._down[i] = self.shards[i].size.remote()
+                continue
             ready, _ = ray.wait([probe], timeout=0)
             if not ready:
                 continue
@@ -155,13 +167,16 @@ class ReplayClient:
                 del self._down[i]
                 logger.warning("ReplayClient: replay shard %d is back", i)
             except RayActorError as err:
-                if actor_state(self.shards[i]) in ("DEAD", None):  # no restart left: it stays skipped
-                    del self._down[i]
-                    self._gone.add(i)
-                    logger.error("ReplayClient: replay shard %d is gone for good: %s", i, str(err).splitlines()[0])
-                else:  # the probe was in flight when it died; ask again
-                    self._down[i] = self.shards[i].size.remote()
+                if actor_state(self.shards[i]) == "DEAD":
+                    self._give_up(i, str(err).splitlines()[0])
+                else:
+                    self._down[i] = None
         return [i for i in range(self.num_shards) if i not in self._down and i not in self._gone]
+
+    def _give_up(self, index: int, why: str) -> None:
+        del self._down[index]
+        self._gone.add(index)
+        logger.error("ReplayClient: replay shard %d is gone for good (replay.max_restarts spent?): %s", index, why)
 
     def mark_down(self, index: int, err: BaseException, probe: Any = None) -> None:
         """Skips shard ``index`` until it answers again.
@@ -169,13 +184,14 @@ class ReplayClient:
         Args:
             index: the shard.
             err: why (logged).
-            probe: a pending call to the shard whose answer means it is back (a new ``size`` call if None).
+            probe: a pending call to the shard whose answer means it is back (None: ask Ray's actor
+                table until the shard is alive, then call it).
         """
         if index in self._down or index in self._gone:
             return
         logger.warning("ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until "
                        "it is back", index, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        self._down[index] = probe if probe is not None else self.shards[index].size.remote()
+        self._down[index] = probe
 
     def _eligible(self) -> List[int]:
         """Live shards to sample from: those not starved, or every live one if all are starved."""
@@ -379,10 +395,34 @@ class ReplayClient:
         return out
 
     def snapshot(self) -> List[Dict[str, Any]]:
-        """Snapshots of every shard (``ReplayShard.snapshot()``), shard 0 first."""
-        import ray
+        """Snapshots of every shard (``ReplayShard.snapshot()``), shard 0 first.
 
-        return ray.get([shard.snapshot.remote() for shard in self.shards])
+        A shard that Ray is restarting is waited for (up to ``timeout_s``): a
+        checkpoint holds every shard.
+
+        Raises:
+            RuntimeError: naming the shard, if one is gone or did not come back in time.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        from gfn_dist.distributed.health import wait_until_alive
+
+        refs = [shard.snapshot.remote() for shard in self.shards]  # in parallel
+        out = []
+        deadline = time.monotonic() + self.timeout_s
+        for i, (shard, ref) in enumerate(zip(self.shards, refs)):
+            while True:
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except RayActorError as err:
+                    state = wait_until_alive(shard, max(0.0, deadline - time.monotonic()))
+                    if state != "ALIVE" or time.monotonic() > deadline:
+                        raise RuntimeError(f"ReplayClient.snapshot: replay shard {i} is {state.lower()} "
+                                           f"after {self.timeout_s:g} s: {str(err).splitlines()[0]}") from err
+                    ref = shard.snapshot.remote()
+        return out
 
     def restore(self, states: Sequence[Dict[str, Any]]) -> None:
         """Restores every shard from ``snapshot()`` output.

@@ -104,7 +104,6 @@ class RolloutWorker:
 
         self.screen = RewardScreen(cfg.loss.log_reward_clip_min, self.actor_id)
         self.num_dropped = 0  # trajectories of pushes lost with a dead shard
-        self._push_failures = 0  # consecutive pushes lost with a dead shard
 
     # ------------------------------------------------------------------ one batch
 
@@ -144,7 +143,7 @@ class RolloutWorker:
         Raises:
             ValueError: if the shard rejected the batch as invalid (naming the field).
             TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
-            RuntimeError: if the shard died on ``rollout.max_consecutive_failures`` pushes in a row.
+            RuntimeError: if the shard died and Ray did not restart it (see ``_push_lost``).
         """
         import ray
         from ray.exceptions import RayActorError
@@ -154,9 +153,8 @@ class RolloutWorker:
         while True:
             try:
                 result = ray.get(pending)
-            except RayActorError as err:  # the shard died: drop this batch; the next push waits for its restart
+            except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
                 return self._push_lost(td, err)
-            self._push_failures = 0
             if result["accepted"]:
                 return True
             if result["status"] == "invalid":
@@ -173,16 +171,26 @@ class RolloutWorker:
             pending = self.submit_push(td)
 
     def _push_lost(self, td: TensorDict, err: Exception) -> bool:
+        """A push failed with its shard's death: counts the batch as dropped, waits for the restarted shard.
+
+        Returns:
+            False if the run stopped while waiting.
+
+        Raises:
+            RuntimeError: if Ray gave the shard up or did not restart it within ``replay.timeout_s``.
+        """
+        from gfn_dist.distributed.health import wait_until_alive
+
         self.num_dropped += int(td.batch_size[0])
-        self._push_failures += 1
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if self._push_failures >= self.cfg.rollout.max_consecutive_failures:
-            raise RuntimeError(f"rollout actor {self.actor_id}: replay shard {self.shard_index} failed "
-                               f"{self._push_failures} pushes in a row (rollout.max_consecutive_failures="
-                               f"{self.cfg.rollout.max_consecutive_failures}): {first}") from err
         logger.warning("rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
                        self.actor_id, self.shard_index, first, td.batch_size[0])
-        return True
+        state = wait_until_alive(self.replay.shards[self.shard_index], self.cfg.replay.timeout_s, self._run_stopped)
+        if state in ("DEAD", "TIMEOUT"):
+            raise RuntimeError(f"rollout actor {self.actor_id}: replay shard {self.shard_index} is "
+                               f"{'gone (replay.max_restarts spent)' if state == 'DEAD' else 'not back'} "
+                               f"after a push failed: {first}") from err
+        return state != "STOPPED"
 
     def push(self, td: TensorDict) -> bool:
         """Pushes ``td`` and waits until it is accepted (see ``complete_push``)."""
