@@ -53,10 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
+# Light imports only: the DriverChannel actor's process imports this module (torch and
+# the cluster helpers are imported where they are used).
 from gfn_dist.config import ConfigError, TrainConfig, check_world_size, from_dict, to_dict, to_yaml
-from gfn_dist.distributed import cluster
 
 logger = logging.getLogger(__name__)
 
@@ -226,25 +225,27 @@ def learner_worker_loop(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    import torch
     import torch.distributed as dist
 
     from gfn_dist.builders import build_env, build_gflownet, build_policies
     from gfn_dist.checkpoint import Checkpointer
+    from gfn_dist.distributed import cluster
     from gfn_dist.distributed.learner import Learner
     from gfn_dist.distributed.replay_client import ReplayClient
     from gfn_dist.distributed.weight_store import WeightPublisher, cpu_state_dict
 
     cfg = from_dict(config["cfg"])
     tctx = ray.train.get_context()
-    rank, world_size = tctx.get_world_rank(), tctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = ray.train.torch.get_device()  # cuda:i of this worker's GPU with use_gpu, else cpu
     backend = dist.get_backend() if dist.is_initialized() else None
-    ctx = cluster.DistContext(rank, world_size, tctx.get_local_rank(), "ray", device, backend)
+    ctx = cluster.DistContext(tctx.get_world_rank(), tctx.get_world_size(), tctx.get_local_rank(), "ray",
+                              device, backend)
     channel, actors = config["channel"], config["actors"]
     node_id = ray.get_runtime_context().get_node_id()
-    nodes = [node_id] * world_size
+    nodes = [node_id] * ctx.world_size
     if ctx.distributed:
-        dist.all_gather_object(nodes, node_id)
+        dist.all_gather_object(nodes, node_id)  # also a first check that the process group works
     if ctx.is_main:
         channel.put.remote("placement", {"nodes": nodes, "backend": backend, "device": str(device)})
     if device.type == "cpu":
@@ -315,7 +316,7 @@ class RayTrainer:
         check_world_size(cfg, cfg.cluster.num_learners)  # before anything starts
         self.cfg = cfg
         self.world_size = cfg.cluster.num_learners
-        self.ray_ctx: Optional[cluster.RayContext] = None
+        self.ray_ctx = None  # cluster.RayContext
         self.handles: list = []  # actors the driver created (killed at close)
         self.actors: list = []
         self.store = None
@@ -338,6 +339,7 @@ class RayTrainer:
         import ray
 
         from gfn_dist.checkpoint import resume_run_dir
+        from gfn_dist.distributed import cluster
         from gfn_dist.distributed.replay_shard import create_replay_shards
         from gfn_dist.distributed.rollout_actor import create_rollout_actors
         from gfn_dist.distributed.weight_store import create_weight_store
@@ -354,8 +356,9 @@ class RayTrainer:
         self.store = create_weight_store(name=f"{ns}_weights", namespace=ns)
         self.actors = create_rollout_actors(cfg, self.shards, self.store, name_prefix=ns, namespace=ns)
         self.channel = ray.remote(DriverChannel).options(num_cpus=0, name=f"{ns}_driver", namespace=ns).remote()
+        # Not waited for: the actors start while Ray Train brings the learners up (an actor that
+        # fails to start fails rank 0's first replay or publish call, and so the run).
         self.handles = [*self.actors, *self.shards, self.store, self.channel]
-        ray.get([s.size.remote() for s in self.shards] + [self.store.latest_version.remote()])  # up
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics = MetricLogger.from_config(cfg, self.run_dir)
@@ -388,6 +391,7 @@ class RayTrainer:
         Raises:
             ray.train.TrainingFailedError: if a learner worker failed (its error attached).
         """
+        import torch
         from tqdm import tqdm
 
         self._bar = tqdm(total=self.cfg.learner.total_steps, disable=not self.cfg.logging.progress_bar,
@@ -468,5 +472,7 @@ class RayTrainer:
             if self.metrics is not None:
                 self.metrics.close()
         finally:
+            from gfn_dist.distributed import cluster
+
             cluster.teardown(None, self.ray_ctx, self.handles)
             self.handles = []
