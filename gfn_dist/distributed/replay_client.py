@@ -299,8 +299,6 @@ class ReplayClient:
             TimeoutError: if shards still refused after ``timeout_s``, naming
                 each blocking shard and its limiter condition (and the shards down).
         """
-        import ray
-
         n = int(n)
         if n < 1:
             raise ValueError(f"ReplayClient.sample: n must be >= 1, got {n}")
