@@ -197,25 +197,14 @@ def _forward_stop_requests(channel, done: threading.Event, poll_s: float = 0.5) 
             return
 
 
-def check_rollout_actors(run_refs: list) -> None:
-    """Raises if a rollout actor's ``run`` loop ended before training did (with its error, if any)."""
-    if not run_refs:
-        return
-    import ray
-
-    done, _ = ray.wait(run_refs, num_returns=len(run_refs), timeout=0)
-    for ref in done:
-        stats = ray.get(ref)  # re-raises the actor's exception
-        raise RuntimeError(f"rollout actor {stats.get('actor_id')} stopped before training ended: {stats}")
-
-
 def learner_worker_loop(config: dict) -> None:
     """One learner, inside a Ray Train worker (``TorchTrainer``'s ``train_loop_per_worker``).
 
     ``torch.distributed`` is already initialised by Ray Train. Builds the env,
     policies and loss from the config (same seed on every rank), a ``Learner``
     on the shard handles and a ``Checkpointer`` (resuming if asked), then rank 0
-    starts the rollout actors, and every rank trains. Rank 0 publishes weights
+    starts the rollout actors under an ``ActorSupervisor`` (as the ``Trainer``
+    does), and every rank trains. Rank 0 publishes weights
     and talks to the driver (``DriverChannel``).
 
     Args:
@@ -231,6 +220,7 @@ def learner_worker_loop(config: dict) -> None:
     from gfn_dist.builders import build_env, build_gflownet, build_policies
     from gfn_dist.checkpoint import Checkpointer
     from gfn_dist.distributed import cluster
+    from gfn_dist.distributed.health import ActorSupervisor
     from gfn_dist.distributed.learner import Learner
     from gfn_dist.distributed.replay_client import ReplayClient
     from gfn_dist.distributed.weight_store import WeightPublisher, cpu_state_dict
@@ -254,25 +244,30 @@ def learner_worker_loop(config: dict) -> None:
     env = build_env(cfg, device)
     policies = build_policies(cfg, env).to(device)
     gflownet = build_gflownet(cfg, env, policies)
-    run_refs: list = []
     learner = Learner(
         cfg, env, policies, gflownet, ctx,
         replay=ReplayClient(config["shards"], timeout_s=cfg.replay.timeout_s),
         publisher=WeightPublisher(config["store"]) if ctx.is_main else None,
         metrics=ChannelMetrics(channel) if ctx.is_main else None,
-        health_check=(lambda: check_rollout_actors(run_refs)) if ctx.is_main else None,
     )
     learner.checkpointer = Checkpointer(cfg, ctx, cfg.run.dir, replay=learner.replay if ctx.is_main else None,
                                         actors=actors if ctx.is_main else None)
     learner.checkpointer.maybe_resume(learner)  # collective; before the actors push anything
-    done = threading.Event()
-    if ctx.is_main:
-        run_refs.extend(a.run.remote() for a in actors)
+    done, supervisor = threading.Event(), None
+    if ctx.is_main:  # as the Trainer's rank 0: supervised actors (restarts, fault counters in the metrics)
+        supervisor = ActorSupervisor(actors, cfg.replay.num_shards, replay=learner.replay,
+                                     max_restarts=cfg.rollout.max_restarts,
+                                     max_consecutive_failures=cfg.rollout.max_consecutive_failures)
+        learner.health_check = lambda: supervisor.check(learner.step)
+        learner.extra_metrics = supervisor.metrics
+        supervisor.start()  # calls the actors' run()
         threading.Thread(target=_forward_stop_requests, args=(channel, done), daemon=True).start()
     try:
         learner.train(progress_bar=False)
     finally:
         done.set()
+        if supervisor is not None:
+            supervisor.close()  # before the driver stops the actors: an ending run() is no failure
     if ctx.is_main:
         ray.get(channel.put.remote("final", {"policies": cpu_state_dict(policies), "step": learner.step,
                                              "preempted": bool(learner.preempted)}))
