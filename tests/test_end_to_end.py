@@ -62,12 +62,13 @@ def test_main_job_reaches_exact_l1(main_job):
 
 @pytest.fixture(scope="module")
 def local_ray(main_job):  # after the main job, so the two Ray instances never overlap
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
-SHORT = ["learner.max_steps=12", "eval.interval_steps=6", "logging.log_every=6", "logging.progress_bar=false"]
+SHORT = ["learner.max_steps=12", "eval.interval_steps=6", "logging.log_every=6", "logging.progress_bar=false",
+         "logging.wandb.mode=disabled"]
 
 
 @pytest.mark.parametrize("preset", ["hypergrid_lpv", "bitseq_recurrent_tb", "nar_bitseq_local_search", "hypergrid_rtb"])
