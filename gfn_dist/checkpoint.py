@@ -105,8 +105,9 @@ def _on_signal(signum, frame) -> None:
 
 
 def install_preemption_handlers() -> None:
-    """SIGTERM / SIGINT set the preemption flag (main thread only; call after Ray is up,
-    which installs its own SIGTERM handler)."""
+    """Clears the flag; SIGTERM / SIGINT then set it (main thread only; call after Ray is
+    up, which installs its own SIGTERM handler)."""
+    _Preemption.signum = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         prev = signal.signal(sig, _on_signal)
         _Preemption.previous.setdefault(sig, prev)
@@ -124,14 +125,14 @@ def request_preemption(signum: int = signal.SIGTERM) -> None:
     _Preemption.signum = int(signum)
 
 
-def preemption_requested() -> Optional[int]:
-    """The signal number received on this process, or None."""
-    return _Preemption.signum
-
-
 def clear_preemption() -> None:
     """Resets the flag."""
     _Preemption.signum = None
+
+
+def preemption_requested() -> Optional[int]:
+    """The signal number received on this process, or None."""
+    return _Preemption.signum
 
 
 # ---------------------------------------------------------------------------- fault injection (test hook)

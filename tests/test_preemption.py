@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from gfn_dist import checkpoint as ck
@@ -84,6 +85,22 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
     assert new > 0
     assert int(shard["buffer"]["size"]) >= inserts_before  # restored contents kept (capacity not reached)
     assert _newest_items(shard, new)["policy_version"].min() >= n  # actors sampled from the restored weights
+
+
+def test_signal_handlers_set_a_flag_then_restore():
+    previous = signal.getsignal(signal.SIGTERM)
+    ck.install_preemption_handlers()
+    try:
+        assert ck.preemption_requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the handler
+        time.sleep(0.01)
+        assert ck.preemption_requested() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        ck.uninstall_preemption_handlers()
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def _torchrun() -> list[str]:
