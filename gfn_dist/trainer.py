@@ -165,7 +165,8 @@ class Trainer:
             r = self.cfg.rollout
             self.supervisor = ActorSupervisor(self.actors, self.cfg.replay.num_shards, replay=self.learner.replay,
                                               max_restarts=r.max_restarts,
-                                              max_consecutive_failures=r.max_consecutive_failures)
+                                              max_consecutive_failures=r.max_consecutive_failures,
+                                              step_fn=lambda: self.learner.step)
             self.learner.extra_metrics = self.supervisor.metrics
             self.supervisor.start()
             self.run_refs = self.supervisor.run_refs

@@ -127,9 +127,10 @@ def test_rollout_actor_killed_mid_run(local_ray, tmp_path):
     assert len(died) == 1 and died[0].actor_id == 1, events
     error = [e for e in events if e.kind == "error"]
     assert len(error) == 1 and error[0].actor_id == 0 and "injected rollout failure" in error[0].error
-    # The learner kept stepping while actor 1 was down (its shard skipped as starved): without
-    # that, the rate limiter of shard 1 would hold it once about one batch had been drawn.
-    assert died[0].step_recovered is not None and died[0].step_recovered - died[0].step_failed >= 10, died
+    # The learner kept stepping while actor 1 was down (its shard skipped as starved). Without
+    # that, shard 1's rate limiter holds the learner after at most (tolerance 48 + one push 16) /
+    # 16 items per step = 4 steps (+1 prefetched); a restart takes seconds, i.e. tens of steps.
+    assert died[0].step_recovered is not None and died[0].step_recovered - died[0].step_failed >= 20, died
     assert any(r.get("actors/down", 0) >= 1 for r in rows)
     # The restarted process loaded the newest weights (not version 0) and pushed again.
     assert stats[1]["versions_used"][0] >= killed["step"] and stats[1]["num_batches"] > 0, stats[1]

@@ -57,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tensordict import TensorDict
@@ -309,6 +309,7 @@ class FailureEvent:
         error: the error's first line.
         step_failed: the learner step when the failure was seen.
         step_recovered: the learner step when the actor had pushed again (None until then).
+        time_failed, time_recovered: the same moments, ``time.monotonic()`` seconds.
     """
 
     actor_id: int
@@ -316,6 +317,8 @@ class FailureEvent:
     error: str
     step_failed: int
     step_recovered: Optional[int] = None
+    time_failed: float = 0.0
+    time_recovered: Optional[float] = None
 
 
 class ActorFailure(RuntimeError):
@@ -339,6 +342,7 @@ class ActorSupervisor:
         poll_interval_s: how often the thread looks at the ``run`` calls.
         stats_interval_s: how often it asks the actors for their counters.
         restart_timeout_s: the run fails if Ray has not restarted a dead actor after this.
+        step_fn: returns the learner's current step (else the step last passed to ``check``).
     """
 
     def __init__(
@@ -351,6 +355,7 @@ class ActorSupervisor:
         poll_interval_s: float = 0.2,
         stats_interval_s: float = 1.0,
         restart_timeout_s: float = 300.0,
+        step_fn: Optional[Callable[[], int]] = None,
     ) -> None:
         n = len(actors)
         self.actors = list(actors)
@@ -361,7 +366,8 @@ class ActorSupervisor:
         self.poll_interval_s = float(poll_interval_s)
         self.stats_interval_s = float(stats_interval_s)
         self.restart_timeout_s = float(restart_timeout_s)
-        self.step = 0  # the learner's step, as last reported through check()
+        self._step = 0  # the learner's step, as last reported through check()
+        self._step_fn = step_fn
         self.events: List[FailureEvent] = []
         self.restarts = [0] * n  # process deaths (each one a Ray restart)
         self.failures = [0] * n
@@ -389,6 +395,11 @@ class ActorSupervisor:
         self._thread.start()
 
     @property
+    def step(self) -> int:
+        """The learner's step (for the failure events)."""
+        return int(self._step_fn()) if self._step_fn is not None else self._step
+
+    @property
     def run_refs(self) -> list:
         """The pending ``run`` references (current processes)."""
         return list(self._runs.values())
@@ -396,7 +407,7 @@ class ActorSupervisor:
     def check(self, step: Optional[int] = None) -> None:
         """Records the learner step; raises ``ActorFailure`` if the run must stop (called by the learner)."""
         if step is not None:
-            self.step = int(step)
+            self._step = int(step)
         if self._fatal is not None:
             raise ActorFailure(self._fatal)
 
@@ -527,7 +538,7 @@ class ActorSupervisor:
         with self._lock:
             self.failures[k] += 1
             self.consecutive[k] += 1
-            self.events.append(FailureEvent(k, kind, error, self.step))
+            self.events.append(FailureEvent(k, kind, error, self.step, time_failed=time.monotonic()))
             if kind == "died":
                 self.restarts[k] += 1
         logger.warning("rollout actor %d %s (failure %d in a row, %d in all): %s",
@@ -571,7 +582,7 @@ class ActorSupervisor:
                     self.consecutive[k] = 0
                     for event in self.events:
                         if event.actor_id == k and event.step_recovered is None:
-                            event.step_recovered = self.step
+                            event.step_recovered, event.time_recovered = self.step, time.monotonic()
                     logger.warning("rollout actor %d is back: pushing again with policy version %s",
                                    k, stats.get("policy_version"))
         self._hint_rejections()
