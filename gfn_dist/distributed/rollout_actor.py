@@ -39,6 +39,7 @@ import torch
 from tensordict import TensorDict
 
 from gfn_dist.config import TrainConfig
+from gfn_dist.distributed.wire import td_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class RolloutWorker:
     def submit_push(self, td: TensorDict):
         """Sends ``td`` to this actor's shard without waiting; returns the pending ``try_add`` reference."""
         # By value: Ray inlines small batches in the call and spills large ones to the object store itself.
-        return self.replay.shards[self.shard_index].try_add.remote(td)
+        return self.replay.shards[self.shard_index].try_add.remote(td_to_wire(td))  # numpy wire format
 
     def complete_push(self, pending, td: TensorDict) -> bool:
         """Waits for a submitted push to be accepted, resubmitting while the rate limiter refuses.
