@@ -289,3 +289,34 @@ class TrajectoryBasedGFlowNet(GFlowNet):
             hint = " (set log_reward_clip_min to train with zero rewards)" if bool(torch.isneginf(lr).any()) else ""
             raise ValueError(f"non-finite log_rewards in trajectories {bad}{hint}")
         raise ValueError("non-finite scores: the policy produced non-finite log-probabilities")
+
+
+class LogZMixin:
+    """A learned logZ: an ``nn.Parameter`` scalar, or a ``ScalarEstimator`` of the conditions.
+
+    Subclasses set ``self.logZ``; optimizers usually give ``logz_parameters()`` a
+    larger learning rate than ``pf_pb_parameters()``.
+    """
+
+    def logz_value(self, trajectories: Trajectories) -> torch.Tensor:
+        """logZ as a scalar, or ``(N,)`` for a conditional ``ScalarEstimator``.
+
+        Raises:
+            ValueError: if logZ is a ``ScalarEstimator`` and the trajectories have no conditions.
+        """
+        from gfn_dist.estimators import ScalarEstimator
+
+        if isinstance(self.logZ, ScalarEstimator):
+            if trajectories.conditions is None:
+                raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")
+            return self.logZ(trajectories.conditions).squeeze(-1)
+        return self.logZ
+
+    def logz_parameters(self) -> list[nn.Parameter]:
+        """Parameters of logZ."""
+        return list(self.logZ.parameters()) if isinstance(self.logZ, nn.Module) else [self.logZ]
+
+    def pf_pb_parameters(self) -> list[nn.Parameter]:
+        """All registered parameters except logZ's."""
+        ids = {id(p) for p in self.logz_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]

@@ -35,7 +35,7 @@ from torch import nn
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
 from gfn_dist.estimators import ScalarEstimator
-from gfn_dist.gflownet.base import TrajectoryBasedGFlowNet, get_trajectory_pfs, reduce_loss
+from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, get_trajectory_pfs, reduce_loss
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -155,7 +155,7 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         return self._compute_rtb_scores(env, trajectories, log_rewards, recalculate_all_logprobs)
 
 
-class RelativeTrajectoryBalanceGFlowNet(RelativeTBBase):
+class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
     """Relative Trajectory Balance (Venkatraman et al. 2024, arXiv:2405.20971).
 
     Per trajectory ``(logZ + Σ log p_post(τ) - Σ log p_prior(τ) - β log r(x))^2``;
@@ -188,27 +188,6 @@ class RelativeTrajectoryBalanceGFlowNet(RelativeTBBase):
     ):
         super().__init__(pf, prior_pf, beta=beta, log_reward_clip_min=log_reward_clip_min, debug=debug, loss_fn=loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
-
-    def logz_value(self, trajectories: Trajectories) -> torch.Tensor:
-        """logZ as a scalar, or ``(N,)`` for a conditional ``ScalarEstimator``.
-
-        Raises:
-            ValueError: if logZ is a ``ScalarEstimator`` and the trajectories have no conditions.
-        """
-        if isinstance(self.logZ, ScalarEstimator):
-            if trajectories.conditions is None:
-                raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")
-            return self.logZ(trajectories.conditions).squeeze(-1)
-        return self.logZ
-
-    def logz_parameters(self) -> list[nn.Parameter]:
-        """Parameters of logZ (usually trained with a larger learning rate)."""
-        return list(self.logZ.parameters()) if isinstance(self.logZ, nn.Module) else [self.logZ]
-
-    def pf_pb_parameters(self) -> list[nn.Parameter]:
-        """All parameters except logZ's (the posterior's; the prior is not registered)."""
-        ids = {id(p) for p in self.logz_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
 
     def loss(
         self,

@@ -21,10 +21,10 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.estimators import ScalarEstimator
-from gfn_dist.gflownet.base import TrajectoryBasedGFlowNet, reduce_loss
+from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss
 
 
-class TBGFlowNet(TrajectoryBasedGFlowNet):
+class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
     """Trajectory Balance (arXiv:2201.13259, Sec. 2.3).
 
     Args:
@@ -52,23 +52,6 @@ class TBGFlowNet(TrajectoryBasedGFlowNet):
     ):
         super().__init__(pf, pb, constant_pb, log_reward_clip_min, debug, loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
-
-    def logz_value(self, trajectories: Trajectories) -> torch.Tensor:
-        """logZ as a scalar, or ``(N,)`` for a conditional ``ScalarEstimator``."""
-        if isinstance(self.logZ, ScalarEstimator):
-            if trajectories.conditions is None:
-                raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")
-            return self.logZ(trajectories.conditions).squeeze(-1)
-        return self.logZ
-
-    def logz_parameters(self) -> list[nn.Parameter]:
-        """Parameters of logZ (usually trained with a larger learning rate)."""
-        return list(self.logZ.parameters()) if isinstance(self.logZ, nn.Module) else [self.logZ]
-
-    def pf_pb_parameters(self) -> list[nn.Parameter]:
-        """All parameters except logZ's."""
-        ids = {id(p) for p in self.logz_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
 
     def loss(
         self,
