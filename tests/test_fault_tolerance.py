@@ -129,8 +129,15 @@ def test_rollout_actor_killed_mid_run(local_ray, tmp_path):
     assert len(error) == 1 and error[0].actor_id == 0 and "injected rollout failure" in error[0].error
     # The learner kept stepping while actor 1 was down (its shard skipped as starved). Without
     # that, shard 1's rate limiter holds the learner after at most (tolerance 48 + one push 16) /
-    # 16 items per step = 4 steps (+1 prefetched); a restart takes seconds, i.e. tens of steps.
-    assert died[0].step_recovered is not None and died[0].step_recovered - died[0].step_failed >= 20, died
+    # 16 items per step = 4 steps (+1 prefetched, + what it does in the ~0.2 s the supervisor takes
+    # to see the actor back); a restart takes seconds, during which the learner keeps at least
+    # half its rate (it is fed by actor 0 alone) where a stalled one manages ~10% of it.
+    # Measured: the learner's step rate while the actor is down, against its median rate before.
+    down = died[0]
+    assert down.step_recovered is not None and down.step_recovered - down.step_failed >= 10, died
+    rate_down = (down.step_recovered - down.step_failed) / (down.time_recovered - down.time_failed)
+    rate_before = sorted(r["learner_steps_per_s"] for r in rows if r["step"] <= killed["step"])
+    assert rate_down >= 0.25 * rate_before[len(rate_before) // 2], (rate_down, rate_before, died)
     assert any(r.get("actors/down", 0) >= 1 for r in rows)
     # The restarted process loaded the newest weights (not version 0) and pushed again.
     assert stats[1]["versions_used"][0] >= killed["step"] and stats[1]["num_batches"] > 0, stats[1]

@@ -556,11 +556,12 @@ class ActorSupervisor:
         import ray
 
         now = time.monotonic()
-        if now >= self._next_stats:
+        every = now >= self._next_stats
+        if every:
             self._next_stats = now + self.stats_interval_s
-            for k, actor in enumerate(self.actors):
-                if k not in self._stats_refs and k not in self._outages:
-                    self._stats_refs[k] = actor.stats.remote()
+        for k, actor in enumerate(self.actors):  # down actors every round: notice their return at once
+            if (every or k in self._down) and k not in self._stats_refs and k not in self._outages:
+                self._stats_refs[k] = actor.stats.remote()
         if not self._stats_refs:
             return
         refs = {ref: k for k, ref in self._stats_refs.items()}
