@@ -1,50 +1,38 @@
 """Fault tolerance: supervised rollout actors, recoverable replay shards, screened rewards, a loopback-only Ray.
 
-Rollout actors (``ActorSupervisor``, on the driver / rank 0)
-    Actors are Ray actors with ``max_restarts = rollout.max_restarts``: Ray
-    restarts a dead actor process by re-running its constructor (a fresh policy
-    copy, counters at zero). A daemon thread of the driver watches every actor's
-    ``run`` call. When one ends with an error -- the process died
-    (``RayActorError``) or ``run`` raised -- it calls ``run`` again (after a
-    death, once Ray reports the restarted actor alive: calls to a restarting
-    actor fail) and the actor's loop loads the newest published weights before
-    its first batch. Meanwhile the learner
-    keeps sampling: the shards fed only by down actors are marked *starved* on
-    the learner's ``ReplayClient``, which then draws from the other shards
-    instead of waiting on a rate limiter that no insert will open. An actor is
-    up again once it has pushed a batch since the failure, which resets its
-    count of consecutive failures. The run fails, with one message naming the
-    actor, the count and the last error, after ``rollout.max_consecutive_failures``
-    failures in a row, or when a death exceeds Ray's restart budget.
+Rollout actors (``ActorSupervisor``, driver / rank 0). Ray restarts a dead actor
+process (``rollout.max_restarts``) by re-running its constructor. A driver
+thread watches every actor's ``run`` call; when one ends with an error (the
+process died, or ``run`` raised) it calls ``run`` again -- after a death once
+Ray reports the actor alive -- and the actor loads the newest published weights
+before its first batch. Meanwhile shards fed only by down actors are *starved*
+on the learner's ``ReplayClient``, which draws from the other shards instead of
+waiting on a rate limiter no insert will open. An actor is up again once it
+pushed a batch, which resets its count of consecutive failures; the run fails
+with one message (actor, count, last error) after ``rollout.max_consecutive_failures``
+failures in a row or once Ray's restart budget is spent.
 
-Replay shards (``ShardPersistence``, inside each shard)
-    A shard with a state directory (``RUN_DIR/replay/shard_<i>``) keeps there
+Replay shards (``ShardPersistence``, inside each shard with a state directory
+``RUN_DIR/replay/shard_<i>``): ``journal.bin`` holds 32 bytes rewritten in place
+(``os.pwrite``) after every insert -- ``num_inserts``, restarts, items lost; the
+write is in the kernel's page cache, so it survives the process being killed.
+``snapshot.pt`` holds the latest ``ReplayShard.snapshot()`` (plain tensors, read
+with ``torch.load(weights_only=True)``), written atomically every
+``replay.snapshot_every_inserts`` items and whenever ``snapshot()`` (checkpoints)
+or ``restore()`` runs. A shard Ray restarts (``replay.max_restarts``) restores the
+snapshot and reports ``items_lost = journal.num_inserts - snapshot.num_inserts``
+(a warning, its ``stats()``, the metric ``replay/items_lost``); a shard created
+anew clears what an earlier run left.
 
-    * ``journal.bin``: 32 bytes rewritten in place (``os.pwrite``) after every
-      insert: the shard's ``num_inserts``, restarts and items lost so far. The
-      write lands in the kernel's page cache, so it survives the process being
-      killed (not a crash of the whole node);
-    * ``snapshot.pt``: the latest ``ReplayShard.snapshot()`` (plain tensors,
-      loaded with ``torch.load(weights_only=True)``), written atomically every
-      ``replay.snapshot_every_inserts`` inserted items and whenever
-      ``snapshot()`` is called (checkpoints) or ``restore()`` runs.
+Rewards (``RewardScreen``, inside each rollout actor). Trajectories with a NaN or
++inf log-reward, or -inf while ``loss.log_reward_clip_min`` is -inf (an infinite
+loss), are dropped before the push and counted (``rollout/rejected_nan``,
+``rollout/rejected_posinf``, ``rollout/rejected_neginf``), with a one-time hint
+to set ``loss.log_reward_clip_min`` for zero rewards.
 
-    When Ray restarts a dead shard (``replay.max_restarts``), its constructor
-    restores the snapshot and reports the items inserted after it as lost:
-    ``items_lost = journal.num_inserts - snapshot.num_inserts`` (logged as a
-    warning, in the shard's ``stats()`` and as the metric ``replay/items_lost``).
-    A shard created fresh (not a Ray restart) clears what a previous run left.
-
-Rewards (``RewardScreen``, inside each rollout actor)
-    Trajectories whose log-reward is NaN or +inf, or -inf while
-    ``loss.log_reward_clip_min`` is -inf (the loss would be infinite), are
-    dropped before the push and counted (``rollout/rejected_nan``,
-    ``rollout/rejected_posinf``, ``rollout/rejected_neginf``), with a one-time
-    hint to set ``loss.log_reward_clip_min`` for zero rewards.
-
-Network exposure (``loopback_only_ray``)
-    The embedded Ray of a single-node run binds every server to 127.0.0.1 (Ray
-    on Linux otherwise listens on all interfaces) and runs without its dashboard.
+Network exposure (``loopback_only_ray``). The embedded Ray of a single-node run
+binds every server to 127.0.0.1 (Ray on Linux otherwise listens on all
+interfaces) and runs without its dashboard.
 """
 
 from __future__ import annotations
@@ -64,21 +52,19 @@ from tensordict import TensorDict
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-
-
 # ---------------------------------------------------------------------------- network exposure
 
 
 @contextlib.contextmanager
 def loopback_only_ray():
-    """While active, Ray resolves this node's IP to 127.0.0.1 (pass ``_node_ip_address=LOOPBACK`` too).
+    """While active, a Ray started or joined here takes 127.0.0.1 as this node's address.
 
-    Ray maps a loopback ``_node_ip_address`` to the machine's routable address
-    unless it believes clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
-    read from the module constant at call time). The raylet, GCS and workers
-    then bind 127.0.0.1 only. Both settings are restored on exit, so a later
-    connection to a real cluster from this process is unaffected.
+    On Linux Ray uses the machine's routable address (and servers listen on all
+    interfaces) unless it believes clusters are disabled
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by the raylet and workers;
+    the module constant is read at call time). Then the raylet, GCS and workers
+    bind 127.0.0.1 only. Both are restored on exit, so a later connection to a
+    real cluster from this process is unaffected.
     """
     from ray._private import ray_constants
 
@@ -304,8 +290,9 @@ class FailureEvent:
 
     Attributes:
         actor_id: the actor.
-        kind: ``died`` (the process died; Ray restarts it), ``error`` (``run``
-            raised) or ``stopped`` (``run`` returned before training ended).
+        kind: ``died`` (the process died; Ray restarts it), ``unreachable`` (calls
+            failed but Ray kept it alive), ``error`` (``run`` raised) or
+            ``stopped`` (``run`` returned before training ended).
         error: the error's first line.
         step_failed: the learner step when the failure was seen.
         step_recovered: the learner step when the actor had pushed again (None until then).
