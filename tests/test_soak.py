@@ -35,7 +35,7 @@ from gfn_dist.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-SOAK_S = 70.0  # training time
+SOAK_S = 60.0  # training time
 WARMUP_S = 15.0  # replay full, allocator caches and Ray buffers settled
 SAMPLE_EVERY_S = 2.0
 RSS_GROWTH_BOUND_MB = 24.0

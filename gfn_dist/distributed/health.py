@@ -43,6 +43,7 @@ import os
 import struct
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -160,10 +161,12 @@ def was_restarted_by_ray() -> bool:
     try:
         import ray
 
-        if not ray.is_initialized():
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return False
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # not inside an actor, or Ray not importable
+        with warnings.catch_warnings():  # the property reads a deprecated field internally
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # Ray not importable, or an API change: no restart to recover from
         return False
 
 
