@@ -214,6 +214,26 @@ def _push(td_fn):
     return run
 
 
+def _push_raw(payload_fn):
+    """Calls the shard's ``try_add`` directly with a hand-made payload (e.g. a wire-format dict)."""
+    def run(ctx):
+        client = ctx.replay
+        ctx.state["before"] = ray.get(client.shards[0].snapshot.remote())
+        ctx.state["rejected_before"] = client.stats()["shards"][0]["num_rejected"]
+        result = ray.get(client.shards[0].try_add.remote(payload_fn()))
+        assert not result["accepted"] and result["status"] == "invalid", result
+        return result["reason"]
+    return run
+
+
+def _wire_with_python_object():
+    from gfn_dist.distributed.wire import td_to_wire
+
+    payload = td_to_wire(_batch())
+    payload["note"] = "import os; os.system('echo pwned')"  # a Python object beside the arrays
+    return payload
+
+
 def _shard_untouched(ctx):
     client = ctx.replay
     after = ray.get(client.shards[0].snapshot.remote())
@@ -307,6 +327,8 @@ CASES = [
     Case("batch-non-tensor-field", _push(_with_non_tensor), ["field 'note' must be a plain tensor"],
          _shard_untouched),
     Case("batch-nested-field", _push(_with_nested), ["field 'extra' must be a plain tensor"], _shard_untouched),
+    Case("batch-wire-python-object", _push_raw(_wire_with_python_object), ["field 'note' must be a plain tensor"],
+         _shard_untouched),
     # cluster address: one line, exit 2, within the timeout
     Case("address-unreachable", _unreachable_address,
          ["cluster.address=127.0.0.1:", "no Ray cluster answered", "within 2 s"], _address_intact),
