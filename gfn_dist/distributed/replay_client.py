@@ -24,6 +24,7 @@ shard can serve, instead of waiting on a rate limiter no insert will open.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -125,11 +126,17 @@ class ReplayClient:
         self._next_look: Dict[int, float] = {}  # shard -> when to look at Ray's actor table again
         self._gone: set = set()  # shards that will not come back (Ray's restart budget spent)
         self._shard_stats: List[Optional[Dict[str, Any]]] = [None] * len(self.shards)
+        self._lock = threading.RLock()  # the learner's prefetch thread and main thread share the client
 
     def __getstate__(self) -> dict:  # shipped to actors: handles and numbers only, no pending probes
         state = dict(self.__dict__)
         state.update(_down={}, _gone=set(), _next_look={}, last_stats=None, _shard_stats=[None] * len(self.shards))
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @property
     def num_shards(self) -> int:
@@ -144,6 +151,10 @@ class ReplayClient:
 
     def available(self) -> List[int]:
         """Indices of the shards not known to be down (a down shard is up again once its probe answers)."""
+        with self._lock:
+            return self._available()
+
+    def _available(self) -> List[int]:
         import ray
         from ray.exceptions import RayActorError
 
@@ -189,11 +200,12 @@ class ReplayClient:
             probe: a pending call to the shard whose answer means it is back (None: ask Ray's actor
                 table until the shard is alive, then call it).
         """
-        if index in self._down or index in self._gone:
-            return
+        with self._lock:
+            if index in self._down or index in self._gone:
+                return
+            self._down[index] = probe
         logger.warning("ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until "
                        "it is back", index, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        self._down[index] = probe
 
     def _eligible(self) -> List[int]:
         """Live shards to sample from: those not starved, or every live one if all are starved."""
