@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     env, gfn = make_hypergrid_tb(args.ndim, args.height)
     hist = train_single(env, gfn, args.n_iterations, args.batch_size, eval_every=args.eval_every)
-    print(f"final exact L1 = {hist.l1[-1]:.4f} after {hist.iterations[-1]} iterations, {hist.wall_s:.1f} s")
+    logger.info("final exact L1 = %.4f after %d iterations, %.1f s", hist.l1[-1], hist.iterations[-1], hist.wall_s)
 
 
 if __name__ == "__main__":
