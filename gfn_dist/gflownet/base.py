@@ -199,6 +199,19 @@ def reduce_loss(per_traj: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def scores_arguments(trajectories, recalculate_all_logprobs, env):
+    """``get_scores`` arguments in order, also from torchgfn's older ``get_scores(env, trajectories, ...)``.
+
+    Returns:
+        ``(trajectories, recalculate_all_logprobs, env)``.
+    """
+    if not isinstance(trajectories, Env):
+        return trajectories, recalculate_all_logprobs, env
+    # Old order: the env came first, the trajectories second (positionally or as ``env=``).
+    moved = env if isinstance(env, Trajectories) else recalculate_all_logprobs
+    return moved, True, trajectories
+
+
 def _square(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2)
 
@@ -269,9 +282,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
 
         Also accepts torchgfn's older order ``get_scores(env, trajectories, ...)``.
         """
-        if isinstance(trajectories, Env):
-            trajectories, env = env if isinstance(env, Trajectories) else recalculate_all_logprobs, trajectories
-            recalculate_all_logprobs = True
+        trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
         # Finiteness is checked once, on the scores (one host sync instead of one per policy).
         log_pf, log_pb = self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=False)
         lr = self._log_rewards(trajectories, log_rewards)

@@ -35,7 +35,13 @@ from torch import nn
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
 from gfn_dist.estimators import ScalarEstimator
-from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, get_trajectory_pfs, reduce_loss
+from gfn_dist.gflownet.base import (
+    LogZMixin,
+    TrajectoryBasedGFlowNet,
+    get_trajectory_pfs,
+    reduce_loss,
+    scores_arguments,
+)
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -149,9 +155,7 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
 
         Also accepts torchgfn's older order ``get_scores(env, trajectories, ...)``.
         """
-        if isinstance(trajectories, Env):
-            trajectories, env = env if isinstance(env, Trajectories) else recalculate_all_logprobs, trajectories
-            recalculate_all_logprobs = True
+        trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
         return self._compute_rtb_scores(env, trajectories, log_rewards, recalculate_all_logprobs)
 
 
