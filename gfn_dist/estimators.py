@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.actions import Actions
+from gfn_dist.modules import _no_global_hooks, _no_hooks, call_module
 from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
 
 
@@ -62,7 +63,11 @@ class MaskedCategorical(Distribution):
         self._raw_logits = logits
         self._logits = logits if normalized else None
         self.mask = mask
-        super().__init__(batch_shape=logits.shape[:-1], validate_args=False)
+        # Distribution.__init__ without its argument checks (validate_args=False): it
+        # only records the shapes, and it runs once per rollout step.
+        self._batch_shape = logits.shape[:-1]
+        self._event_shape = torch.Size()
+        self._validate_args = False
 
     @property
     def logits(self) -> torch.Tensor:
@@ -157,7 +162,7 @@ class Estimator(nn.Module):
         return None
 
     def forward(self, states) -> torch.Tensor:
-        out = self.module(self.preprocessor(states))
+        out = call_module(self.module, self.preprocessor(states))
         exp = self.expected_output_dim
         if exp is not None and out.shape[-1] != exp:
             raise ValueError(
@@ -190,7 +195,7 @@ class PolicyMixin:
         return RolloutContext(batch_size=batch_size, device=torch.device(device), conditions=conditions)
 
     def _call_module(self, states_active, conditions):
-        return self(states_active) if conditions is None else self(states_active, conditions)
+        return call_module(self, states_active) if conditions is None else call_module(self, states_active, conditions)
 
     def compute_dist(
         self,
@@ -332,6 +337,62 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
             return MaskedCategorical(log_uniform, mask=masks, normalized=True)
         logp = torch.logaddexp(masked.log_softmax(-1) + math.log1p(-epsilon), log_uniform + math.log(epsilon))
         return MaskedCategorical(logp, mask=masks, normalized=True)
+
+    def masked_logits_fn(self, env, policy_kwargs: Optional[dict] = None):
+        """A tensor-level shortcut of ``to_probability_distribution(states, self(states))``, or None.
+
+        Returns ``f(x) -> masked logits`` for state tensors ``x (M, *state_shape)``:
+        float ``(M, expected_output_dim)``, the (temperature / sf_bias adjusted) logits
+        with ``-inf`` where ``env``'s mask forbids the action, i.e. exactly the
+        unnormalized logits of the ``MaskedCategorical`` that ``compute_dist`` builds.
+        It skips the ``States`` / distribution objects of the general path, which
+        matters in rollout loops of small batches. None when this estimator (a subclass
+        overriding ``forward`` or the distribution), its policy kwargs (``epsilon > 0``,
+        unknown keys) or the environment (no tensor mask hooks) need the general path.
+
+        Raises:
+            ValueError: (from ``f``) if the module's output has the wrong last dimension.
+        """
+        cls = type(self)
+        if (
+            cls.forward is not Estimator.forward
+            or cls.compute_dist is not PolicyMixin.compute_dist
+            or cls._call_module is not PolicyMixin._call_module
+            or cls.to_probability_distribution is not DiscretePolicyEstimator.to_probability_distribution
+            or not getattr(env, "is_discrete", False)
+        ):
+            return None
+        kw = dict(policy_kwargs or {})
+        temperature = float(kw.pop("temperature", 1.0))
+        sf_bias = float(kw.pop("sf_bias", 0.0)) if not self.is_backward else 0.0
+        kw.pop("sf_bias", None)
+        if kw.pop("epsilon", 0.0) != 0.0 or kw:
+            return None
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        mask_fn = env.backward_mask if self.is_backward else env.forward_mask
+        preprocessor, module, n_out = self.preprocessor, self.module, self.expected_output_dim
+        ninf = None
+
+        def masked_logits(x: torch.Tensor) -> torch.Tensor:
+            nonlocal ninf
+            if not (_no_hooks(self) and _no_global_hooks()):
+                logits = self(x)  # the module call machinery, for its hooks
+            else:
+                logits = call_module(module, preprocessor(x))
+                if logits.shape[-1] != n_out:
+                    raise ValueError(
+                        f"{cls.__name__}: module output has last dimension {logits.shape[-1]}, expected {n_out}"
+                    )
+            if sf_bias != 0.0:
+                logits = torch.cat([logits[..., :-1], logits[..., -1:] - sf_bias], dim=-1)
+            if temperature != 1.0:
+                logits = logits / temperature
+            if ninf is None:
+                ninf = _neg_inf(logits)
+            return torch.where(mask_fn(x), logits, ninf)
+
+        return masked_logits
 
     def log_prob_table(self, states, **policy_kwargs) -> torch.Tensor:
         """Normalized log-probabilities of every action, ``(*B, expected_output_dim)``."""

@@ -13,8 +13,37 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+
+
+def _no_global_hooks() -> bool:
+    m = _nn_module
+    return not (
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
+    )
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def call_module(module: nn.Module, *args):
+    """``module(*args)``, skipping ``nn.Module.__call__`` when no hook of any kind is registered.
+
+    Same result as ``module(*args)``; saves the call machinery (a few microseconds per
+    call, which adds up in a rollout loop of small batches).
+    """
+    if _no_hooks(module) and _no_global_hooks():
+        return module.forward(*args)
+    return module(*args)
 
 
 class MLP(nn.Module):
@@ -56,8 +85,43 @@ class MLP(nn.Module):
             trunk = nn.Sequential(*layers)
         self.trunk = trunk
         self.last_layer = nn.Linear(hidden_dim, output_dim)
+        self._plan: Optional[list] = None
+
+    def _fast_plan(self) -> list:
+        """``[(linear, relu_after), ...]`` when the trunk is Linear / ReLU layers only, else ``[]``."""
+        if self._plan is None:
+            plan: list = []
+            mods = list(self.trunk) if isinstance(self.trunk, nn.Sequential) else [None]
+            for m in mods:
+                if type(m) is nn.Linear:
+                    plan.append([m, False])
+                elif type(m) is nn.ReLU and plan and not plan[-1][1]:
+                    plan[-1][1] = True
+                else:
+                    plan = []
+                    break
+            if plan:
+                plan.append([self.last_layer, False])
+            self._plan = plan
+        return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._fast_plan()
+        # Linear / ReLU trunk without hooks: functional calls, ReLU in place on the fresh
+        # linear output (same values and gradients as the module calls, fewer allocations).
+        fast = bool(plan) and _no_global_hooks() and _no_hooks(self.trunk)
+        if fast:
+            for m, _ in plan:
+                if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                    fast = False
+                    break
+        if fast:
+            h = x
+            for lin, relu in plan:
+                h = torch.nn.functional.linear(h, lin.weight, lin.bias)
+                if relu:
+                    h = torch.relu_(h)
+            return h
         return self.last_layer(self.trunk(x))
 
 

@@ -88,6 +88,7 @@ class KHotPreprocessor(Preprocessor):
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         # One lookup kernel: rows 0..H-1 of the table are the identity, row H (reached
         # by index -1, which wraps) is zeros. This runs once per rollout step.
-        if self._table is None or self._table.device != x.device:
-            self._table = torch.cat([torch.eye(self.height), torch.zeros(1, self.height)]).to(x.device)
-        return self._table[x].flatten(start_dim=-2)
+        table = self._table
+        if table is None or table.device != x.device:
+            table = self._table = torch.cat([torch.eye(self.height), torch.zeros(1, self.height)]).to(x.device)
+        return table[x].flatten(start_dim=-2)

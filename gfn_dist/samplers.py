@@ -134,8 +134,53 @@ class Sampler:
         rows = None  # working rows (None: the whole batch, written in place)
         xw, nw = x, N
         done = torch.zeros(N, dtype=torch.bool, device=dev)
-        T = 0
+        # The tensor-level shortcut of the stock estimators (no States / distribution
+        # objects per step); None: the general compute_dist path.
+        masked_logits = None
+        if conditions is None and not save_estimator_outputs:
+            fn = getattr(est, "masked_logits_fn", None)
+            masked_logits = fn(env, policy_kwargs) if fn is not None else None
+        T, n_active = 0, N
+        if masked_logits is not None:
+            # Per-step views made once (a Python list index is cheaper than a tensor select).
+            noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
+            exit_t = torch.tensor(exit_idx, device=dev)
+            small = not can_compact or N < self.min_rows_to_compact
+            done_v = done.view(N, *state_dims)  # done is updated in place: the view stays current
         for t in range(T_max):
+            if masked_logits is not None:
+                # Sampled from logits masked by env.forward_mask: always valid.
+                logits = masked_logits(xw)
+                if rows is None:
+                    a = torch.argmax(logits - noise_t[t], dim=-1, out=actions_t[t])
+                else:
+                    a = torch.argmax(logits - noise_t[t][:nw], dim=-1)
+                if save_logprobs:
+                    lp = logits.log_softmax(-1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+                done |= a == exit_t
+                nxt = env.step_tensor(xw, a)
+                T = t + 1
+                if rows is None:
+                    xw = torch.where(done_v, sf, nxt, out=states_t[t + 1])
+                    if save_logprobs:
+                        lp_buf[t] = lp
+                    if small:  # the one host sync per step
+                        if bool(done.all()):
+                            n_active = 0
+                            break
+                        continue
+                else:
+                    xw = torch.where(done.view(nw, *state_dims), sf, nxt)
+                    states_buf[t + 1].index_copy_(0, rows, xw)
+                    actions_buf[t].index_copy_(0, rows, a)
+                    if save_logprobs:
+                        lp_buf[t].index_copy_(0, rows, lp)
+                n_active = nw - int(done.sum())  # the one host sync per step
+                if n_active == 0:
+                    break
+                if nw >= self.min_rows_to_compact and 2 * n_active <= nw:
+                    rows, xw, done, nw = self._compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx)
+                continue
             st = env.States(xw)
             dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
             # Every working row is sampled; finished rows hold sf and are padded after the loop.
@@ -157,7 +202,7 @@ class Sampler:
                         f"in trajectories {bad_rows} at step {t}"
                     )
             lp = est.log_probs(a, dist, ctx, None, vectorized=True)[0] if save_logprobs else None
-            done = done | (a == exit_idx)
+            done |= a == exit_idx
             nxt = env.step_tensor(xw, a)
             if rows is None:
                 xw = torch.where(done.view(nw, *state_dims), sf, nxt, out=states_buf[t + 1])
@@ -174,17 +219,7 @@ class Sampler:
             if n_active == 0:
                 break
             if can_compact and nw >= self.min_rows_to_compact and 2 * n_active <= nw:
-                if rows is None:  # rows dropped from now on must read as padding
-                    states_buf[t + 2 :] = sf
-                    actions_buf[t + 1 :] = -1
-                    if save_logprobs:
-                        lp_buf[t + 1 :] = 0.0
-                keep = torch.nonzero(~done).squeeze(1)
-                rows = keep if rows is None else rows[keep]
-                xw, done, nw = xw[keep], done[keep], n_active
-                ctx.batch_size = nw
-                if ctx.conditions is not None:
-                    ctx.conditions = ctx.conditions[keep]
+                rows, xw, done, nw = self._compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx)
         if T == T_max and n_active:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
@@ -208,6 +243,21 @@ class Sampler:
             is_backward=False,
             conditions=conditions,
         )
+
+    @staticmethod
+    def _compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx):
+        """Drops the finished rows from the working batch after step ``t``; returns ``(rows, xw, done, nw)``."""
+        if rows is None:  # rows dropped from now on must read as padding
+            states_buf[t + 2 :] = sf
+            actions_buf[t + 1 :] = -1
+            if lp_buf is not None:
+                lp_buf[t + 1 :] = 0.0
+        keep = torch.nonzero(~done).squeeze(1)
+        rows = keep if rows is None else rows[keep]
+        ctx.batch_size = n_active
+        if ctx.conditions is not None:
+            ctx.conditions = ctx.conditions[keep]
+        return rows, xw[keep], done[keep], n_active
 
     @torch.no_grad()
     def _sample_backward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):

@@ -123,3 +123,39 @@ def test_scalar_estimator_shape():
     env = HyperGrid(2, 4)
     est = ScalarEstimator(MLP(env.preprocessor.output_dim, 1, 8), env.preprocessor)
     assert est(env.reset(5)).shape == (5, 1)
+
+
+def test_mlp_fast_path_matches_module_calls():
+    """The functional Linear/ReLU path gives the module path's outputs and gradients; hooks force the latter."""
+    torch.manual_seed(0)
+    mlp = MLP(6, 3, 32, 2)
+    x = torch.randn(10, 6)
+    out = mlp(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+    ref = mlp.last_layer(mlp.trunk(x))  # the plain module calls
+    ref.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    for g, p in zip(grads, mlp.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+    seen = []
+    h = mlp.trunk[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    mlp(x)
+    h.remove()
+    assert seen == [torch.Size([10, 32])]
+    mlp(x)
+    assert len(seen) == 1
+
+
+def test_masked_logits_fn_equals_distribution_logits():
+    env = HyperGrid(3, 4)
+    for backward in (False, True):
+        n_out = env.n_actions - 1 if backward else env.n_actions
+        est = DiscretePolicyEstimator(MLP(env.preprocessor.output_dim, n_out, 16), env.n_actions, env.preprocessor, is_backward=backward)
+        x = env.all_states.tensor
+        kw = {"temperature": 1.7, "sf_bias": 0.4}
+        fn = est.masked_logits_fn(env, kw)
+        with torch.no_grad():
+            ref = est.to_probability_distribution(env.States(x), est(env.States(x)), **kw)
+            assert torch.equal(fn(x), ref._raw_logits)

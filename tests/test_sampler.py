@@ -154,3 +154,56 @@ def test_compacted_rollout_keeps_conventions_and_log_probs():
     assert torch.equal(traj.terminating_idx, (a >= 0).sum(0))
     assert bool((traj.log_probs[a < 0] == 0).all())
     assert torch.allclose(get_trajectory_pfs(pf, traj), traj.log_probs, atol=1e-5)
+
+
+def _general_path_only(monkeypatch):
+    """Disables the tensor-level shortcut: every step goes through compute_dist."""
+    monkeypatch.setattr(DiscretePolicyEstimator, "masked_logits_fn", lambda self, env, kw=None: None)
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+@pytest.mark.parametrize("n", [8, 80])  # 80 rows: the working batch is compacted
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5, "sf_bias": 1.0}])
+def test_fast_rollout_equals_general_path(name, n, kw, monkeypatch):
+    """Same seed, same noise: the shortcut and compute_dist give identical trajectories."""
+    env = ENVS[name]()
+    torch.manual_seed(1)
+    pf = make_pf(env)
+    assert pf.masked_logits_fn(env, kw) is not None
+    torch.manual_seed(7)
+    fast = Sampler(pf).sample_trajectories(env, n=n, save_logprobs=True, **kw)
+    _general_path_only(monkeypatch)
+    torch.manual_seed(7)
+    ref = Sampler(pf).sample_trajectories(env, n=n, save_logprobs=True, **kw)
+    assert torch.equal(fast.states_tensor, ref.states_tensor)
+    assert torch.equal(fast.actions_tensor, ref.actions_tensor)
+    assert torch.equal(fast.terminating_idx, ref.terminating_idx)
+    assert torch.allclose(fast.log_probs, ref.log_probs, atol=1e-6)
+    assert torch.allclose(fast.log_rewards, ref.log_rewards)
+    replay_is_consistent(env, fast)
+
+
+def test_fast_rollout_is_skipped_for_epsilon_and_overrides():
+    env = HyperGrid(2, 4)
+    pf = make_pf(env)
+    assert pf.masked_logits_fn(env, {"epsilon": 0.1}) is None
+    assert pf.masked_logits_fn(env, {"unknown_kwarg": 1}) is None
+
+    class Shifted(DiscretePolicyEstimator):
+        def forward(self, states):
+            return super().forward(states) + 1.0
+
+    assert Shifted(pf.module, env.n_actions, env.preprocessor).masked_logits_fn(env, {}) is None
+    with pytest.raises(ValueError, match="temperature"):
+        pf.masked_logits_fn(env, {"temperature": 0.0})
+
+
+def test_fast_rollout_runs_module_hooks():
+    """A forward hook on the estimator still sees every rollout step."""
+    env = HyperGrid(2, 4)
+    pf = make_pf(env)
+    calls = []
+    handle = pf.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+    traj = Sampler(pf).sample_trajectories(env, n=5)
+    handle.remove()
+    assert len(calls) == traj.max_length and set(calls) == {5}

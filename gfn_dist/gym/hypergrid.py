@@ -70,9 +70,8 @@ class HyperGrid(DiscreteEnv):
 
     # ---- tensor hooks ------------------------------------------------------
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
-        # Exit is always allowed: one compare and one concatenation.
-        true_col = self._true.expand(*x.shape[:-1], 1)
-        return torch.cat([x < self.height - 1, true_col], dim=-1)
+        # Exit is always allowed: one compare, and the exit column padded on as True.
+        return torch.nn.functional.pad(x < self.height - 1, (0, 1), value=True)
 
     def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x > 0
@@ -80,7 +79,7 @@ class HyperGrid(DiscreteEnv):
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         # Row a of the table is the unit vector of coordinate a; the exit row is zero
         # (the row is unchanged, and replaced by sf).
-        return x + self._unit_steps[a]
+        return x + self._unit_steps.index_select(0, a.reshape(-1)).view(*a.shape, self.ndim)
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return x.scatter_add(-1, a.unsqueeze(-1), -torch.ones_like(a).unsqueeze(-1))
