@@ -47,6 +47,7 @@ from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+EXTRA = []
 PRESET = ROOT / "configs" / "hypergrid_tb.yaml"
 
 
@@ -67,7 +68,7 @@ def in_process_rate(push: int, seconds: float) -> float:
 
 def actor_rate(push: int, seconds: float) -> dict:
     """One rollout actor pushing into one shard with the limiter off (no learner)."""
-    cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}", "replay.capacity_per_shard=100000",
+    cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}", "replay.capacity_per_shard=100000", *EXTRA,
                                "replay.min_size_to_sample=1"])
     shards = create_replay_shards(1, ReplayShardConfig(capacity=100_000, samples_per_insert=None), name_prefix=None,
                                   num_cpus=0)

@@ -25,7 +25,10 @@ def _batch(n=5):
 def test_tensordict_round_trip_through_pickle5():
     td = _batch()
     wire = td_to_wire(td)
-    assert all(isinstance(v, np.ndarray) for k, v in wire.items() if k != "__batch_size__")
+    assert all(isinstance(v, np.ndarray) for k, v in wire.items() if k not in ("__batch_size__", "__dtypes__"))
+    # Small integers travel narrowed (states in [-1, 7], actions in [-1, 2]): int8, restored on arrival.
+    assert wire["states"].dtype == np.int8 and wire["actions"].dtype == np.int8
+    assert wire["__dtypes__"] == {"states": "int64", "actions": "int64"}
     buffers = []
     blob = pickle.dumps(wire, protocol=5, buffer_callback=buffers.append)
     assert len(buffers) == 4  # every array travels out of band (no copy into the stream)
@@ -46,3 +49,17 @@ def test_state_dict_round_trip_and_errors():
         state_dict_to_wire({"meta": "x"})
     with pytest.raises(ValueError, match="__batch_size__"):
         td_from_wire({"states": np.zeros(3)})
+
+
+@pytest.mark.parametrize("lo, hi, wire_dtype", [(-128, 127, np.int8), (-1, 128, np.int16), (0, 40_000, np.int32),
+                                                (0, 2**40, np.int64)])
+def test_integer_narrowing_is_lossless_at_the_range_limits(lo, hi, wire_dtype):
+    td = TensorDict({"x": torch.tensor([lo, hi, 0], dtype=torch.int64), "i32": torch.tensor([lo, 0, 0]).int()
+                     if abs(lo) < 2**31 else torch.zeros(3, dtype=torch.int32)}, batch_size=[3])
+    wire = td_to_wire(td)
+    assert wire["x"].dtype == wire_dtype
+    back = td_from_wire(pickle.loads(pickle.dumps(wire, protocol=5)))
+    for k in td.keys():
+        assert back[k].dtype == td[k].dtype and torch.equal(back[k], td[k])
+    empty = td_from_wire(td_to_wire(TensorDict({"x": torch.zeros(0, 2, dtype=torch.int64)}, batch_size=[0])))
+    assert empty["x"].dtype == torch.int64 and empty["x"].shape == (0, 2)

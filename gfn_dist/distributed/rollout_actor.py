@@ -6,8 +6,8 @@ built from the (plain-data) ``TrainConfig`` and its ``actor_id``: it builds its
 own environment, policy copy (P_F, and P_B for local search) and sampler, so no
 live object crosses process boundaries. Its loop (``run``):
 
-1. poll the weight store (the answer to the previous batch's poll, so the
-   round trip overlaps sampling); load the weights when the version changed;
+1. check the weight store's long poll (answered when a newer version is
+   published; checking costs no round trip); load the weights when the version changed;
 2. sample a batch (``Sampler`` / ``LocalSearchSampler`` with the exploration
    ``policy_kwargs``);
 3. convert it to the wire format ``Trajectories.to_tensordict(max_length=env.max_traj_len)``

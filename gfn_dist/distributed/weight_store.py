@@ -11,14 +11,20 @@ top-level ``ObjectRef`` argument into its value, which would copy the weights
 into the store actor; inside a list the reference itself is kept.
 
 The store also carries the run's stop flag, so actors learn that training is
-over from the same poll. Actors poll overlapped (``WeightSubscriber.poll_overlapped``:
-the answer to the previous poll is read, the next poll is sent), so the round
-trip overlaps sampling; weights are fetched only when the version changed.
+over from the same poll. Actors long-poll (``WeightSubscriber.poll_overlapped``):
+one ``wait_newer`` call stays outstanding and returns as soon as a newer version
+is published (or the run stops), and the actor checks it locally between
+batches (``ray.wait`` with no timeout, no round trip). So an actor costs the
+store one call per published version (or per ``long_poll_s`` when nothing is
+published), not one per batch; weights are fetched only when the version changed.
+The store is a threaded actor (``max_concurrency``) so that waiting long polls
+do not hold up ``publish``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Optional
 
 import torch
@@ -37,6 +43,7 @@ class WeightStore:
         self._refs: Optional[list] = None
         self._stopped = False
         self._num_publishes = 0
+        self._changed = threading.Condition()  # notified on publish and stop (wakes long polls)
 
     def publish(self, version: int, state_dict_ref: list) -> int:
         """Stores ``state_dict_ref`` (``[ObjectRef]``) as ``version``; older versions are ignored.
@@ -49,11 +56,13 @@ class WeightStore:
         """
         if not isinstance(state_dict_ref, (list, tuple)) or len(state_dict_ref) != 1:
             raise ValueError("WeightStore.publish: pass the reference wrapped as [ref] (Ray resolves bare refs)")
-        if int(version) > self._version:
-            self._version = int(version)
-            self._refs = list(state_dict_ref)
-            self._num_publishes += 1
-        return self._version
+        with self._changed:
+            if int(version) > self._version:
+                self._version = int(version)
+                self._refs = list(state_dict_ref)
+                self._num_publishes += 1
+                self._changed.notify_all()
+            return self._version
 
     def latest_version(self) -> int:
         """Newest published version (-1 before the first publish)."""
@@ -61,26 +70,41 @@ class WeightStore:
 
     def get(self) -> tuple[int, Optional[list]]:
         """``(version, [state_dict_ref])``; ``(-1, None)`` before the first publish."""
-        return self._version, self._refs
+        with self._changed:
+            return self._version, self._refs
 
     def poll(self) -> tuple[int, bool]:
-        """``(latest_version, stopped)`` in one call (what rollout actors ask every batch)."""
+        """``(latest_version, stopped)`` now."""
         return self._version, self._stopped
+
+    def wait_newer(self, version: int, timeout_s: float = 1.0) -> tuple[int, bool]:
+        """Long poll: ``(latest_version, stopped)`` as soon as a version newer than ``version``
+        is published or the run stops, else after ``timeout_s`` seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version > version or self._stopped, timeout=timeout_s)
+            return self._version, self._stopped
 
     def stop(self) -> None:
         """Tells every rollout actor to finish its loop."""
-        self._stopped = True
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
 
     def stats(self) -> dict:
         """``version``, ``num_publishes`` and ``stopped``."""
         return {"version": self._version, "num_publishes": self._num_publishes, "stopped": self._stopped}
 
 
+#: Threads of the store actor: one per waiting long poll (one per rollout actor) plus
+#: publishes and stats. Beyond it, polls queue and return after their timeout.
+STORE_MAX_CONCURRENCY = 256
+
+
 def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = None):
-    """A ``WeightStore`` Ray actor (no CPU reserved), optionally named for ``ray.get_actor``."""
+    """A ``WeightStore`` Ray actor (no CPU reserved, threaded), optionally named for ``ray.get_actor``."""
     import ray
 
-    options: dict[str, Any] = {"num_cpus": 0}
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": STORE_MAX_CONCURRENCY}
     if name is not None:
         options["name"] = name
     if namespace is not None:
@@ -139,6 +163,9 @@ class WeightSubscriber:
         module: the module to load into (on any device).
     """
 
+    #: Seconds a long poll waits at most for a newer version.
+    long_poll_s: float = 1.0
+
     def __init__(self, store, module: nn.Module) -> None:
         self.store = store
         self.module = module
@@ -155,19 +182,26 @@ class WeightSubscriber:
         return self._known
 
     def poll_overlapped(self) -> tuple[int, bool]:
-        """``(latest published version, stopped)`` from the poll sent on the previous call.
+        """``(latest published version, stopped)`` as known from the outstanding long poll.
 
-        Returns the answer to the previous call's poll (waiting for it if it has
-        not arrived yet; it had a whole rollout batch to do so) and sends the
-        next poll, so the round trip overlaps the caller's work. The first call
-        polls synchronously. The answer is at most one call old, which keeps
-        the policy-lag bound of tests/test_trainer_ray.py.
+        The first call polls synchronously and sends a ``wait_newer`` long poll;
+        later calls only check locally whether it has returned (no round trip).
+        When it has, its answer is taken and the next long poll sent. A version
+        is seen at the first call after its publish reached the store, so policy
+        lag stays within the bound of tests/test_trainer_ray.py.
         """
         import ray
 
-        ref = self._poll_ref if self._poll_ref is not None else self.store.poll.remote()
-        self._known = tuple(ray.get(ref))
-        self._poll_ref = self.store.poll.remote()
+        if self._poll_ref is None:
+            self._known = tuple(ray.get(self.store.poll.remote()))
+        else:
+            ready, _ = ray.wait([self._poll_ref], timeout=0)
+            if not ready:
+                return self._known
+            self._known = tuple(ray.get(self._poll_ref))
+        self._poll_ref = None
+        if not self._known[1]:  # no poll needed once the run stopped
+            self._poll_ref = self.store.wait_newer.remote(max(self._known[0], self.version), self.long_poll_s)
         return self._known
 
     def refresh(self, latest_version: Optional[int] = None) -> bool:

@@ -9,6 +9,13 @@ path (trajectory batches, published weights) is converted with these helpers.
 
 Only tensors of numpy-representable dtypes (bool, integers, float16/32/64) are
 supported; anything else raises ``TypeError`` naming the key.
+
+Integer fields are sent in the narrowest of int8 / int16 / int32 that holds
+their values (lossless; their dtype is restored on arrival, listed under
+``__dtypes__``): trajectory states and actions are mostly small integers kept
+as int64, and a smaller message matters more than the two reductions it costs
+(Ray copies messages over 100 KB through the shared-memory object store, which
+measured ~2 ms per 256-trajectory batch on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import torch
 from tensordict import TensorDict
 
 BATCH_KEY = "__batch_size__"
+DTYPES_KEY = "__dtypes__"
+_NARROW = ((torch.int8, np.int8), (torch.int16, np.int16), (torch.int32, np.int32))
+_WIDE_INTS = (torch.int16, torch.int32, torch.int64)
 
 
 def _to_numpy(key: str, value: torch.Tensor) -> np.ndarray:
@@ -39,10 +49,27 @@ def _from_numpy(value: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(value)
 
 
+def _narrowed(key: str, value: torch.Tensor, dtypes: dict) -> np.ndarray:
+    """``value`` as numpy, integers in the narrowest lossless dtype (recorded in ``dtypes``)."""
+    if isinstance(value, torch.Tensor) and value.dtype in _WIDE_INTS and value.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(value.detach()))
+        for tdt, ndt in _NARROW:
+            if tdt.itemsize >= value.dtype.itemsize:
+                break
+            info = np.iinfo(ndt)
+            if info.min <= lo and hi <= info.max:
+                dtypes[key] = str(value.dtype).removeprefix("torch.")
+                return value.detach().cpu().to(tdt).numpy()
+    return _to_numpy(key, value)
+
+
 def td_to_wire(td: TensorDict) -> dict[str, Any]:
-    """A flat TensorDict ``(N,)`` as ``{key: ndarray, "__batch_size__": [N]}``."""
-    out: dict[str, Any] = {k: _to_numpy(k, v) for k, v in td.items()}
+    """A flat TensorDict ``(N,)`` as ``{key: ndarray, "__batch_size__": [N], "__dtypes__": {...}}``."""
+    dtypes: dict[str, str] = {}
+    out: dict[str, Any] = {k: _narrowed(k, v, dtypes) for k, v in td.items()}
     out[BATCH_KEY] = list(td.batch_size)
+    if dtypes:
+        out[DTYPES_KEY] = dtypes
     return out
 
 
@@ -56,7 +83,16 @@ def td_from_wire(data: Mapping[str, Any] | TensorDict) -> TensorDict:
         return data
     if BATCH_KEY not in data:
         raise ValueError(f"wire format: missing '{BATCH_KEY}'")
-    fields = {k: (_from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in data.items() if k != BATCH_KEY}
+    dtypes = data.get(DTYPES_KEY, {})
+    fields = {}
+    for k, v in data.items():
+        if k in (BATCH_KEY, DTYPES_KEY):
+            continue
+        if isinstance(v, np.ndarray):
+            v = _from_numpy(v)
+            if k in dtypes:  # narrowed for the hop: back to the sender's dtype
+                v = v.to(getattr(torch, dtypes[k]))
+        fields[k] = v
     return TensorDict(fields, batch_size=list(data[BATCH_KEY]))
 
 

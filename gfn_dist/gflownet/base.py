@@ -138,6 +138,49 @@ def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = T
     return _scatter_TN(lp_M, flat_idx, T, N)
 
 
+def _masked_log_probs(fn, x_M: torch.Tensor, a_M: torch.Tensor) -> torch.Tensor:
+    """log-probs ``(M,)`` of actions ``a_M`` under the masked logits ``fn(x_M)``."""
+    return fn(x_M).log_softmax(-1).gather(-1, a_M.unsqueeze(-1)).squeeze(-1)
+
+
+def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.Tensor]:
+    """``Σ_t log P_F - Σ_t log P_B`` per trajectory, float ``(N,)``, by the tensor-level shortcut.
+
+    The same values as ``get_trajectory_pfs(...).sum(0) - get_trajectory_pbs(...).sum(0)``
+    with recomputed log-probs, with fewer and cheaper ops: one gather of the M valid
+    states per policy, masked logits from ``masked_logits_fn``, and the per-trajectory
+    sums accumulated directly (no ``(T, N)`` intermediate). No finiteness check
+    (callers check the scores). Returns None when a policy (or the trajectories:
+    conditions, backward) needs the general path; ``pb=None`` means P_B = 1.
+    """
+    if trajectories.is_backward or trajectories.conditions is not None:
+        return None
+    env = trajectories.env
+    fn_pf = pf.masked_logits_fn(env) if hasattr(pf, "masked_logits_fn") else None
+    fn_pb = None
+    if pb is not None:
+        fn_pb = pb.masked_logits_fn(env) if hasattr(pb, "masked_logits_fn") else None
+        if fn_pb is None:
+            return None
+    if fn_pf is None:
+        return None
+    a_flat = trajectories.actions_tensor.reshape(-1)  # (T * N,): actions have one component
+    N = trajectories.n_trajectories
+    x_flat = trajectories.states_tensor.flatten(0, 1)  # ((T + 1) * N, *state_shape)
+    idx_pf = torch.nonzero(a_flat >= 0).squeeze(1)  # flat (t, n) of valid transitions
+    a_pf = a_flat.index_select(0, idx_pf)
+    traj_pf = idx_pf.remainder(N)
+    lp_pf = _masked_log_probs(fn_pf, x_flat.index_select(0, idx_pf), a_pf)
+    sums = torch.zeros(N, dtype=lp_pf.dtype, device=lp_pf.device).index_add(0, traj_pf, lp_pf)
+    if fn_pb is not None:
+        sel = torch.nonzero(a_pf != env.n_actions - 1).squeeze(1)  # non-exit transitions
+        # The backward action undoing forward action a at s_{t+1} = flat index + N.
+        x_pb = x_flat.index_select(0, idx_pf.index_select(0, sel) + N)
+        lp_pb = _masked_log_probs(fn_pb, x_pb, a_pf.index_select(0, sel))
+        sums = sums.index_add(0, traj_pf.index_select(0, sel), lp_pb, alpha=-1)
+    return sums
+
+
 def _check_finite(lp_M: torch.Tensor, flat_idx: torch.Tensor, N: int, what: str) -> None:
     bad = torch.isinf(lp_M)
     if bool(bad.any()):
@@ -284,10 +327,16 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         """
         trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
         # Finiteness is checked once, on the scores (one host sync instead of one per policy).
-        log_pf, log_pb = self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=False)
         lr = self._log_rewards(trajectories, log_rewards)
-        scores = log_pf.sum(0) - log_pb.sum(0) - lr
-        if not bool(torch.isfinite(scores).all()):
+        sums = None
+        if recalculate_all_logprobs or (trajectories.log_probs is None and trajectories.estimator_outputs is None):
+            sums = trajectory_score_sums(self.pf, None if self.constant_pb else self.pb, trajectories)
+        if sums is None:
+            log_pf, log_pb = self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=False)
+            sums = log_pf.sum(0) - log_pb.sum(0)
+        scores = sums - lr
+        # One reduction and one host sync: a sum is finite iff every term is (short of overflow).
+        if not math.isfinite(float(scores.detach().sum())):
             self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
 
