@@ -159,3 +159,37 @@ def test_non_finite_log_reward_is_named_with_hint():
     # With a finite clip the same batch trains.
     loss = TBGFlowNet(pf, pb, log_reward_clip_min=-20.0).loss(env, traj, log_rewards=bad)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "make_env",
+    [lambda: HyperGrid(3, 4), lambda: BitSequence(word_size=2, seq_size=6), lambda: NonAutoregressiveBitSequence(1, 5)],
+)
+@pytest.mark.parametrize("constant_pb", [False, True])
+def test_score_shortcut_equals_general_path(make_env, constant_pb, monkeypatch):
+    """TB scores and gradients from trajectory_score_sums equal the per-policy (T, N) path."""
+    from gfn_dist.gflownet.base import trajectory_score_sums
+
+    torch.manual_seed(0)
+    env = make_env()
+    d = env.preprocessor.output_dim
+    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, 16), env.n_actions, env.preprocessor)
+    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, 16), env.n_actions, env.preprocessor, is_backward=True)
+    gfn = TBGFlowNet(pf, None if constant_pb else pb, constant_pb=constant_pb)
+    traj = Sampler(pf).sample_trajectories(env, n=40)
+    assert trajectory_score_sums(pf, None if constant_pb else pb, traj) is not None
+
+    def scores_and_grads():
+        gfn.zero_grad()
+        s = gfn.get_scores(traj)
+        s.square().sum().backward()
+        return s.detach(), [p.grad.clone() for p in gfn.parameters() if p.grad is not None]
+
+    fast, fast_g = scores_and_grads()
+    monkeypatch.setattr(DiscretePolicyEstimator, "masked_logits_fn", lambda self, env, kw=None: None)
+    assert trajectory_score_sums(pf, None if constant_pb else pb, traj) is None
+    ref, ref_g = scores_and_grads()
+    log_pf, log_pb = gfn.get_pfs_and_pbs(traj)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert torch.allclose(fast, log_pf.sum(0) - log_pb.sum(0) - traj.log_rewards, atol=1e-5)
+    assert len(fast_g) == len(ref_g) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_g, ref_g))
