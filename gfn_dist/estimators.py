@@ -376,10 +376,10 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
 
         def masked_logits(x: torch.Tensor) -> torch.Tensor:
             nonlocal ninf
-            if not (_no_hooks(self) and _no_global_hooks()):
+            if not (_no_hooks(self) and _no_hooks(module) and _no_global_hooks()):
                 logits = self(x)  # the module call machinery, for its hooks
             else:
-                logits = call_module(module, preprocessor(x))
+                logits = module.forward(preprocessor(x))
                 if logits.shape[-1] != n_out:
                     raise ValueError(
                         f"{cls.__name__}: module output has last dimension {logits.shape[-1]}, expected {n_out}"

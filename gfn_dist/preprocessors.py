@@ -86,9 +86,12 @@ class KHotPreprocessor(Preprocessor):
         self._table: Optional[torch.Tensor] = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        # One lookup kernel: rows 0..H-1 of the table are the identity, row H (reached
-        # by index -1, which wraps) is zeros. This runs once per rollout step.
+        # One embedding lookup (a few times faster than advanced indexing on large
+        # batches): row 0 of the table is zeros (value -1), row v + 1 the one-hot of v,
+        # and a last zero row for the value H (one step off the grid: an invalid action's
+        # result maps to finite inputs, so the loss can name the action).
         table = self._table
         if table is None or table.device != x.device:
-            table = self._table = torch.cat([torch.eye(self.height), torch.zeros(1, self.height)]).to(x.device)
-        return table[x].flatten(start_dim=-2)
+            zero = torch.zeros(1, self.height)
+            table = self._table = torch.cat([zero, torch.eye(self.height), zero]).to(x.device)
+        return torch.nn.functional.embedding(x + 1, table).flatten(start_dim=-2)

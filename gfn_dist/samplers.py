@@ -144,7 +144,7 @@ class Sampler:
         if masked_logits is not None:
             # Per-step views made once (a Python list index is cheaper than a tensor select).
             noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
-            exit_t = torch.tensor(exit_idx, device=dev)
+            exit_t = env.Actions.exit_action[0].to(dev)  # 0-dim: compares cheaper than a Python int
             small = not can_compact or N < self.min_rows_to_compact
             done_v = done.view(N, *state_dims)  # done is updated in place: the view stays current
         for t in range(T_max):

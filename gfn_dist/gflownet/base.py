@@ -140,7 +140,9 @@ def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = T
 
 def _masked_log_probs(fn, x_M: torch.Tensor, a_M: torch.Tensor) -> torch.Tensor:
     """log-probs ``(M,)`` of actions ``a_M`` under the masked logits ``fn(x_M)``."""
-    return fn(x_M).log_softmax(-1).gather(-1, a_M.unsqueeze(-1)).squeeze(-1)
+    # Normalized over dim 0 of the transposed (A, M) view: the same values, and several
+    # times faster (forward and backward) than over a short last dimension of M rows.
+    return fn(x_M).t().log_softmax(0).gather(0, a_M.unsqueeze(0)).squeeze(0)
 
 
 def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.Tensor]:

@@ -31,14 +31,16 @@ class SequencePreprocessor(Preprocessor):
     def __init__(self, length: int, n_words: int):
         super().__init__(length * (n_words + 1))
         self.length, self.n_words = length, n_words
-        self._offsets: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        if self._offsets is None or self._offsets.device != x.device:
-            self._offsets = torch.arange(self.length, device=x.device) * (self.n_words + 1)
-        idx = x.long().clamp(min=-1) + 1 + self._offsets
-        out = torch.zeros(*x.shape[:-1], self.output_dim, device=x.device)
-        return out.scatter_(-1, idx, 1.0)
+        # One embedding lookup of x + 2: rows 0 (sf padding, -2) and 1 (empty, -1) are the
+        # one-hot of "empty", row w + 2 that of word w.
+        table = self._table
+        if table is None or table.device != x.device:
+            eye = torch.eye(self.n_words + 1)
+            table = self._table = torch.cat([eye[:1], eye]).to(x.device)
+        return torch.nn.functional.embedding(x + 2, table).flatten(start_dim=-2)
 
 
 class _BitSequenceBase(DiscreteEnv):
@@ -141,13 +143,18 @@ class BitSequence(_BitSequenceBase):
         preprocessor: Optional[Preprocessor] = None,
         device: str | torch.device = "cpu",
     ):
-        super().__init__(2**word_size + 1, word_size, seq_size, n_modes, temperature, seed, preprocessor, device)
+        n_actions = 2**word_size + 1
+        self._exit_pattern = torch.arange(n_actions, device=device) == n_actions - 1
+        super().__init__(n_actions, word_size, seq_size, n_modes, temperature, seed, preprocessor, device)
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
-        full = (x >= 0).all(-1, keepdim=True)
-        m = (~full).expand(*x.shape[:-1], self.n_actions).clone()
-        m[..., -1] = full.squeeze(-1)
-        return m
+        # Positions fill left to right: a sequence is full iff its last position is.
+        # Words are allowed iff not full, exit iff full: one compare against the
+        # pattern (False, ..., False, True). sf (all -2) reads as not full.
+        pattern = self._exit_pattern
+        if pattern.device != x.device:
+            pattern = self._exit_pattern = pattern.to(x.device)
+        return (x[..., -1:] >= 0) == pattern
 
     def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
         k = (x >= 0).sum(-1, keepdim=True)
