@@ -175,7 +175,7 @@ class Sampler:
                     actions_buf[t].index_copy_(0, rows, a)
                     if save_logprobs:
                         lp_buf[t].index_copy_(0, rows, lp)
-                n_active = nw - int(done.sum())  # the one host sync per step
+                n_active = nw - int(done.count_nonzero())  # the one host sync per step
                 if n_active == 0:
                     break
                 if nw >= self.min_rows_to_compact and 2 * n_active <= nw:
@@ -215,7 +215,7 @@ class Sampler:
                 if save_logprobs:
                     lp_buf[t].index_copy_(0, rows, lp)
             T = t + 1
-            n_active = nw - int(done.sum())  # the one host sync per step
+            n_active = nw - int(done.count_nonzero())  # the one host sync per step
             if n_active == 0:
                 break
             if can_compact and nw >= self.min_rows_to_compact and 2 * n_active <= nw:
@@ -223,7 +223,9 @@ class Sampler:
         if T == T_max and n_active:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
-        finished_TN = env.States(states_buf[:T]).is_sink_state
+        # Step t of a row is padding iff the row exited before t (cheaper than comparing states with sf).
+        exited = actions_buf[:T] == exit_idx
+        finished_TN = (exited.cumsum(0) - exited.long()) > 0
         actions_TN = actions_buf[:T].masked_fill_(finished_TN, -1)
         term = T - finished_TN.sum(0)
         n_idx = torch.arange(N, device=dev)

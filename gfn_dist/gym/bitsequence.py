@@ -163,9 +163,9 @@ class BitSequence(_BitSequenceBase):
         return (last == words) & (k > 0)
 
     def step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # Full rows only reach here as exit rows that the caller replaces with sf: clamp.
-        k = (x >= 0).sum(-1, keepdim=True).clamp(max=self.length - 1)
-        return x.scatter(-1, k, a.unsqueeze(-1))
+        # The first empty position (-1) is the first minimum: argmin returns the first.
+        # Full and sf rows only reach here as exit / padding rows whose result is discarded.
+        return x.scatter(-1, x.argmin(-1, keepdim=True), a.unsqueeze(-1))
 
     def backward_step_tensor(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         k = (x >= 0).sum(-1, keepdim=True)
