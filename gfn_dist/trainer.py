@@ -200,4 +200,6 @@ class Trainer:
                     logger.debug("stopping actors: %s", err)
             self.metrics.close()
         finally:
+            if getattr(self, "learner", None) is not None:
+                self.learner.release_ddp()  # before the process group goes
             cluster.teardown(self.ctx, self.ray_ctx, self.handles)

@@ -8,6 +8,7 @@ The reference is written independently of ``Learner``: ``gflownet.loss`` on
 the whole batch, ``clip_grad_norm_``, ``make_optimizer``'s Adam.
 """
 
+import gc
 from pathlib import Path
 
 import torch
@@ -75,7 +76,12 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                                   "naive": values[1] / world_size}
         if rank == 0:
             torch.save(results, Path(out_dir) / "ddp.pt")
+        dist.barrier()
     finally:
+        # Release DDP (its reducer holds the process group) before destroying the group:
+        # a gloo group freed afterwards could wait forever on its threads (seen ~1 run in 8).
+        learner = gfn = None
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ and policy lag stay on the device in between.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -184,6 +185,16 @@ class Learner:
         self._reset_counters()
 
     # ------------------------------------------------------------------ the step, top to bottom
+
+    def release_ddp(self) -> None:
+        """Drops the DDP wrapper (its reducer holds the process group); call before destroying the group.
+
+        A gloo group whose last reference goes after ``destroy_process_group`` can wait
+        forever on its worker threads (PyTorch issue 75097; seen ~1 run in 8 here).
+        """
+        if self.model is not self.loss_module:
+            self.model = self.loss_module
+            gc.collect()
 
     def train_step(self) -> None:
         """One learner step: sample, loss, backward + clip + Adam, publish, log."""
