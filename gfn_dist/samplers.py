@@ -140,81 +140,58 @@ class Sampler:
         if conditions is None and not save_estimator_outputs:
             fn = getattr(est, "masked_logits_fn", None)
             masked_logits = fn(env, policy_kwargs) if fn is not None else None
+        # Per-step views made once (a Python list index is cheaper than a tensor select).
+        noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
+        exit_t = env.Actions.exit_action[0].to(dev)  # 0-dim: compares cheaper than a Python int
+        small = not can_compact or N < self.min_rows_to_compact  # never compacted: all-done check only
+        done_v = done.view(N, *state_dims)  # done is updated in place until compaction: the view stays current
         T, n_active = 0, N
-        if masked_logits is not None:
-            # Per-step views made once (a Python list index is cheaper than a tensor select).
-            noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
-            exit_t = env.Actions.exit_action[0].to(dev)  # 0-dim: compares cheaper than a Python int
-            small = not can_compact or N < self.min_rows_to_compact
-            done_v = done.view(N, *state_dims)  # done is updated in place: the view stays current
         for t in range(T_max):
+            # Every working row is sampled; finished rows hold sf and are padded after the loop.
             if masked_logits is not None:
                 # Sampled from logits masked by env.forward_mask: always valid.
                 logits = masked_logits(xw)
-                if rows is None:
-                    a = torch.argmax(logits - noise_t[t], dim=-1, out=actions_t[t])
-                else:
-                    a = torch.argmax(logits - noise_t[t][:nw], dim=-1)
-                if save_logprobs:
-                    lp = logits.log_softmax(-1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
-                done |= a == exit_t
-                nxt = env.step_tensor(xw, a)
-                T = t + 1
-                if rows is None:
-                    xw = torch.where(done_v, sf, nxt, out=states_t[t + 1])
-                    if save_logprobs:
-                        lp_buf[t] = lp
-                    if small:  # the one host sync per step
-                        if bool(done.all()):
-                            n_active = 0
-                            break
-                        continue
-                else:
-                    xw = torch.where(done.view(nw, *state_dims), sf, nxt)
-                    states_buf[t + 1].index_copy_(0, rows, xw)
-                    actions_buf[t].index_copy_(0, rows, a)
-                    if save_logprobs:
-                        lp_buf[t].index_copy_(0, rows, lp)
-                n_active = nw - int(done.count_nonzero())  # the one host sync per step
-                if n_active == 0:
-                    break
-                if nw >= self.min_rows_to_compact and 2 * n_active <= nw:
-                    rows, xw, done, nw = self._compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx)
-                continue
-            st = env.States(xw)
-            dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
-            # Every working row is sampled; finished rows hold sf and are padded after the loop.
-            if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == (nw, env.n_actions):
-                a = dist.sample_with_log_noise(log_noise[t, :nw], out=actions_buf[t] if rows is None else None)
+                a = torch.argmax(logits - noise_t[t][:nw], dim=-1, out=actions_t[t] if rows is None else None)
+                lp = logits.log_softmax(-1).gather(-1, a.unsqueeze(-1)).squeeze(-1) if save_logprobs else None
             else:
-                a = dist.sample()
-                if rows is None:
-                    actions_buf[t] = a
-            if getattr(dist, "mask", None) is not st.forward_masks:
-                # Not built from this batch's masks (a custom distribution): check its actions
-                # now, before an invalid action produces a state the environment cannot hold.
-                good = st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
-                if not bool(good.all()):
-                    bad = torch.nonzero(~good).flatten()
-                    bad_rows = (bad if rows is None else rows[bad]).tolist()[:20]
-                    raise ValueError(
-                        f"invalid action: the policy sampled actions outside the forward mask "
-                        f"in trajectories {bad_rows} at step {t}"
-                    )
-            lp = est.log_probs(a, dist, ctx, None, vectorized=True)[0] if save_logprobs else None
-            done |= a == exit_idx
+                st = env.States(xw)
+                dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
+                if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == (nw, env.n_actions):
+                    a = dist.sample_with_log_noise(noise_t[t][:nw], out=actions_t[t] if rows is None else None)
+                else:
+                    a = dist.sample()
+                    if rows is None:
+                        actions_buf[t] = a
+                if getattr(dist, "mask", None) is not st.forward_masks:
+                    # Not built from this batch's masks (a custom distribution): check its actions
+                    # now, before an invalid action produces a state the environment cannot hold.
+                    good = st.forward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1) | done
+                    if not bool(good.all()):
+                        bad = torch.nonzero(~good).flatten()
+                        bad_rows = (bad if rows is None else rows[bad]).tolist()[:20]
+                        raise ValueError(
+                            f"invalid action: the policy sampled actions outside the forward mask "
+                            f"in trajectories {bad_rows} at step {t}"
+                        )
+                lp = est.log_probs(a, dist, ctx, None, vectorized=True)[0] if save_logprobs else None
+            done |= a == exit_t
             nxt = env.step_tensor(xw, a)
+            T = t + 1
             if rows is None:
-                xw = torch.where(done.view(nw, *state_dims), sf, nxt, out=states_buf[t + 1])
+                xw = torch.where(done_v, sf, nxt, out=states_t[t + 1])
                 if save_logprobs:
                     lp_buf[t] = lp
+                if small:  # the one host sync per step
+                    if bool(done.all()):
+                        n_active = 0
+                        break
+                    continue
             else:
                 xw = torch.where(done.view(nw, *state_dims), sf, nxt)
                 states_buf[t + 1].index_copy_(0, rows, xw)
                 actions_buf[t].index_copy_(0, rows, a)
                 if save_logprobs:
                     lp_buf[t].index_copy_(0, rows, lp)
-            T = t + 1
             n_active = nw - int(done.count_nonzero())  # the one host sync per step
             if n_active == 0:
                 break
