@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.actions import Actions
-from gfn_dist.modules import _no_global_hooks, _no_hooks, call_module
+from gfn_dist.modules import call_module
 from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
 
 
@@ -371,19 +371,11 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         mask_fn = env.backward_mask if self.is_backward else env.forward_mask
-        preprocessor, module, n_out = self.preprocessor, self.module, self.expected_output_dim
         ninf = None
 
         def masked_logits(x: torch.Tensor) -> torch.Tensor:
             nonlocal ninf
-            if not (_no_hooks(self) and _no_hooks(module) and _no_global_hooks()):
-                logits = self(x)  # the module call machinery, for its hooks
-            else:
-                logits = module.forward(preprocessor(x))
-                if logits.shape[-1] != n_out:
-                    raise ValueError(
-                        f"{cls.__name__}: module output has last dimension {logits.shape[-1]}, expected {n_out}"
-                    )
+            logits = call_module(self, x)  # Estimator.forward: preprocessor, module, output check
             if sf_bias != 0.0:
                 logits = torch.cat([logits[..., :-1], logits[..., -1:] - sf_bias], dim=-1)
             if temperature != 1.0:

@@ -158,13 +158,14 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.
     if trajectories.is_backward or trajectories.conditions is not None:
         return None
     env = trajectories.env
-    fn_pf = pf.masked_logits_fn(env) if hasattr(pf, "masked_logits_fn") else None
-    fn_pb = None
-    if pb is not None:
-        fn_pb = pb.masked_logits_fn(env) if hasattr(pb, "masked_logits_fn") else None
-        if fn_pb is None:
-            return None
-    if fn_pf is None:
+
+    def shortcut(policy):
+        make = getattr(policy, "masked_logits_fn", None)
+        return make(env) if make is not None else None
+
+    fn_pf = shortcut(pf)
+    fn_pb = shortcut(pb) if pb is not None else None
+    if fn_pf is None or (pb is not None and fn_pb is None):
         return None
     a_flat = trajectories.actions_tensor.reshape(-1)  # (T * N,): actions have one component
     N = trajectories.n_trajectories
