@@ -78,6 +78,7 @@ class Trainer:
         self.store = None
         self._publisher = None
         self.supervisor = None  # rank 0: gfn_dist.distributed.health.ActorSupervisor
+        self.learner = None
         launcher = cluster.detect_launcher(cfg)
         check_world_size(cfg, cluster.world_size_of(launcher))  # before anything starts
         check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
@@ -200,6 +201,6 @@ class Trainer:
                     logger.debug("stopping actors: %s", err)
             self.metrics.close()
         finally:
-            if getattr(self, "learner", None) is not None:
+            if self.learner is not None:
                 self.learner.release_ddp()  # before the process group goes
             cluster.teardown(self.ctx, self.ray_ctx, self.handles)

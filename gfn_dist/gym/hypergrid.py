@@ -54,7 +54,6 @@ class HyperGrid(DiscreteEnv):
         self.ndim, self.height = int(ndim), int(height)
         self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)
         self._unit_steps = torch.cat([torch.eye(ndim, dtype=torch.long), torch.zeros(1, ndim, dtype=torch.long)]).to(device)
-        self._true = torch.ones(1, dtype=torch.bool, device=device)
         s0 = torch.zeros(ndim, dtype=torch.long)
         sf = torch.full((ndim,), -1, dtype=torch.long)
         super().__init__(
@@ -94,7 +93,7 @@ class HyperGrid(DiscreteEnv):
             table = self._log_reward_table
             if table is None or table.device != x.device:
                 table = self._log_reward_table = self._log_reward_formula(self.all_states.tensor).to(x.device)
-            return table[(x * self._powers.to(x.device)).sum(-1)]
+            return table[self.get_states_indices(x)]
         return self._log_reward_formula(x)
 
     def _log_reward_formula(self, x: torch.Tensor) -> torch.Tensor:
