@@ -7,7 +7,14 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from gfn_dist.distributed.wire import state_dict_from_wire, state_dict_to_wire, td_from_wire, td_to_wire
+from gfn_dist.distributed.wire import (
+    pack_wire,
+    state_dict_from_wire,
+    state_dict_to_wire,
+    td_from_wire,
+    td_to_wire,
+    tensors_to_wire,
+)
 
 
 def _batch(n=5):
@@ -63,3 +70,24 @@ def test_integer_narrowing_is_lossless_at_the_range_limits(lo, hi, wire_dtype):
         assert back[k].dtype == td[k].dtype and torch.equal(back[k], td[k])
     empty = td_from_wire(td_to_wire(TensorDict({"x": torch.zeros(0, 2, dtype=torch.int64)}, batch_size=[0])))
     assert empty["x"].dtype == torch.int64 and empty["x"].shape == (0, 2)
+
+
+def test_packed_bytes_round_trip_and_malformed_payloads():
+    td = _batch(7)
+    fields = {k: td[k] for k in td.keys()}
+    wire = tensors_to_wire(fields, [7])
+    ref = td_to_wire(td)
+    assert wire.keys() == ref.keys() and wire["__dtypes__"] == ref["__dtypes__"]
+    assert all(np.array_equal(wire[k], ref[k]) and wire[k].dtype == ref[k].dtype for k in td.keys())
+    blob = pack_wire(wire)
+    assert isinstance(blob, bytes)
+    back = td_from_wire(blob)
+    assert back.batch_size == td.batch_size
+    for k in td.keys():
+        assert back[k].dtype == td[k].dtype and torch.equal(back[k], td[k])
+    with pytest.raises(ValueError, match="does not unpickle"):
+        td_from_wire(b"not a pickle")
+    with pytest.raises(ValueError, match="holds a list"):
+        td_from_wire(pickle.dumps([1, 2]))
+    with pytest.raises(TypeError, match="'meta'.*str"):
+        tensors_to_wire({"meta": "x"}, [1])

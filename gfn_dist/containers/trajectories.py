@@ -216,12 +216,12 @@ class Trajectories:
         return out
 
     # ---- wire format --------------------------------------------------------
-    def to_tensordict(self, max_length: Optional[int] = None) -> TensorDict:
-        """Batch-major TensorDict of batch size ``(N,)``, time padded to ``max_length`` (default T).
+    def batch_fields(self, max_length: Optional[int] = None, log_probs: bool = True) -> dict[str, torch.Tensor]:
+        """The fields of ``to_tensordict`` as a plain dict of tensors (no TensorDict built).
 
-        Keys: ``states (N, T+1, *state_shape)``, ``actions (N, T, 1)``,
-        ``terminating_idx (N,)``, ``log_rewards (N,)``, and ``log_probs (N, T)``
-        when present. Estimator outputs and any recurrent carry are never shipped.
+        Args:
+            max_length: time length to pad (or trim) to; default T.
+            log_probs: include ``log_probs`` when present.
 
         Raises:
             ValueError: if ``max_length`` is shorter than a trajectory.
@@ -235,9 +235,21 @@ class Trajectories:
             "terminating_idx": self.terminating_idx,
             "log_rewards": self.log_rewards,
         }
-        if self.log_probs is not None:
+        if log_probs and self.log_probs is not None:
             fields["log_probs"] = _pad_time(self.log_probs, T, 0.0).transpose(0, 1)
-        return TensorDict(fields, batch_size=[self.n_trajectories], device=self.device)
+        return fields
+
+    def to_tensordict(self, max_length: Optional[int] = None) -> TensorDict:
+        """Batch-major TensorDict of batch size ``(N,)``, time padded to ``max_length`` (default T).
+
+        Keys: ``states (N, T+1, *state_shape)``, ``actions (N, T, 1)``,
+        ``terminating_idx (N,)``, ``log_rewards (N,)``, and ``log_probs (N, T)``
+        when present. Estimator outputs and any recurrent carry are never shipped.
+
+        Raises:
+            ValueError: if ``max_length`` is shorter than a trajectory.
+        """
+        return TensorDict(self.batch_fields(max_length), batch_size=[self.n_trajectories], device=self.device)
 
     @classmethod
     def from_tensordict(cls, env, td: TensorDict, trim: bool = True) -> "Trajectories":

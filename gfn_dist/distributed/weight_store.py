@@ -172,6 +172,7 @@ class WeightSubscriber:
         self.version = -1
         self.num_updates = 0
         self._poll_ref = None
+        self._poll_future = None  # the long poll as a concurrent future: done() is a local flag read
         self._known: tuple[int, bool] = (-1, False)
 
     def poll(self) -> tuple[int, bool]:
@@ -185,8 +186,10 @@ class WeightSubscriber:
         """``(latest published version, stopped)`` as known from the outstanding long poll.
 
         The first call polls synchronously and sends a ``wait_newer`` long poll;
-        later calls only check locally whether it has returned (no round trip).
-        When it has, its answer is taken and the next long poll sent. A version
+        later calls only check locally whether it has returned (no round trip and
+        no Ray call: a flag set by the reference's completion, ~0.1 us against
+        ~60 us for ``ray.wait(timeout=0)`` in a busy actor). When it has, its
+        answer is taken and the next long poll sent. A version
         is seen at the first call after its publish reached the store, so policy
         lag stays within the bound of tests/test_trainer_ray.py.
         """
@@ -195,13 +198,13 @@ class WeightSubscriber:
         if self._poll_ref is None:
             self._known = tuple(ray.get(self.store.poll.remote()))
         else:
-            ready, _ = ray.wait([self._poll_ref], timeout=0)
-            if not ready:
+            if not self._poll_future.done():
                 return self._known
             self._known = tuple(ray.get(self._poll_ref))
-        self._poll_ref = None
+        self._poll_ref = self._poll_future = None
         if not self._known[1]:  # no poll needed once the run stopped
             self._poll_ref = self.store.wait_newer.remote(max(self._known[0], self.version), self.long_poll_s)
+            self._poll_future = self._poll_ref.future()
         return self._known
 
     def refresh(self, latest_version: Optional[int] = None) -> bool:

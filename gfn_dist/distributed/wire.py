@@ -16,12 +16,19 @@ their values (lossless; their dtype is restored on arrival, listed under
 as int64, and a smaller message matters more than the two reductions it costs
 (Ray copies messages over 100 KB through the shared-memory object store, which
 measured ~2 ms per 256-trajectory batch on a 2-core machine).
+
+Trajectory batches cross as one ``bytes`` object (``pack_wire``: the wire dict
+pickled with protocol 5, arrays in-band): Ray submits a call with a single bytes
+argument about twice as fast as one with a dict of arrays (measured on a 2-core
+machine, 64 HyperGrid trajectories: ~0.10 vs ~0.22 ms per call), and the
+per-push call is the fixed cost of every push. ``td_from_wire`` accepts either form.
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,24 +70,60 @@ def _narrowed(key: str, value: torch.Tensor, dtypes: dict) -> np.ndarray:
     return _to_numpy(key, value)
 
 
-def td_to_wire(td: TensorDict) -> dict[str, Any]:
-    """A flat TensorDict ``(N,)`` as ``{key: ndarray, "__batch_size__": [N], "__dtypes__": {...}}``."""
+def tensors_to_wire(fields: Mapping[str, torch.Tensor], batch_size: Sequence[int]) -> dict[str, Any]:
+    """Tensors sharing a batch size as ``{key: ndarray, "__batch_size__": [...], "__dtypes__": {...}}``.
+
+    The same dict as ``td_to_wire(TensorDict(fields, batch_size))``, without building the TensorDict.
+
+    Raises:
+        TypeError: naming a field that is not a tensor or has no numpy dtype.
+    """
     dtypes: dict[str, str] = {}
-    out: dict[str, Any] = {k: _narrowed(k, v, dtypes) for k, v in td.items()}
-    out[BATCH_KEY] = list(td.batch_size)
+    out: dict[str, Any] = {k: _narrowed(k, v, dtypes) for k, v in fields.items()}
+    out[BATCH_KEY] = [int(b) for b in batch_size]
     if dtypes:
         out[DTYPES_KEY] = dtypes
     return out
 
 
-def td_from_wire(data: Mapping[str, Any] | TensorDict) -> TensorDict:
-    """Inverse of ``td_to_wire``; a TensorDict is returned as is.
+def td_to_wire(td: TensorDict) -> dict[str, Any]:
+    """A flat TensorDict ``(N,)`` as ``{key: ndarray, "__batch_size__": [N], "__dtypes__": {...}}``."""
+    return tensors_to_wire(dict(td.items()), td.batch_size)
+
+
+def pack_wire(wire: Mapping[str, Any]) -> bytes:
+    """A wire dict (``td_to_wire``) as one bytes object (pickle protocol 5, arrays in-band)."""
+    return pickle.dumps(dict(wire), protocol=5)
+
+
+def unpack_wire(data: Any) -> Any:
+    """Inverse of ``pack_wire``; anything but bytes is returned as is.
 
     Raises:
-        ValueError: if the batch size entry is missing.
+        ValueError: if the bytes do not hold a wire dict.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    try:
+        out = pickle.loads(data)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a malformed payload
+        raise ValueError(f"wire format: packed payload does not unpickle ({type(err).__name__}: {err})") from err
+    if not isinstance(out, dict):
+        raise ValueError(f"wire format: packed payload holds a {type(out).__name__}, expected a dict")
+    return out
+
+
+def td_from_wire(data: Mapping[str, Any] | TensorDict | bytes) -> TensorDict:
+    """Inverse of ``td_to_wire`` (or of ``pack_wire(td_to_wire(td))``); a TensorDict is returned as is.
+
+    Raises:
+        ValueError: if the batch size entry is missing or packed bytes are malformed.
     """
     if isinstance(data, TensorDict):
         return data
+    data = unpack_wire(data)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"wire format: expected a dict of arrays, got {type(data).__name__}")
     if BATCH_KEY not in data:
         raise ValueError(f"wire format: missing '{BATCH_KEY}'")
     dtypes = data.get(DTYPES_KEY, {})
