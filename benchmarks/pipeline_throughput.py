@@ -3,13 +3,14 @@
 Three measurements on the ``configs/hypergrid_tb.yaml`` setting (HyperGrid(2, 8),
 MLP 256x2 P_F), each actor with one torch thread:
 
-1. **in-process**: ``Sampler.sample_trajectories(env, n=push)`` in a loop in
-   this process (one thread): the rate a rollout actor could reach with no
-   transport at all.
-2. **actor -> replay, no learner**: one ``RolloutWorker`` Ray actor pushing to
-   one shard with the rate limiter off. ``overhead = 1 - actor_rate / in_process_rate``
-   is the cost of tagging, ``to_tensordict``, ``ray.put`` and the shard insert
-   (plus the weight-version poll per batch). Target: <= 20 % with one actor.
+1. **in-process**: the rollout actor's own ``Sampler.sample_trajectories(env, n=push)``
+   in a loop in the actor's process (one thread): the rate it could reach with no
+   transport at all. (The same loop in the driver process is recorded too.)
+2. **actor -> replay, no learner**: the same actor's real ``run`` loop pushing to
+   one shard with the rate limiter off, timed in windows alternating with (1).
+   ``overhead = 1 - actor_rate / in_process_rate`` is the cost of tagging, packing,
+   the Ray call, the shard insert and the weight-version check per batch.
+   Target: <= 20 % with one actor.
 3. **training pipeline**: the full trainer (learner consuming, rate limiter at
    ``samples_per_insert = 1``) with 1 and 2 actors: trajectories/s produced by
    the actors and consumed by the learner, learner steps/s, policy lag.
@@ -33,6 +34,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import ray
 import torch
@@ -52,7 +54,7 @@ PRESET = ROOT / "configs" / "hypergrid_tb.yaml"
 
 
 def in_process_rate(push: int, seconds: float) -> float:
-    """Trajectories/s of the sampler alone, one thread."""
+    """Trajectories/s of the sampler alone (``push`` per call) in this process, one thread."""
     cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}"])
     torch.manual_seed(0)
     env = build_env(cfg)
@@ -66,10 +68,37 @@ def in_process_rate(push: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def actor_rate(push: int, seconds: float) -> dict:
-    """One rollout actor pushing into one shard with the limiter off (no learner)."""
+def _sample_only(worker, seconds: float) -> tuple:
+    """Runs in the actor's process: its own sampler with no transport; ``(trajectories, seconds)``."""
+    r = worker.cfg.rollout
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        traj = worker.sampler.sample_trajectories(worker.env, n=r.sampler_batch_size or r.trajectories_per_push,
+                                                  **worker.sample_kwargs)
+        n += traj.n_trajectories
+    return n, time.perf_counter() - t0
+
+
+def _run_window(worker, batches: int) -> tuple:
+    """Runs in the actor's process: the real ``run`` loop for ``batches`` more pushes; ``(trajectories, seconds)``."""
+    n0, t0 = worker.num_trajectories, time.perf_counter()
+    worker.run(max_batches=worker.num_batches + batches)
+    return worker.num_trajectories - n0, time.perf_counter() - t0
+
+
+def actor_rate(push: int, seconds: float, rounds: int, sampler_batch: Optional[int] = None) -> dict:
+    """One rollout actor pushing into one shard with the limiter off (no learner).
+
+    The reference and the pipeline are timed in the same actor process, in
+    alternating windows (``rounds`` of each, ``seconds / rounds`` long): its sampler
+    alone (no transport), then its real ``run`` loop (sample, tag, pack, push,
+    wait for the shard's answer). ``sampler_batch``: trajectories per sampler
+    call (``rollout.sampler_batch_size``; default ``push``), for both. The machine's speed drifts by 10-20 % over
+    tens of seconds on a shared VM; interleaving puts both rates under the same
+    drift, and the same process rules out differences between processes.
+    """
     cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}", "replay.capacity_per_shard=100000", *EXTRA,
-                               "replay.min_size_to_sample=1"])
+                               "replay.min_size_to_sample=1", f"rollout.sampler_batch_size={sampler_batch or push}"])
     shards = create_replay_shards(1, ReplayShardConfig(capacity=100_000, samples_per_insert=None), name_prefix=None,
                                   num_cpus=0)
     store = create_weight_store()
@@ -79,18 +108,27 @@ def actor_rate(push: int, seconds: float) -> dict:
     (actor,) = create_rollout_actors(cfg, shards, store)
     ray.get(actor.stats.remote())  # constructed
     client = ReplayClient(shards)
-    ref = actor.run.remote()
-    time.sleep(min(3.0, seconds / 3))  # let the actor reach steady state
-    i0, s0, t0 = client.stats()["num_inserts"], ray.get(actor.stats.remote()), time.perf_counter()
-    time.sleep(seconds)
-    i1, s1, t1 = client.stats()["num_inserts"], ray.get(actor.stats.remote()), time.perf_counter()
+    win = seconds / rounds
+    ray.get(actor.__ray_call__.remote(_run_window, 20))  # warm-up: weights loaded, shard and Ray paths hot
+    ray.get(actor.__ray_call__.remote(_sample_only, 0.5))
+    ref_n = ref_t = run_n = run_t = 0.0
+    s0, i0 = ray.get(actor.stats.remote()), client.stats()["num_inserts"]
+    for _ in range(rounds):
+        n, t = ray.get(actor.__ray_call__.remote(_sample_only, win))
+        ref_n, ref_t = ref_n + n, ref_t + t
+        # As many pushes as the sampler alone made in its window (the same work, timed).
+        n, t = ray.get(actor.__ray_call__.remote(_run_window, max(int(n) // push, 1)))
+        run_n, run_t = run_n + n, run_t + t
+    s1, i1 = ray.get(actor.stats.remote()), client.stats()["num_inserts"]
+    if i1 - i0 != run_n:
+        raise RuntimeError(f"push={push}: the shard inserted {i1 - i0} trajectories, the actor sent {run_n}")
     ray.get(store.stop.remote())
-    ray.get(ref)
     for h in (actor, *shards, store):
         ray.kill(h)
     batches = max(s1["num_batches"] - s0["num_batches"], 1)
     return {
-        "traj_per_s": (i1 - i0) / (t1 - t0),
+        "in_actor_traj_per_s": ref_n / ref_t,
+        "traj_per_s": run_n / run_t,
         "sample_ms_per_batch": 1e3 * (s1["sample_time_s"] - s0["sample_time_s"]) / batches,
         "push_ms_per_batch": 1e3 * (s1["push_time_s"] - s0["push_time_s"]) / batches,
     }
@@ -123,8 +161,10 @@ def pipeline(num_actors: int, steps: int, run_dir: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pushes", type=int, nargs="+", default=[64, 256, 1024], help="trajectories per push")
-    p.add_argument("--seconds", type=float, default=8.0, help="measurement window per rate")
+    p.add_argument("--pushes", nargs="+", default=["64", "256", "1024", "64:256"],
+                   help="trajectories per push P, or S:P for S per sampler call and P per push")
+    p.add_argument("--seconds", type=float, default=8.0, help="measurement time per rate (split into --rounds windows)")
+    p.add_argument("--rounds", type=int, default=8, help="alternating reference / pipeline windows per push size")
     p.add_argument("--steps", type=int, default=200, help="learner steps per pipeline run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_throughput.json"))
     args = p.parse_args()
@@ -132,19 +172,26 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         transport = []
-        for push in args.pushes:
-            base = in_process_rate(push, args.seconds)
-            act = actor_rate(push, args.seconds)
-            transport.append({"trajectories_per_push": push, "in_process_traj_per_s": base,
-                              "actor_traj_per_s": act["traj_per_s"], "overhead": 1 - act["traj_per_s"] / base,
+        for case in args.pushes:
+            sampler_batch, _, push = case.rpartition(":")
+            push = int(push)
+            sampler_batch = int(sampler_batch) if sampler_batch else push
+            base = in_process_rate(sampler_batch, min(args.seconds, 4.0))
+            act = actor_rate(push, args.seconds, args.rounds, sampler_batch)
+            ref = act["in_actor_traj_per_s"]
+            transport.append({"trajectories_per_push": push, "sampler_batch_size": sampler_batch,
+                              "in_process_traj_per_s": ref,
+                              "driver_in_process_traj_per_s": base,
+                              "actor_traj_per_s": act["traj_per_s"], "overhead": 1 - act["traj_per_s"] / ref,
                               # The actor's own time not spent sampling (waits for the previous push + sending):
                               "push_share_of_actor_time": act["push_ms_per_batch"] / (
                                   act["push_ms_per_batch"] + act["sample_ms_per_batch"]),
-                              **{k: v for k, v in act.items() if k != "traj_per_s"}})
-            print(f"push={push:5d}  in-process {base:9.0f} traj/s  actor->replay {act['traj_per_s']:9.0f} traj/s  "
-                  f"overhead {100 * transport[-1]['overhead']:5.1f} %  "
-                  f"(push share of actor time {100 * transport[-1]['push_share_of_actor_time']:4.1f} %; sample {act['sample_ms_per_batch']:.1f} ms, "
-                  f"push {act['push_ms_per_batch']:.1f} ms per batch)", flush=True)
+                              **{k: v for k, v in act.items() if k not in ("traj_per_s", "in_actor_traj_per_s")}})
+            print(f"push={push:5d} (sampler batch {sampler_batch:4d})  in-process {ref:9.0f} traj/s (driver: {base:.0f})  actor->replay "
+                  f"{act['traj_per_s']:9.0f} traj/s  overhead {100 * transport[-1]['overhead']:5.1f} %  "
+                  f"(push share of actor time {100 * transport[-1]['push_share_of_actor_time']:4.1f} %; "
+                  f"sample {act['sample_ms_per_batch']:.2f} ms, push {act['push_ms_per_batch']:.2f} ms per batch)",
+                  flush=True)
         runs = []
         for num_actors in (1, 2):
             r = pipeline(num_actors, args.steps, Path("/tmp") / f"pipeline_bench_{num_actors}_{time.time_ns()}")

@@ -74,16 +74,16 @@ def _at_step(trainer, step: int, action) -> threading.Thread:
 
 def _fail_next_batch(worker, times: int):
     """Inside a rollout actor: its next ``times`` batches raise (the loop's ``run`` call fails)."""
-    original = type(worker).sample_batch
+    original = type(worker).sample_fields  # what run() calls per push
 
     def failing():
         worker.failures_left -= 1
         if worker.failures_left <= 0:
-            worker.sample_batch = original.__get__(worker)
+            worker.sample_fields = original.__get__(worker)
         raise RuntimeError("injected rollout failure")
 
     worker.failures_left = times
-    worker.sample_batch = failing
+    worker.sample_fields = failing
 
 
 def _pid(handle) -> int:

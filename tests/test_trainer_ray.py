@@ -35,6 +35,7 @@ import torch
 
 from gfn_dist.config import load_config, resolve_on_policy
 from gfn_dist.distributed.rollout_actor import SHIPPED_KEYS, RolloutWorker
+from gfn_dist.distributed.wire import td_from_wire
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
@@ -93,7 +94,7 @@ def _ordered(buffer_state):
 
 def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     torch.set_num_threads(1)
-    cfg = _cfg(tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", f"rollout.sampler_batch_size={PUSH // 2}")  # two sampler calls per push
     assert lag_bound(cfg) == 14
     trainer = Trainer(cfg)
     try:
@@ -152,6 +153,33 @@ def test_on_policy_switch(local_ray, tmp_path):
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert max(r["policy_lag_steps_max"] for r in rows) <= lag_bound(cfg) == 5
     assert abs(stats["num_samples"] - stats["num_inserts"]) <= 2 * BATCH
+
+
+def test_push_of_several_sampler_calls_tags_each_call_with_its_version():
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["model.hidden_dim=16", "rollout.trajectories_per_push=12", "rollout.sampler_batch_size=4"])
+    worker = RolloutWorker(cfg, actor_id=1)
+    calls = []
+
+    def refresh():  # stands in for a newer published version found before a sampler call
+        calls.append(worker.policy_version)
+        worker.policy_version += 5
+        return False
+
+    worker.refresh_weights = refresh
+    fields, n = worker.sample_fields()
+    assert n == 12 and set(fields) == set(SHIPPED_KEYS)
+    assert all(v.shape[0] == 12 for v in fields.values())
+    assert calls == [0, 5]  # checked before the 2nd and 3rd call, not before the 1st (run() does that)
+    assert fields["policy_version"].tolist() == [0] * 4 + [5] * 4 + [10] * 4
+    assert worker.versions_used == [0, 5, 10]
+    assert bool((fields["actor_id"] == 1).all())
+    # Each call's trajectories are complete and padded to the same length.
+    assert fields["states"].shape[1] == worker.env.max_traj_len + 1
+    assert bool((fields["terminating_idx"] >= 1).all())
+    # What run() ships decodes to the same batch.
+    back = td_from_wire(worker.encode(fields, n))
+    assert all(torch.equal(back[k], fields[k]) for k in SHIPPED_KEYS)
 
 
 def test_recurrent_carry_never_shipped():

@@ -10,8 +10,10 @@ live object crosses process boundaries. Its loop (``run``):
    published; checking costs no round trip); load the weights when the version changed;
 2. sample a batch (``Sampler`` / ``LocalSearchSampler`` with the exploration
    ``policy_kwargs``);
-3. convert it to the wire format ``Trajectories.to_tensordict(max_length=env.max_traj_len)``
-   and tag every trajectory with ``policy_version`` and ``actor_id`` (int64);
+3. take its fields in the replay format (``Trajectories.batch_fields(max_length=env.max_traj_len)``,
+   the keys of ``to_tensordict`` without building the TensorDict), tag every
+   trajectory with ``policy_version`` and ``actor_id`` (int64) and pack them into
+   one bytes object (``distributed/wire.py``);
 4. push it to replay shard ``actor_id % num_shards`` (``ReplayShard.try_add``),
    retrying while the rate limiter refuses. One push stays in flight while
    the next batch is sampled, which hides the transport and insert time.
@@ -39,7 +41,7 @@ import torch
 from tensordict import TensorDict
 
 from gfn_dist.config import TrainConfig
-from gfn_dist.distributed.wire import td_to_wire
+from gfn_dist.distributed.wire import pack_wire, td_to_wire, tensors_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +113,49 @@ class RolloutWorker:
     @torch.no_grad()
     def sample_batch(self) -> TensorDict:
         """Samples one batch and returns it in the wire format, tagged (CPU, batch size ``(N,)``)."""
-        traj = self.sampler.sample_trajectories(self.env, n=self.cfg.rollout.trajectories_per_push,
-                                                **self.sample_kwargs)
-        td = traj.to_tensordict(max_length=self.env.max_traj_len)
-        td = td.exclude("log_probs")  # learners recompute log P_F under the current policy
-        td = self.screen(td)  # rows with unusable log-rewards are dropped and counted
-        n = td.batch_size[0]
-        td.set("policy_version", torch.full((n,), self.policy_version, dtype=torch.int64, device=td.device))
-        td.set("actor_id", torch.full((n,), self.actor_id, dtype=torch.int64, device=td.device))
-        return td.to("cpu")
+        fields, n = self.sample_fields()
+        return TensorDict(fields, batch_size=[n])
+
+    @torch.no_grad()
+    def sample_fields(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Samples one push: ``(fields, N)``, the shipped keys (``SHIPPED_KEYS``) as CPU tensors ``(N, ...)``.
+
+        ``rollout.trajectories_per_push / rollout.sampler_batch_size`` sampler calls;
+        before each call after the first, newer published weights are loaded (a
+        local check), and each trajectory is tagged with the version that sampled it.
+        What ``run`` pushes; ``sample_batch`` is the same as a TensorDict.
+        """
+        r = self.cfg.rollout
+        per_call = r.sampler_batch_size or r.trajectories_per_push
+        parts = []
+        for i in range(r.trajectories_per_push // per_call):
+            if i:
+                self.refresh_weights()
+            parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=per_call,
+                                                                              **self.sample_kwargs)))
+            if not self.versions_used or self.versions_used[-1] != self.policy_version:
+                self.versions_used.append(self.policy_version)
+        if len(parts) == 1:
+            fields = parts[0]
+        else:
+            fields = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        n = fields["log_rewards"].shape[0]
+        if fields["log_rewards"].device.type != "cpu":
+            fields = {k: v.cpu() for k, v in fields.items()}
+        return fields, n
+
+    def _tagged_fields(self, traj) -> dict[str, torch.Tensor]:
+        """The shipped fields of one sampler call, unusable log-rewards screened out, tagged."""
+        # Learners recompute log P_F under the current policy: log_probs are not shipped.
+        fields = traj.batch_fields(max_length=self.env.max_traj_len, log_probs=False)
+        n = traj.n_trajectories
+        if not bool(torch.isfinite(fields["log_rewards"]).all()):
+            td = self.screen(TensorDict(fields, batch_size=[n]))  # unusable rows dropped and counted
+            fields, n = dict(td.items()), td.batch_size[0]
+        dev = fields["log_rewards"].device
+        fields["policy_version"] = torch.full((n,), self.policy_version, dtype=torch.int64, device=dev)
+        fields["actor_id"] = torch.full((n,), self.actor_id, dtype=torch.int64, device=dev)
+        return fields
 
     def refresh_weights(self) -> bool:
         """Loads newer published weights; returns True when the run asked to stop."""
@@ -130,13 +166,29 @@ class RolloutWorker:
             self.policy_version = self.weights.version
         return stopped or self._stop
 
-    def submit_push(self, td: TensorDict):
-        """Sends ``td`` to this actor's shard without waiting; returns the pending ``try_add`` reference."""
-        # By value: Ray inlines small batches in the call and spills large ones to the object store itself.
-        return self.replay.shards[self.shard_index].try_add.remote(td_to_wire(td))  # numpy wire format
+    @staticmethod
+    def encode(batch: TensorDict | dict, n: Optional[int] = None) -> bytes:
+        """A batch (TensorDict, or ``sample_fields``' dict with its size ``n``) as packed wire bytes."""
+        if isinstance(batch, TensorDict):
+            return pack_wire(td_to_wire(batch))
+        return pack_wire(tensors_to_wire(batch, [n]))
 
-    def complete_push(self, pending, td: TensorDict) -> bool:
+    def submit_push(self, payload: bytes | TensorDict):
+        """Sends a batch (``encode``'s bytes, or a TensorDict) to this actor's shard without waiting;
+        returns the pending ``try_add`` reference."""
+        if isinstance(payload, TensorDict):
+            payload = self.encode(payload)
+        # By value, packed into one bytes object (wire.py: the cheapest argument for a Ray call); Ray
+        # inlines small batches in the call and spills large ones to the object store itself.
+        return self.replay.shards[self.shard_index].try_add.remote(payload)
+
+    def complete_push(self, pending, payload: bytes | TensorDict, n: Optional[int] = None) -> bool:
         """Waits for a submitted push to be accepted, resubmitting while the rate limiter refuses.
+
+        Args:
+            pending: the reference ``submit_push`` returned.
+            payload: what was submitted (resubmitted as is).
+            n: its number of trajectories (read from a TensorDict when None).
 
         Returns:
             False if the run stopped while waiting (the batch is dropped).
@@ -149,13 +201,15 @@ class RolloutWorker:
         import ray
         from ray.exceptions import RayActorError
 
+        if isinstance(payload, TensorDict):
+            n, payload = payload.batch_size[0], self.encode(payload)
         deadline = time.monotonic() + self.cfg.replay.timeout_s
         backoff = 0.001
         while True:
             try:
                 result = ray.get(pending)
             except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
-                return self._push_lost(td, err)
+                return self._push_lost(int(n or 0), err)
             if result["accepted"]:
                 return True
             if result["status"] == "invalid":
@@ -169,10 +223,11 @@ class RolloutWorker:
                                    f"{self.cfg.replay.timeout_s:g} s: {result['reason']}")
             time.sleep(backoff)
             backoff = min(2 * backoff, 0.05)
-            pending = self.submit_push(td)
+            pending = self.submit_push(payload)
 
-    def _push_lost(self, td: TensorDict, err: Exception) -> bool:
-        """A push failed with its shard's death: counts the batch as dropped, waits for the restarted shard.
+    def _push_lost(self, n: int, err: Exception) -> bool:
+        """A push of ``n`` trajectories failed with its shard's death: counts them as dropped, waits
+        for the restarted shard.
 
         Returns:
             False if the run stopped while waiting.
@@ -182,10 +237,10 @@ class RolloutWorker:
         """
         from gfn_dist.distributed.health import wait_until_alive
 
-        self.num_dropped += int(td.batch_size[0])
+        self.num_dropped += n
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         logger.warning("rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
-                       self.actor_id, self.shard_index, first, td.batch_size[0])
+                       self.actor_id, self.shard_index, first, n)
         state = wait_until_alive(self.replay.shards[self.shard_index], self.cfg.replay.timeout_s, self._run_stopped)
         if state in ("DEAD", "TIMEOUT"):
             raise RuntimeError(f"rollout actor {self.actor_id}: replay shard {self.shard_index} is "
@@ -195,7 +250,8 @@ class RolloutWorker:
 
     def push(self, td: TensorDict) -> bool:
         """Pushes ``td`` and waits until it is accepted (see ``complete_push``)."""
-        return self.complete_push(self.submit_push(td), td)
+        payload = self.encode(td)
+        return self.complete_push(self.submit_push(payload), payload, td.batch_size[0])
 
     def _run_stopped(self) -> bool:
         """Whether the run asked to stop (no weight loading: the pending batch keeps its version)."""
@@ -220,7 +276,7 @@ class RolloutWorker:
         if self.replay is None:
             raise ValueError("RolloutWorker.run: built without shard_handles; nothing to push to")
         poll_every = self.cfg.rollout.weight_poll_every
-        in_flight = None  # (pending try_add reference, batch)
+        in_flight = None  # (pending try_add reference, payload, number of trajectories)
         stopped = False
         while max_batches is None or self.num_batches < max_batches:
             if self.policy_version < 0 or self.num_batches % poll_every == 0:
@@ -231,18 +287,17 @@ class RolloutWorker:
                     time.sleep(0.01)
                     continue
             t0 = time.perf_counter()
-            td = self.sample_batch()
+            fields, n = self.sample_fields()
             t1 = time.perf_counter()
+            payload = self.encode(fields, n)
             if in_flight is not None and not self.complete_push(*in_flight):
                 stopped = True
                 break
-            in_flight = (self.submit_push(td), td)
+            in_flight = (self.submit_push(payload), payload, n)
             self.push_time_s += time.perf_counter() - t1
             self.sample_time_s += t1 - t0
             self.num_batches += 1
-            self.num_trajectories += td.batch_size[0]
-            if not self.versions_used or self.versions_used[-1] != self.policy_version:
-                self.versions_used.append(self.policy_version)
+            self.num_trajectories += n
         if in_flight is not None and not stopped:
             self.complete_push(*in_flight)
         return self.stats()
