@@ -110,12 +110,18 @@ def build_gfn_dist(case: Case):
 
 
 class GfnDistRunner:
-    """One on-policy TB iteration of gfn_dist (the loop of ``train_single``)."""
+    """One on-policy TB iteration of gfn_dist (the loop of ``train_single``).
 
-    def __init__(self, case: Case):
+    ``compile``: the rollout by ``Sampler(pf, compile=True)`` (compiled chunks);
+    ``init_from``: another runner whose initial weights to copy.
+    """
+
+    def __init__(self, case: Case, compile: bool = False, init_from: Optional["GfnDistRunner"] = None):
         self.case = case
         self.env, self.gfn = build_gfn_dist(case)
-        self.sampler = Sampler(self.gfn.pf)
+        if init_from is not None:
+            self.gfn.load_state_dict(init_from.gfn.state_dict())
+        self.sampler = Sampler(self.gfn.pf, compile=compile)
         self.opt = make_optimizer(self.gfn, LR, LR_LOGZ)
         self.counts = (1, case.batch_size, case.batch_size)
 
@@ -300,16 +306,21 @@ def _quantile(xs: list, q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
-def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recompute: bool, seed: int) -> dict:
+def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recompute: bool, seed: int,
+             compiled: bool = True) -> dict:
     """Interleaved timing of all variants on one case; medians / quantiles in ms."""
     torch.manual_seed(seed)
     ref = GfnDistRunner(case)
     variants: dict = {"gfn_dist": ref}
+    if compiled:
+        comp = variants["gfn_dist_compiled"] = GfnDistRunner(case, compile=True, init_from=ref)
     if tg is not None:
         variants["torchgfn"] = TorchgfnRunner(case, tg, ref, recompute=False)
         if recompute:
             variants["torchgfn_recompute"] = TorchgfnRunner(case, tg, ref, recompute=True)
     variants["floor"] = FloorRunner(case, ref)
+    if compiled:  # its own floor: the counts of its own iterations
+        variants["floor_compiled"] = FloorRunner(case, comp)
     names = list(variants)
     times = {k: [] for k in names}
     lengths = {k: [] for k in names}
@@ -348,6 +359,10 @@ def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recom
     v = out["variants"]
     g = v["gfn_dist"]["median_ms"]
     out["ratio_gfn_dist_over_floor"] = g / v["floor"]["median_ms"]
+    if "gfn_dist_compiled" in v:
+        out["ratio_gfn_dist_compiled_over_floor"] = v["gfn_dist_compiled"]["median_ms"] / v["floor_compiled"]["median_ms"]
+        if "torchgfn" in v:
+            out["ratio_torchgfn_over_gfn_dist_compiled"] = v["torchgfn"]["median_ms"] / v["gfn_dist_compiled"]["median_ms"]
     if "torchgfn" in v:
         out["ratio_torchgfn_over_gfn_dist"] = v["torchgfn"]["median_ms"] / g
     if "torchgfn_recompute" in v:
@@ -357,6 +372,23 @@ def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recom
 
 def _cell(v: dict) -> str:
     return f"{v['median_ms']:.2f} [{v['p25_ms']:.2f}, {v['p75_ms']:.2f}]"
+
+
+def compiled_table(results: list) -> str:
+    """The compiled-rollout variant against its own floor (and torchgfn), medians."""
+    head = ["case", "gfn_dist compiled ms", "floor ms", "gfn_dist compiled / floor", "torchgfn / gfn_dist compiled",
+            "mean traj len"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        v = r["variants"]
+        if "gfn_dist_compiled" not in v:
+            continue
+        row = [r["case"]["name"], _cell(v["gfn_dist_compiled"]), _cell(v["floor_compiled"]),
+               f"{r['ratio_gfn_dist_compiled_over_floor']:.2f}x",
+               f"{r['ratio_torchgfn_over_gfn_dist_compiled']:.1f}x" if "torchgfn" in v else "-",
+               f"{v['gfn_dist_compiled']['mean_traj_len']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def p10_table(results: list) -> str:
@@ -420,6 +452,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-recompute", action="store_true", help="skip the torchgfn variant that recomputes log-probs in the loss"
     )
+    p.add_argument("--no-compile", action="store_true", help="skip the Sampler(compile=True) variant")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -459,7 +492,8 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         t0 = time.perf_counter()
-        r = run_case(CASES[name], args.iterations, args.warmup, tg, not args.no_recompute, args.seed)
+        r = run_case(CASES[name], args.iterations, args.warmup, tg, not args.no_recompute, args.seed,
+                     compiled=not args.no_compile)
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         print(f"# {name}: {r['wall_s']:.1f} s, gfn_dist counts {r['gfn_dist_counts']}", flush=True)
@@ -469,6 +503,10 @@ def main(argv=None) -> int:
     print()
     print("fastest decile (p10 ms per iteration)")
     print(p10_table(results))
+    if not args.no_compile:
+        print()
+        print("compiled rollout (Sampler(pf, compile=True)): ms per iteration, median [p25, p75]; its own floor")
+        print(compiled_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

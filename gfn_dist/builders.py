@@ -190,7 +190,7 @@ def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
     if s.name == "sampler":
         from gfn_dist.samplers import Sampler
 
-        return Sampler(policies["pf"]), kwargs
+        return Sampler(policies["pf"], compile=s.compile), kwargs
     from gfn_dist.local_search import LocalSearchSampler
 
     kwargs.update(n_local_search_loops=s.n_local_search_loops, back_ratio=s.back_ratio,

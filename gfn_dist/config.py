@@ -176,6 +176,7 @@ class SamplerConfig:
     n_local_search_loops: int = 1  # local_search: refinement loops per batch (batch grows n * (1 + loops))
     back_ratio: float = 0.5  # local_search: fraction of each trajectory undone by the backward policy
     use_metropolis_hastings: bool = False  # local_search: MH acceptance (else: keep the higher reward)
+    compile: bool = False  # sampler: torch.compile-d rollout chunks (gfn_dist.samplers; ~15 s to compile per actor)
     policy_kwargs: PolicyKwargsConfig = field(default_factory=PolicyKwargsConfig)  # exploration
 
     def __post_init__(self) -> None:
