@@ -32,7 +32,6 @@ def _run(argv, capsys):
         ("replay.min_size_to_sample=5000", "replay.min_size_to_sample"),  # > capacity_per_shard
         ("loss.prior_checkpoint=/nonexistent/policy.pt", "loss.prior_checkpoint"),
         ("model.policy=lstm", "model.policy"),  # recurrent policy on a non-autoregressive env
-        ("rollout.sampler_batch_size=48", "rollout.sampler_batch_size"),  # does not divide the push (64)
         ("rollout.sampler_batch_size=0", "rollout.sampler_batch_size"),  # out of range
     ],
 )

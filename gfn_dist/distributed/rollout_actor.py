@@ -120,18 +120,21 @@ class RolloutWorker:
     def sample_fields(self) -> tuple[dict[str, torch.Tensor], int]:
         """Samples one push: ``(fields, N)``, the shipped keys (``SHIPPED_KEYS``) as CPU tensors ``(N, ...)``.
 
-        ``rollout.trajectories_per_push / rollout.sampler_batch_size`` sampler calls;
+        ``ceil(rollout.trajectories_per_push / rollout.sampler_batch_size)`` sampler calls;
         before each call after the first, newer published weights are loaded (a
         local check), and each trajectory is tagged with the version that sampled it.
         What ``run`` pushes; ``sample_batch`` is the same as a TensorDict.
         """
         r = self.cfg.rollout
-        per_call = r.sampler_batch_size or r.trajectories_per_push
+        per_call = min(r.sampler_batch_size or r.trajectories_per_push, r.trajectories_per_push)
+        sizes = [per_call] * (r.trajectories_per_push // per_call)
+        if r.trajectories_per_push % per_call:
+            sizes.append(r.trajectories_per_push % per_call)
         parts = []
-        for i in range(r.trajectories_per_push // per_call):
+        for i, size in enumerate(sizes):
             if i:
                 self.refresh_weights()
-            parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=per_call,
+            parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=size,
                                                                               **self.sample_kwargs)))
             if not self.versions_used or self.versions_used[-1] != self.policy_version:
                 self.versions_used.append(self.policy_version)
