@@ -138,16 +138,18 @@ class Sampler:
     def _sample_forward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
         est = self.estimator
         x = states.tensor
-        if self.compile and conditions is None and not save_estimator_outputs and not save_logprobs:
+        # The tensor-level shortcut of the stock estimators (no States / distribution
+        # objects per step); None: the general compute_dist path.
+        masked_logits = None
+        if conditions is None and not save_estimator_outputs:
             fn = getattr(est, "masked_logits_fn", None)
             masked_logits = fn(env, policy_kwargs) if fn is not None else None
-            if masked_logits is not None:
-                out = self._sample_forward_compiled(env, x, masked_logits, policy_kwargs)
-                if out is not None:
-                    return out
+        if self.compile and masked_logits is not None and not save_logprobs:
+            out = self._sample_forward_compiled(env, x, masked_logits, policy_kwargs)
+            if out is not None:
+                return out
         N, dev = x.shape[0], x.device
         T_max = env.max_traj_len
-        exit_idx = env.n_actions - 1
         sf = env.sf
         state_dims = (1,) * len(env.state_shape)
         states_buf = x.new_empty((T_max + 1, N, *env.state_shape))
@@ -163,12 +165,6 @@ class Sampler:
         rows = None  # working rows (None: the whole batch, written in place)
         xw, nw = x, N
         done = torch.zeros(N, dtype=torch.bool, device=dev)
-        # The tensor-level shortcut of the stock estimators (no States / distribution
-        # objects per step); None: the general compute_dist path.
-        masked_logits = None
-        if conditions is None and not save_estimator_outputs:
-            fn = getattr(est, "masked_logits_fn", None)
-            masked_logits = fn(env, policy_kwargs) if fn is not None else None
         # Per-step views made once (a Python list index is cheaper than a tensor select).
         noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
         exit_t = env.Actions.exit_action[0].to(dev)  # 0-dim: compares cheaper than a Python int

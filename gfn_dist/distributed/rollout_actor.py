@@ -176,22 +176,20 @@ class RolloutWorker:
             return pack_wire(td_to_wire(batch))
         return pack_wire(tensors_to_wire(batch, [n]))
 
-    def submit_push(self, payload: bytes | TensorDict):
-        """Sends a batch (``encode``'s bytes, or a TensorDict) to this actor's shard without waiting;
-        returns the pending ``try_add`` reference."""
-        if isinstance(payload, TensorDict):
-            payload = self.encode(payload)
+    def submit_push(self, payload: bytes):
+        """Sends a batch (``encode``'s bytes) to this actor's shard without waiting; returns the
+        pending ``try_add`` reference."""
         # By value, packed into one bytes object (wire.py: the cheapest argument for a Ray call); Ray
         # inlines small batches in the call and spills large ones to the object store itself.
         return self.replay.shards[self.shard_index].try_add.remote(payload)
 
-    def complete_push(self, pending, payload: bytes | TensorDict, n: Optional[int] = None) -> bool:
+    def complete_push(self, pending, payload: bytes, n: int) -> bool:
         """Waits for a submitted push to be accepted, resubmitting while the rate limiter refuses.
 
         Args:
             pending: the reference ``submit_push`` returned.
             payload: what was submitted (resubmitted as is).
-            n: its number of trajectories (read from a TensorDict when None).
+            n: its number of trajectories.
 
         Returns:
             False if the run stopped while waiting (the batch is dropped).
@@ -204,15 +202,13 @@ class RolloutWorker:
         import ray
         from ray.exceptions import RayActorError
 
-        if isinstance(payload, TensorDict):
-            n, payload = payload.batch_size[0], self.encode(payload)
         deadline = time.monotonic() + self.cfg.replay.timeout_s
         backoff = 0.001
         while True:
             try:
                 result = ray.get(pending)
             except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
-                return self._push_lost(int(n or 0), err)
+                return self._push_lost(n, err)
             if result["accepted"]:
                 return True
             if result["status"] == "invalid":
