@@ -9,15 +9,17 @@ the whole rollout runs under ``torch.no_grad``.
 
 ``Sampler(estimator, compile=True)`` runs the forward rollout of the stock
 policies (the ``masked_logits_fn`` shortcut: no conditions, no saved log-probs or
-outputs, no epsilon) as chunks of up to ``compile_chunk_steps`` steps, each chunk
-one ``torch.compile``-d function (policy, mask, Gumbel-max sampling and
-environment step unrolled). A small-batch rollout is launch-bound, and the
+outputs, no epsilon) as equal chunks of at most ``compile_chunk_steps`` steps,
+each chunk one ``torch.compile``-d function (policy, mask, Gumbel-max sampling,
+environment step, padding, action counts and terminating states unrolled; a C++
+wrapper calls its kernels). A small-batch rollout is launch-bound, and the
 compiled chunk drops the per-op dispatch cost of the ~10 small ops around each
-policy call: HyperGrid(2, 8) at B=16 samples in about half the time. The first
-call per (environment, batch size, exploration kwargs) compiles (~15 s on 2
-cores; needs a C++ compiler); a chunk runs its steps even after every row is
-done (the all-done check is per chunk). On any compile error the sampler warns
-and samples eagerly.
+policy call: HyperGrid(2, 8) at B=16 samples in about half the time, close to
+the cost of the policy's forwards alone. The first call per (environment, batch
+size, exploration kwargs) compiles (~15-30 s on 2 cores, a few seconds from
+inductor's on-disk cache; needs a C++ compiler); a chunk runs its steps even
+after every row is done (the all-done check is per chunk). On any compile
+error the sampler warns and samples eagerly.
 
 ``LocalSearchSampler`` (back-and-forth local search) is in ``gfn_dist.local_search``
 and re-exported here.
@@ -51,10 +53,16 @@ class Sampler:
     #: and may run more steps past the last exit; shorter ones check for completion more often.
     compile_chunk_steps: int = 16
 
+    #: Inductor options of the compiled chunks: a C++ wrapper calls the chunk's kernels and
+    #: matmuls with less overhead than the default Python wrapper (the chunk then costs about
+    #: the policy's own forwards; HyperGrid(2, 8), B=16: 15 steps in 0.55 vs 0.62 ms).
+    compile_options: dict = {"cpp_wrapper": True}
+
     def __init__(self, estimator, compile: bool = False):
         self.estimator = estimator
         self.compile = bool(compile)
         self._chunks: dict = {}  # (env id, batch shape, device, kwargs) -> (env, compiled chunk)
+        self._step_tensors: dict = {}  # (step, device) -> 0-dim tensor
 
     def sample_actions(
         self,
@@ -230,12 +238,8 @@ class Sampler:
         return self._finish_forward(env, states_buf, actions_buf, lp_buf, T, N, est_out, conditions)
 
     @staticmethod
-    def _finish_forward(env, states_buf, actions_buf, lp_buf, T, N, est_out, conditions, trim: bool = False):
-        """Padding and log-rewards of a forward rollout of ``T`` steps; the ``Trajectories``.
-
-        ``trim``: cut the time dimension to the longest trajectory (when ``T`` may
-        exceed it, as with compiled chunks); raises RuntimeError past ``env.max_traj_len``.
-        """
+    def _finish_forward(env, states_buf, actions_buf, lp_buf, T, N, est_out, conditions):
+        """Padding and log-rewards of a forward rollout of ``T`` steps; the ``Trajectories``."""
         exit_idx = env.n_actions - 1
         dev = actions_buf.device
         # Padding, once per rollout: steps taken from sf get the dummy action and log-prob 0.
@@ -244,11 +248,6 @@ class Sampler:
         finished_TN = (exited.cumsum(0) - exited.long()) > 0
         actions_TN = actions_buf[:T].masked_fill_(finished_TN, -1)
         term = T - finished_TN.sum(0)
-        if trim:
-            T = int(term.max()) if N else 0
-            if T > env.max_traj_len:
-                raise RuntimeError(f"trajectories did not exit within env.max_traj_len={env.max_traj_len} steps")
-            actions_TN = actions_TN[:T]
         n_idx = torch.arange(N, device=dev)
         log_rewards = env.log_reward_tensor(states_buf[term - 1, n_idx])
         log_probs = lp_buf[:T].masked_fill_(finished_TN[:T], 0.0) if lp_buf is not None else None
@@ -266,27 +265,36 @@ class Sampler:
 
     def _chunk_fn(self, env, x: torch.Tensor, masked_logits, policy_kwargs: dict):
         """The compiled chunk for this environment, batch of states ``x`` and exploration kwargs (built once)."""
-        # (Padding and log-rewards stay eager: compiling them with the steps hit an inductor
-        # C++ codegen error on CPU in torch 2.13, mixed long / float vector masks.)
         key = (id(env), tuple(x.shape), x.device, tuple(sorted((k, repr(v)) for k, v in policy_kwargs.items())))
         entry = self._chunks.get(key)
         if entry is not None and entry[0] is env:
             return entry[1]
         masked_logits(x)  # one eager call: the closure's lazily made constants exist before tracing
         sf, exit_idx, state_dims = env.sf, env.n_actions - 1, (1,) * len(env.state_shape)
+        T_max = env.max_traj_len
 
-        def chunk(x: torch.Tensor, done: torch.Tensor, log_noise: torch.Tensor):
-            """``K = log_noise.shape[0]`` steps from ``x``: ``(states (K, N, *), actions (K, N), done (N,))``."""
-            xs, acts = [], []
+        def chunk(x: torch.Tensor, term: torch.Tensor, last: torch.Tensor, t0: torch.Tensor, log_noise: torch.Tensor):
+            """``K = log_noise.shape[0]`` steps from ``x``.
+
+            ``t0``: 0-dim, the step index of ``x``; ``term (N,)``: each row's number of
+            actions, ``T_max + 1`` while the row has not exited; ``last (N, *)``: its last
+            state before sf (the terminating state).
+            Returns ``(states (K + 1, N, *) from x on, actions (K, N) with -1 padding, term, last)``.
+            """
+            xs, acts = [x], []
+            done = term <= T_max
             for k in range(log_noise.shape[0]):
                 a = torch.argmax(masked_logits(x) - log_noise[k], dim=-1)
-                done = done | (a == exit_idx)
+                exits = (a == exit_idx) & ~done
+                acts.append(torch.where(done, -1, a))
+                term = torch.where(exits, t0 + k + 1, term)
+                last = torch.where(exits.view(exits.shape + state_dims), x, last)
+                done = done | exits
                 x = torch.where(done.view(done.shape + state_dims), sf, env.step_tensor(x, a))
                 xs.append(x)
-                acts.append(a)
-            return torch.stack(xs), torch.stack(acts), done
+            return torch.stack(xs), torch.stack(acts), term, last
 
-        fn = torch.compile(chunk, dynamic=False)
+        fn = torch.compile(chunk, dynamic=False, options=self.compile_options)
         self._chunks[key] = (env, fn)  # the env is kept: its id stays unique while cached
         return fn
 
@@ -296,31 +304,46 @@ class Sampler:
         self.compile, self._chunks = False, {}
 
     def _sample_forward_compiled(self, env, x, masked_logits, policy_kwargs):
-        """Forward rollout by compiled chunks (module doc); None if compiling failed (then eager)."""
+        """Forward rollout by compiled chunks (module doc); None if compiling failed (then eager).
+
+        ``env.max_traj_len`` steps are split into equal chunks of at most
+        ``compile_chunk_steps`` (one compiled shape; at most one step per chunk past the end).
+        Padding (-1 actions) and the action counts are made inside the chunks.
+        """
         N, dev = x.shape[0], x.device
         T_max = env.max_traj_len
-        K = max(1, min(T_max, self.compile_chunk_steps))
-        T_pad = -(-T_max // K) * K
-        log_noise = torch.empty((T_pad, N, env.n_actions), device=dev).exponential_().log_()
+        n_chunks = -(-T_max // max(1, self.compile_chunk_steps))
+        K = -(-T_max // n_chunks)
+        log_noise = torch.empty((n_chunks * K, N, env.n_actions), device=dev).exponential_().log_()
         fn = self._chunk_fn(env, x, masked_logits, policy_kwargs)
-        states_buf = x.new_empty((T_pad + 1, N, *env.state_shape))
-        states_buf[0] = x
-        actions_buf = torch.empty((T_pad, N), dtype=torch.long, device=dev)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        xw, T = x, 0
-        for t0 in range(0, T_pad, K):
+        term = torch.full((N,), T_max + 1, dtype=torch.long, device=dev)
+        last = torch.empty_like(x)
+        states, actions = [], []
+        for c in range(n_chunks):
             try:
-                xs, acts, done = fn(xw, done, log_noise[t0 : t0 + K])
+                xs, acts, term, last = fn(x, term, last, self._step_index(c * K, dev), log_noise[c * K : (c + 1) * K])
             except Exception as err:  # noqa: BLE001 - compilation problems of any kind: sample eagerly
                 return self._compile_failed(err)
-            states_buf[t0 + 1 : t0 + K + 1] = xs
-            actions_buf[t0 : t0 + K] = acts
-            xw, T = xs[-1], t0 + K
-            if bool(done.all()):
+            states.append(xs if c == 0 else xs[1:])
+            actions.append(acts)
+            x = xs[-1]
+            T = int(term.max()) if N else 0  # the one host sync per chunk
+            if T <= T_max:
                 break
-        if not bool(done.all()):
+        else:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
-        return self._finish_forward(env, states_buf, actions_buf, None, T, N, None, None, trim=True)
+        states_t = states[0] if len(states) == 1 else torch.cat(states)
+        actions_t = actions[0] if len(actions) == 1 else torch.cat(actions)
+        return Trajectories(env, states_t[: T + 1], actions_t[:T].unsqueeze(-1), term, env.log_reward_tensor(last),
+                            None, None, is_backward=False, conditions=None)
+
+    def _step_index(self, t: int, dev) -> torch.Tensor:
+        """A cached 0-dim long tensor holding ``t`` (an input of the compiled chunks)."""
+        key = (t, dev)
+        out = self._step_tensors.get(key)
+        if out is None:
+            out = self._step_tensors[key] = torch.tensor(t, device=dev)
+        return out
 
     @staticmethod
     def _compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx):

@@ -219,9 +219,9 @@ def test_compiled_rollout_equals_eager(name, chunk, kw):
     compiled.compile_chunk_steps = chunk  # hypergrid(3, 4): 10 steps in chunks of 4 (3 chunks, the last past the end)
     for seed in (3, 4):
         torch.manual_seed(seed)
-        ref = Sampler(pf).sample_trajectories(env, n=8, **kw)
+        ref = Sampler(pf).sample_trajectories(env, n=16, **kw)
         torch.manual_seed(seed)
-        out = compiled.sample_trajectories(env, n=8, **kw)
+        out = compiled.sample_trajectories(env, n=16, **kw)
         assert compiled.compile, "torch.compile failed: the sampler fell back to eager"
         assert torch.equal(out.states_tensor, ref.states_tensor)
         assert torch.equal(out.actions_tensor, ref.actions_tensor)
@@ -230,7 +230,7 @@ def test_compiled_rollout_equals_eager(name, chunk, kw):
         replay_is_consistent(env, out)
     # Not covered by the compiled path (saved log-probs): the eager rollout, same numbers.
     torch.manual_seed(5)
-    a = compiled.sample_trajectories(env, n=8, save_logprobs=True, **kw)
+    a = compiled.sample_trajectories(env, n=16, save_logprobs=True, **kw)
     torch.manual_seed(5)
-    b = Sampler(pf).sample_trajectories(env, n=8, save_logprobs=True, **kw)
+    b = Sampler(pf).sample_trajectories(env, n=16, save_logprobs=True, **kw)
     assert torch.equal(a.actions_tensor, b.actions_tensor) and torch.equal(a.log_probs, b.log_probs)

@@ -70,8 +70,9 @@ class HyperGrid(DiscreteEnv):
 
     # ---- tensor hooks ------------------------------------------------------
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
-        # Exit is always allowed: one compare, and the exit column padded on as True.
-        return torch.nn.functional.pad(x < self.height - 1, (0, 1), value=True)
+        # Exit is always allowed: x padded with a -1 column, then one compare. (Padding the
+        # boolean result instead hits an inductor C++ codegen error on CPU, torch 2.13.)
+        return torch.nn.functional.pad(x, (0, 1), value=-1) < self.height - 1
 
     def backward_mask(self, x: torch.Tensor) -> torch.Tensor:
         return x > 0
