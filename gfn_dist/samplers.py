@@ -27,8 +27,10 @@ and re-exported here.
 
 from __future__ import annotations
 
+import itertools
+import types
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -36,6 +38,18 @@ from gfn_dist.actions import Actions
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.estimators import MaskedCategorical
 from gfn_dist.states import States
+
+
+_chunk_ids = itertools.count()
+
+
+class _Chunk(NamedTuple):
+    """A compiled rollout chunk (``Sampler(compile=True)``) and its schedule."""
+
+    fn: Any  # the torch.compile-d chunk
+    n_chunks: int  # chunks per rollout
+    steps: int  # steps per chunk (n_chunks * steps >= env.max_traj_len)
+    with_rewards: bool  # the chunk returns the terminating states' log-rewards
 
 
 class Sampler:
@@ -146,16 +160,17 @@ class Sampler:
     def _sample_forward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
         est = self.estimator
         x = states.tensor
+        compiled = self.compile and conditions is None and not save_estimator_outputs and not save_logprobs
+        if compiled:
+            out = self._sample_forward_compiled(env, x, policy_kwargs)
+            if out is not None:
+                return out
         # The tensor-level shortcut of the stock estimators (no States / distribution
         # objects per step); None: the general compute_dist path.
         masked_logits = None
         if conditions is None and not save_estimator_outputs:
             fn = getattr(est, "masked_logits_fn", None)
             masked_logits = fn(env, policy_kwargs) if fn is not None else None
-        if self.compile and masked_logits is not None and not save_logprobs:
-            out = self._sample_forward_compiled(env, x, masked_logits, policy_kwargs)
-            if out is not None:
-                return out
         N, dev = x.shape[0], x.device
         T_max = env.max_traj_len
         sf = env.sf
@@ -263,13 +278,21 @@ class Sampler:
             conditions=conditions,
         )
 
-    def _chunk_fn(self, env, x: torch.Tensor, masked_logits, policy_kwargs: dict):
-        """The compiled chunk for this environment, batch of states ``x`` and exploration kwargs (built once)."""
-        key = (id(env), tuple(x.shape), x.device, tuple(sorted((k, repr(v)) for k, v in policy_kwargs.items())))
-        entry = self._chunks.get(key)
-        if entry is not None and entry[0] is env:
-            return entry[1]
-        masked_logits(x)  # one eager call: the closure's lazily made constants exist before tracing
+    def _chunk_fn(self, env, x: torch.Tensor, policy_kwargs: dict, key, with_rewards: bool = True):
+        """The compiled chunk for this environment, batch of states ``x`` and exploration
+        kwargs (built once, cached under ``key``); None if the policy has no tensor shortcut.
+
+        ``with_rewards``: the chunk also returns the log-rewards of its terminating states
+        (dropped, and computed eagerly, if the environment's reward does not compile).
+        """
+        fn = getattr(self.estimator, "masked_logits_fn", None)
+        masked_logits = fn(env, policy_kwargs) if fn is not None else None
+        if masked_logits is None:
+            self._chunks[key] = (env, None)
+            return None
+        masked_logits(x)  # eager calls: the closures' lazily made constants exist before tracing
+        if with_rewards:
+            env.log_reward_tensor(x)
         sf, exit_idx, state_dims = env.sf, env.n_actions - 1, (1,) * len(env.state_shape)
         T_max = env.max_traj_len
 
@@ -278,8 +301,9 @@ class Sampler:
 
             ``t0``: 0-dim, the step index of ``x``; ``term (N,)``: each row's number of
             actions, ``T_max + 1`` while the row has not exited; ``last (N, *)``: its last
-            state before sf (the terminating state).
-            Returns ``(states (K + 1, N, *) from x on, actions (K, N) with -1 padding, term, last)``.
+            state before sf (the terminating state; any valid state before the exit).
+            Returns ``(states (K + 1, N, *) from x on, actions (K, N) with -1 padding, term,
+            last, log R(last) (N,) or None)``.
             """
             xs, acts = [x], []
             done = term <= T_max
@@ -292,38 +316,57 @@ class Sampler:
                 done = done | exits
                 x = torch.where(done.view(done.shape + state_dims), sf, env.step_tensor(x, a))
                 xs.append(x)
-            return torch.stack(xs), torch.stack(acts), term, last
+            log_rewards = env.log_reward_tensor(last) if with_rewards else None
+            return torch.stack(xs), torch.stack(acts), term, last, log_rewards
 
-        fn = torch.compile(chunk, dynamic=False, options=self.compile_options)
-        self._chunks[key] = (env, fn)  # the env is kept: its id stays unique while cached
-        return fn
+        T_max = env.max_traj_len
+        n_chunks = -(-T_max // max(1, self.compile_chunk_steps))
+        # A fresh code object per chunk: dynamo caches compiled graphs per code object and
+        # guards the closure's objects by id, so a chunk sharing its code with one built for
+        # an environment since freed could reuse that graph (or hit the recompile limit).
+        code = chunk.__code__.replace(co_name=f"chunk_{next(_chunk_ids)}")
+        chunk = types.FunctionType(code, chunk.__globals__, code.co_name, None, chunk.__closure__)
+        entry = _Chunk(torch.compile(chunk, dynamic=False, options=self.compile_options), n_chunks,
+                       -(-T_max // n_chunks), with_rewards)
+        self._chunks[key] = (env, entry)  # the env is kept: its id stays unique while cached
+        return entry
 
     def _compile_failed(self, err: Exception) -> None:
         warnings.warn(f"Sampler(compile=True): torch.compile failed ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); sampling eagerly", stacklevel=5)
         self.compile, self._chunks = False, {}
 
-    def _sample_forward_compiled(self, env, x, masked_logits, policy_kwargs):
-        """Forward rollout by compiled chunks (module doc); None if compiling failed (then eager).
+    def _sample_forward_compiled(self, env, x, policy_kwargs):
+        """Forward rollout by compiled chunks (module doc); None if the policy has no tensor
+        shortcut or compiling failed (then the caller samples eagerly).
 
         ``env.max_traj_len`` steps are split into equal chunks of at most
         ``compile_chunk_steps`` (one compiled shape; at most one step per chunk past the end).
-        Padding (-1 actions) and the action counts are made inside the chunks.
         """
         N, dev = x.shape[0], x.device
-        T_max = env.max_traj_len
-        n_chunks = -(-T_max // max(1, self.compile_chunk_steps))
-        K = -(-T_max // n_chunks)
-        log_noise = torch.empty((n_chunks * K, N, env.n_actions), device=dev).exponential_().log_()
-        fn = self._chunk_fn(env, x, masked_logits, policy_kwargs)
+        key = (id(env), tuple(x.shape), dev, tuple(sorted((k, repr(v)) for k, v in policy_kwargs.items())))
+        cached = self._chunks.get(key)
+        entry = cached[1] if cached is not None and cached[0] is env else self._chunk_fn(env, x, policy_kwargs, key)
+        if entry is None:
+            return None
+        T_max, K = env.max_traj_len, entry.steps
+        log_noise = torch.empty((entry.n_chunks * K, N, env.n_actions), device=dev).exponential_().log_()
         term = torch.full((N,), T_max + 1, dtype=torch.long, device=dev)
-        last = torch.empty_like(x)
+        last = x
         states, actions = [], []
-        for c in range(n_chunks):
+        for c in range(entry.n_chunks):
+            args = (x, term, last, self._step_index(c * K, dev), log_noise[c * K : (c + 1) * K])
             try:
-                xs, acts, term, last = fn(x, term, last, self._step_index(c * K, dev), log_noise[c * K : (c + 1) * K])
-            except Exception as err:  # noqa: BLE001 - compilation problems of any kind: sample eagerly
-                return self._compile_failed(err)
+                xs, acts, term, last, log_rewards = entry.fn(*args)
+            except Exception as err:  # noqa: BLE001 - compilation problems of any kind
+                if not entry.with_rewards:
+                    return self._compile_failed(err)
+                # Retry with the rewards computed eagerly (same noise: same trajectories).
+                entry = self._chunk_fn(env, x, policy_kwargs, key, with_rewards=False)
+                try:
+                    xs, acts, term, last, log_rewards = entry.fn(*args)
+                except Exception as err2:  # noqa: BLE001
+                    return self._compile_failed(err2)
             states.append(xs if c == 0 else xs[1:])
             actions.append(acts)
             x = xs[-1]
@@ -332,10 +375,12 @@ class Sampler:
                 break
         else:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
+        if log_rewards is None:
+            log_rewards = env.log_reward_tensor(last)
         states_t = states[0] if len(states) == 1 else torch.cat(states)
         actions_t = actions[0] if len(actions) == 1 else torch.cat(actions)
-        return Trajectories(env, states_t[: T + 1], actions_t[:T].unsqueeze(-1), term, env.log_reward_tensor(last),
-                            None, None, is_backward=False, conditions=None)
+        return Trajectories(env, states_t[: T + 1], actions_t[:T].unsqueeze(-1), term, log_rewards, None, None,
+                            is_backward=False, conditions=None)
 
     def _step_index(self, t: int, dev) -> torch.Tensor:
         """A cached 0-dim long tensor holding ``t`` (an input of the compiled chunks)."""

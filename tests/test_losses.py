@@ -159,6 +159,19 @@ def test_non_finite_log_reward_is_named_with_hint():
     # With a finite clip the same batch trains.
     loss = TBGFlowNet(pf, pb, log_reward_clip_min=-20.0).loss(env, traj, log_rewards=bad)
     assert torch.isfinite(loss)
+    # The same error from every reduction (the reduced losses check the loss, "none" the scores).
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match=r"non-finite log_rewards in trajectories \[1\]"):
+            TBGFlowNet(pf, pb).loss(env, traj, log_rewards=bad, reduction=reduction)
+
+
+def test_overflowing_tb_loss_is_an_error():
+    """Finite scores whose squares overflow float32 raise instead of returning an inf loss."""
+    env = HyperGrid(2, 8)
+    pf, pb = uniform_pf_pb(env)
+    traj = two_hand_made_trajectories(env)
+    with pytest.raises(ValueError, match="squared scores overflow"):
+        TBGFlowNet(pf, pb).loss(env, traj, log_rewards=torch.tensor([0.0, -1e30]))
 
 
 @pytest.mark.parametrize(
@@ -193,3 +206,32 @@ def test_score_shortcut_equals_general_path(make_env, constant_pb, monkeypatch):
     assert torch.allclose(fast, ref, atol=1e-5)
     assert torch.allclose(fast, log_pf.sum(0) - log_pb.sum(0) - traj.log_rewards, atol=1e-5)
     assert len(fast_g) == len(ref_g) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_g, ref_g))
+
+
+def test_score_shortcut_handles_trajectories_without_exit(monkeypatch):
+    """Trajectories cut before their exit (or with no action) take the shortcut's general
+    P_B selection; scores equal the per-policy (T, N) path."""
+    from gfn_dist.containers import Trajectories
+    from gfn_dist.gflownet.base import trajectory_score_sums
+
+    torch.manual_seed(0)
+    env = HyperGrid(3, 4)
+    d = env.preprocessor.output_dim
+    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, 16), env.n_actions, env.preprocessor)
+    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, 16), env.n_actions, env.preprocessor, is_backward=True)
+    gfn = TBGFlowNet(pf, pb)
+    full = Sampler(pf).sample_trajectories(env, n=12)
+    term = full.terminating_idx.clone()
+    actions, states = full.actions_tensor.clone(), full.states_tensor.clone()
+    n_long = int(torch.argmax(term))  # at least 2 actions: cut its exit
+    actions[term[n_long] - 1, n_long] = -1
+    term[n_long] -= 1
+    n_empty = (n_long + 1) % 12  # no action at all
+    actions[:, n_empty] = -1
+    states[1:, n_empty] = env.sf
+    term[n_empty] = 0
+    traj = Trajectories(env, states, actions, term, full.log_rewards)
+    fast = trajectory_score_sums(pf, pb, traj)
+    log_pf, log_pb = gfn.get_pfs_and_pbs(traj)
+    assert torch.allclose(fast, log_pf.sum(0) - log_pb.sum(0), atol=1e-5)
+    assert float(log_pb[term[n_long] - 1, n_long]) != 0.0  # the cut trajectory's last P_B term counts

@@ -234,3 +234,50 @@ def test_compiled_rollout_equals_eager(name, chunk, kw):
     torch.manual_seed(5)
     b = Sampler(pf).sample_trajectories(env, n=16, save_logprobs=True, **kw)
     assert torch.equal(a.actions_tensor, b.actions_tensor) and torch.equal(a.log_probs, b.log_probs)
+
+
+def _compiled_equals_eager(env, pf, n=16, seed=3):
+    compiled = Sampler(pf, compile=True)
+    torch.manual_seed(seed)
+    ref = Sampler(pf).sample_trajectories(env, n=n)
+    torch.manual_seed(seed)
+    out = compiled.sample_trajectories(env, n=n)
+    assert compiled.compile, "torch.compile failed: the sampler fell back to eager"
+    assert torch.equal(out.states_tensor, ref.states_tensor)
+    assert torch.equal(out.actions_tensor, ref.actions_tensor)
+    assert torch.allclose(out.log_rewards, ref.log_rewards)
+    return compiled
+
+
+def test_compiled_chunks_do_not_leak_between_environments():
+    """A chunk compiled for an environment that is then freed is never reused for the next
+    one (dynamo guards closures by id; a freed env's address is often reused at once)."""
+    import gc
+
+    for height in (5, 4):  # the same class and layout, different constants
+        env = HyperGrid(2, height)
+        torch.manual_seed(0)
+        _compiled_equals_eager(env, make_pf(env))
+        del env
+        gc.collect()
+
+
+def test_compiled_rollout_computes_an_uncompilable_reward_eagerly(monkeypatch):
+    """If the chunk with the environment's reward in it fails to compile, the sampler
+    rebuilds the chunk without it (rewards computed eagerly), not the eager rollout."""
+    real_compile = torch.compile
+
+    def compile_failing_with_rewards(fn, **kw):
+        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        if cells["with_rewards"]:
+            def broken(*args):
+                raise RuntimeError("simulated: the reward does not compile")
+            return broken
+        return real_compile(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_failing_with_rewards)
+    env = HyperGrid(2, 4)
+    torch.manual_seed(0)
+    compiled = _compiled_equals_eager(env, make_pf(env))
+    (entry,) = [e for _, e in compiled._chunks.values()]
+    assert not entry.with_rewards

@@ -170,18 +170,28 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.
     a_flat = trajectories.actions_tensor.reshape(-1)  # (T * N,): actions have one component
     N = trajectories.n_trajectories
     x_flat = trajectories.states_tensor.flatten(0, 1)  # ((T + 1) * N, *state_shape)
-    idx_pf = torch.nonzero(a_flat >= 0).squeeze(1)  # flat (t, n) of valid transitions
+    idx_pf = torch.nonzero(a_flat >= 0).squeeze(1)  # flat (t, n) of valid transitions, t-major
     a_pf = a_flat.index_select(0, idx_pf)
     traj_pf = idx_pf.remainder(N)
-    lp_pf = _masked_log_probs(fn_pf, x_flat.index_select(0, idx_pf), a_pf)
+    x_pf = x_flat.index_select(0, idx_pf)
+    lp_pf = _masked_log_probs(fn_pf, x_pf, a_pf)
     sums = torch.zeros(N, dtype=lp_pf.dtype, device=lp_pf.device).index_add(0, traj_pf, lp_pf)
-    if fn_pb is not None:
-        sel = torch.nonzero(a_pf != env.n_actions - 1).squeeze(1)  # non-exit transitions
-        # The backward action undoing forward action a at s_{t+1} = flat index + N.
+    if fn_pb is None:
+        return sums
+    # The backward action undoing forward action a_t is evaluated at s_{t+1}, for the
+    # non-exit transitions. When every trajectory ends with its one exit (N exits), these are
+    # the valid transitions at t >= 1 shifted back one step: the valid transitions are
+    # t-major, the first N are the t = 0 ones, and the rest of x_pf are the P_B states.
+    exit_idx = env.n_actions - 1
+    if int((a_pf == exit_idx).sum()) == N:
+        x_pb, traj_pb = x_pf[N:], traj_pf[N:]
+        a_pb = a_flat.index_select(0, idx_pf[N:] - N)
+    else:  # a trajectory without its exit: select the non-exit transitions
+        sel = torch.nonzero(a_pf != exit_idx).squeeze(1)
         x_pb = x_flat.index_select(0, idx_pf.index_select(0, sel) + N)
-        lp_pb = _masked_log_probs(fn_pb, x_pb, a_pf.index_select(0, sel))
-        sums = sums.index_add(0, traj_pf.index_select(0, sel), lp_pb, alpha=-1)
-    return sums
+        a_pb, traj_pb = a_pf.index_select(0, sel), traj_pf.index_select(0, sel)
+    lp_pb = _masked_log_probs(fn_pb, x_pb, a_pb)
+    return sums.index_add(0, traj_pb, lp_pb, alpha=-1)
 
 
 def _check_finite(lp_M: torch.Tensor, flat_idx: torch.Tensor, N: int, what: str) -> None:
@@ -329,6 +339,12 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         Also accepts torchgfn's older order ``get_scores(env, trajectories, ...)``.
         """
         trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
+        return self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=True)
+
+    def _scores(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
+                log_rewards: Optional[torch.Tensor], check: bool) -> torch.Tensor:
+        """``get_scores``; ``check=False`` leaves the finiteness check to the caller
+        (``_check_finite_loss``)."""
         # Finiteness is checked once, on the scores (one host sync instead of one per policy).
         lr = self._log_rewards(trajectories, log_rewards)
         sums = None
@@ -339,9 +355,27 @@ class TrajectoryBasedGFlowNet(GFlowNet):
             sums = log_pf.sum(0) - log_pb.sum(0)
         scores = sums - lr
         # One reduction and one host sync: a sum is finite iff every term is (short of overflow).
-        if not math.isfinite(float(scores.detach().sum())):
+        if check and not math.isfinite(float(scores.detach().sum())):
             self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
+
+    def _checked_loss(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
+                      log_rewards: Optional[torch.Tensor], scores_to_loss: Callable, reduction: str) -> torch.Tensor:
+        """``reduce_loss(scores_to_loss(scores), reduction)`` with the scores' finiteness checked.
+
+        With the default square loss and a reduced loss, the check is on the loss itself
+        (finite iff every score is, short of overflow; one host sync and no extra reduction);
+        otherwise on the scores, as ``get_scores`` does.
+        """
+        fold = self.loss_fn is _square and reduction != "none"
+        scores = self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=not fold)
+        loss = reduce_loss(scores_to_loss(scores), reduction)
+        if fold and not math.isfinite(float(loss.detach())):
+            lr = self._log_rewards(trajectories, log_rewards)
+            if math.isfinite(float(scores.detach().sum())):
+                raise ValueError("non-finite loss: the squared scores overflow float32")
+            self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
+        return loss
 
     def _explain_non_finite(self, trajectories: Trajectories, recalculate_all_logprobs: bool, lr: torch.Tensor):
         """Raises a ValueError naming the cause of non-finite scores."""

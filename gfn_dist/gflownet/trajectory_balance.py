@@ -21,7 +21,7 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.estimators import ScalarEstimator
-from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss
+from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss, scores_arguments
 
 
 class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
@@ -71,8 +71,11 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
             reduction: ``mean`` | ``sum`` | ``none``.
             log_rewards: optional ``(N,)`` override of the trajectories' log-rewards.
         """
-        scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
-        return reduce_loss(self.loss_fn(scores + self.logz_value(trajectories)), reduction)
+        trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
+        logz = self.logz_value(trajectories)
+        return self._checked_loss(
+            trajectories, recalculate_all_logprobs, log_rewards, lambda s: self.loss_fn(s + logz), reduction
+        )
 
 
 class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
