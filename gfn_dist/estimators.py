@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.actions import Actions
-from gfn_dist.modules import call_module
+from gfn_dist.modules import call_module, no_hooks
 from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
 
 
@@ -162,7 +162,9 @@ class Estimator(nn.Module):
         return None
 
     def forward(self, states) -> torch.Tensor:
-        out = call_module(self.module, self.preprocessor(states))
+        return self._checked_output(call_module(self.module, self.preprocessor(states)))
+
+    def _checked_output(self, out: torch.Tensor) -> torch.Tensor:
         exp = self.expected_output_dim
         if exp is not None and out.shape[-1] != exp:
             raise ValueError(
@@ -373,9 +375,13 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         mask_fn = env.backward_mask if self.is_backward else env.forward_mask
         ninf = None
 
-        def masked_logits(x: torch.Tensor) -> torch.Tensor:
+        def masked_logits(x: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+            """``features``: optional ``self.preprocessor(x)``, already computed (skips it)."""
             nonlocal ninf
-            logits = call_module(self, x)  # Estimator.forward: preprocessor, module, output check
+            if features is not None and no_hooks(self):
+                logits = self._checked_output(call_module(self.module, features))
+            else:
+                logits = call_module(self, x)  # Estimator.forward: preprocessor, module, output check
             if sf_bias != 0.0:
                 logits = torch.cat([logits[..., :-1], logits[..., -1:] - sf_bias], dim=-1)
             if temperature != 1.0:

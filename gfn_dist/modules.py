@@ -35,13 +35,18 @@ def _no_hooks(module: nn.Module) -> bool:
     )
 
 
+def no_hooks(module: nn.Module) -> bool:
+    """Whether ``module(*args)`` would run no hook (its own or global): then ``module.forward(*args)`` is the same."""
+    return _no_hooks(module) and _no_global_hooks()
+
+
 def call_module(module: nn.Module, *args):
     """``module(*args)``, skipping ``nn.Module.__call__`` when no hook of any kind is registered.
 
     Same result as ``module(*args)``; saves the call machinery (a few microseconds per
     call, which adds up in a rollout loop of small batches).
     """
-    if _no_hooks(module) and _no_global_hooks():
+    if no_hooks(module):
         return module.forward(*args)
     return module(*args)
 

@@ -165,6 +165,16 @@ def test_non_finite_log_reward_is_named_with_hint():
             TBGFlowNet(pf, pb).loss(env, traj, log_rewards=bad, reduction=reduction)
 
 
+def test_non_finite_logz_is_named():
+    env = HyperGrid(2, 8)
+    pf, pb = uniform_pf_pb(env)
+    traj = two_hand_made_trajectories(env)
+    gfn = TBGFlowNet(pf, pb, init_logZ=float("nan"))
+    for reduction in ("mean", "none"):
+        with pytest.raises(ValueError, match="non-finite logZ"):
+            gfn.loss(env, traj, reduction=reduction)
+
+
 def test_overflowing_tb_loss_is_an_error():
     """Finite scores whose squares overflow float32 raise instead of returning an inf loss."""
     env = HyperGrid(2, 8)

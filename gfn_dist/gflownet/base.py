@@ -138,22 +138,32 @@ def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = T
     return _scatter_TN(lp_M, flat_idx, T, N)
 
 
-def _masked_log_probs(fn, x_M: torch.Tensor, a_M: torch.Tensor) -> torch.Tensor:
-    """log-probs ``(M,)`` of actions ``a_M`` under the masked logits ``fn(x_M)``."""
+#: Below this many rows, ``cross_entropy`` (one fused call) beats the transposed
+#: log-softmax + gather (fewer ops, forward and backward); above, the transposed path is faster.
+_CROSS_ENTROPY_MAX_ROWS = 256
+
+
+def _masked_nll(fn, x_M: torch.Tensor, a_M: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``-log p(a_M | x_M)`` ``(M,)`` under the masked logits ``fn(x_M)`` (``features``: the
+    preprocessed ``x_M`` when already computed)."""
+    logits = fn(x_M) if features is None else fn(x_M, features)
+    if x_M.shape[0] <= _CROSS_ENTROPY_MAX_ROWS:
+        return torch.nn.functional.cross_entropy(logits, a_M, reduction="none")
     # Normalized over dim 0 of the transposed (A, M) view: the same values, and several
-    # times faster (forward and backward) than over a short last dimension of M rows.
-    return fn(x_M).t().log_softmax(0).gather(0, a_M.unsqueeze(0)).squeeze(0)
+    # times faster (forward and backward) than over a short last dimension of many rows.
+    return logits.t().log_softmax(0).gather(0, a_M.unsqueeze(0)).squeeze(0).neg()
 
 
-def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.Tensor]:
-    """``Σ_t log P_F - Σ_t log P_B`` per trajectory, float ``(N,)``, by the tensor-level shortcut.
+def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``init + Σ_t log P_F - Σ_t log P_B`` per trajectory, float ``(N,)``, by the tensor-level shortcut.
 
     The same values as ``get_trajectory_pfs(...).sum(0) - get_trajectory_pbs(...).sum(0)``
     with recomputed log-probs, with fewer and cheaper ops: one gather of the M valid
-    states per policy, masked logits from ``masked_logits_fn``, and the per-trajectory
-    sums accumulated directly (no ``(T, N)`` intermediate). No finiteness check
-    (callers check the scores). Returns None when a policy (or the trajectories:
-    conditions, backward) needs the general path; ``pb=None`` means P_B = 1.
+    states, masked logits from ``masked_logits_fn`` (P_F and P_B share the preprocessed
+    states when they share the preprocessor), and the per-trajectory sums accumulated
+    directly into ``init`` (``(N,)``, default zeros; no ``(T, N)`` intermediate). No
+    finiteness check (callers check the scores). Returns None when a policy (or the
+    trajectories: conditions, backward) needs the general path; ``pb=None`` means P_B = 1.
     """
     if trajectories.is_backward or trajectories.conditions is not None:
         return None
@@ -174,8 +184,13 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.
     a_pf = a_flat.index_select(0, idx_pf)
     traj_pf = idx_pf.remainder(N)
     x_pf = x_flat.index_select(0, idx_pf)
-    lp_pf = _masked_log_probs(fn_pf, x_pf, a_pf)
-    sums = torch.zeros(N, dtype=lp_pf.dtype, device=lp_pf.device).index_add(0, traj_pf, lp_pf)
+    pre = getattr(pf, "preprocessor", None)
+    shared = fn_pb is not None and pre is not None and getattr(pb, "preprocessor", None) is pre
+    feats_pf = pre(x_pf) if shared else None
+    nll_pf = _masked_nll(fn_pf, x_pf, a_pf, feats_pf)
+    if init is None:
+        init = torch.zeros(N, dtype=nll_pf.dtype, device=nll_pf.device)
+    sums = init.index_add(0, traj_pf, nll_pf, alpha=-1)
     if fn_pb is None:
         return sums
     # The backward action undoing forward action a_t is evaluated at s_{t+1}, for the
@@ -183,15 +198,16 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories) -> Optional[torch.
     # the valid transitions at t >= 1 shifted back one step: the valid transitions are
     # t-major, the first N are the t = 0 ones, and the rest of x_pf are the P_B states.
     exit_idx = env.n_actions - 1
+    feats_pb = None
     if int((a_pf == exit_idx).sum()) == N:
         x_pb, traj_pb = x_pf[N:], traj_pf[N:]
         a_pb = a_flat.index_select(0, idx_pf[N:] - N)
+        feats_pb = feats_pf[N:] if shared else None
     else:  # a trajectory without its exit: select the non-exit transitions
         sel = torch.nonzero(a_pf != exit_idx).squeeze(1)
         x_pb = x_flat.index_select(0, idx_pf.index_select(0, sel) + N)
         a_pb, traj_pb = a_pf.index_select(0, sel), traj_pf.index_select(0, sel)
-    lp_pb = _masked_log_probs(fn_pb, x_pb, a_pb)
-    return sums.index_add(0, traj_pb, lp_pb, alpha=-1)
+    return sums.index_add(0, traj_pb, _masked_nll(fn_pb, x_pb, a_pb, feats_pb))
 
 
 def _check_finite(lp_M: torch.Tensor, flat_idx: torch.Tensor, N: int, what: str) -> None:
@@ -342,35 +358,43 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         return self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=True)
 
     def _scores(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
-                log_rewards: Optional[torch.Tensor], check: bool) -> torch.Tensor:
-        """``get_scores``; ``check=False`` leaves the finiteness check to the caller
-        (``_check_finite_loss``)."""
+                log_rewards: Optional[torch.Tensor], check: bool,
+                offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``get_scores`` (plus ``offset``, a scalar or ``(N,)``, when given); ``check=False``
+        leaves the finiteness check to the caller (``_checked_loss``)."""
         # Finiteness is checked once, on the scores (one host sync instead of one per policy).
         lr = self._log_rewards(trajectories, log_rewards)
-        sums = None
+        scores = None
         if recalculate_all_logprobs or (trajectories.log_probs is None and trajectories.estimator_outputs is None):
-            sums = trajectory_score_sums(self.pf, None if self.constant_pb else self.pb, trajectories)
-        if sums is None:
+            init = -lr if offset is None else offset - lr
+            scores = trajectory_score_sums(self.pf, None if self.constant_pb else self.pb, trajectories, init)
+        if scores is None:
             log_pf, log_pb = self._pfs_and_pbs(trajectories, recalculate_all_logprobs, check_finite=False)
-            sums = log_pf.sum(0) - log_pb.sum(0)
-        scores = sums - lr
+            scores = log_pf.sum(0) - log_pb.sum(0) - lr
+            if offset is not None:
+                scores = scores + offset
         # One reduction and one host sync: a sum is finite iff every term is (short of overflow).
         if check and not math.isfinite(float(scores.detach().sum())):
+            if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
+                raise ValueError("non-finite logZ")
             self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
 
     def _checked_loss(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
-                      log_rewards: Optional[torch.Tensor], scores_to_loss: Callable, reduction: str) -> torch.Tensor:
-        """``reduce_loss(scores_to_loss(scores), reduction)`` with the scores' finiteness checked.
+                      log_rewards: Optional[torch.Tensor], scores_to_loss: Callable, reduction: str,
+                      offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``reduce_loss(scores_to_loss(scores + offset), reduction)`` with the scores' finiteness checked.
 
         With the default square loss and a reduced loss, the check is on the loss itself
         (finite iff every score is, short of overflow; one host sync and no extra reduction);
         otherwise on the scores, as ``get_scores`` does.
         """
         fold = self.loss_fn is _square and reduction != "none"
-        scores = self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=not fold)
+        scores = self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=not fold, offset=offset)
         loss = reduce_loss(scores_to_loss(scores), reduction)
         if fold and not math.isfinite(float(loss.detach())):
+            if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
+                raise ValueError("non-finite logZ")
             lr = self._log_rewards(trajectories, log_rewards)
             if math.isfinite(float(scores.detach().sum())):
                 raise ValueError("non-finite loss: the squared scores overflow float32")

@@ -72,9 +72,9 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
             log_rewards: optional ``(N,)`` override of the trajectories' log-rewards.
         """
         trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
-        logz = self.logz_value(trajectories)
         return self._checked_loss(
-            trajectories, recalculate_all_logprobs, log_rewards, lambda s: self.loss_fn(s + logz), reduction
+            trajectories, recalculate_all_logprobs, log_rewards, self.loss_fn, reduction,
+            offset=self.logz_value(trajectories),
         )
 
 
