@@ -200,7 +200,7 @@ class RolloutConfig:
     num_cpus_per_actor: float = 1.0  # Ray CPUs reserved per actor (fractional ok)
     num_gpus_per_actor: float = 0.0  # Ray GPUs per actor (fractional ok); > 0 samples on CUDA
     weight_poll_every: int = 1  # batches between checks for newer published weights
-    synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; gfn_dist.checkpoint)
+    synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; distributed.synchronous_rollout)
     max_restarts: int = 3  # Ray restarts of a dead actor process (-1: unlimited; gfn_dist.distributed.health)
     max_consecutive_failures: int = 3  # the run fails when one actor fails this many times without pushing between
 

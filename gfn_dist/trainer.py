@@ -91,7 +91,8 @@ class Trainer:
     def _setup(self, preset: str) -> None:
         cfg = self.cfg
         self.ctx = ctx = cluster.init_distributed(cfg)
-        from gfn_dist.checkpoint import Checkpointer, SynchronousRollout, resume_run_dir
+        from gfn_dist.checkpoint import Checkpointer, resume_run_dir
+        from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
 
         run_dir = (cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)) if ctx.is_main else None
         self.run_dir = Path(cluster.broadcast_object(run_dir, ctx))
@@ -139,7 +140,7 @@ class Trainer:
                                           name_prefix=prefix, namespace=ns, num_cpus=0,
                                           max_restarts=cfg.replay.max_restarts)
             store = create_weight_store(name=f"{ns}_weights", namespace=ns)
-            if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (gfn_dist.checkpoint)
+            if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (distributed.synchronous_rollout)
                 self.actors = create_rollout_actors(cfg, shards, store, name_prefix=ns, namespace=ns)
             self.handles = [*self.actors, *shards, store]
             self.store = store

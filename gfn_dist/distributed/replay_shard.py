@@ -76,7 +76,7 @@ class ReplayShardConfig:
             ``samples_per_insert * min_size_to_sample`` (see module doc).
         seed: seed of the shard's sampling RNG; None draws from the OS.
         state_dir: directory of the shard's insert journal and restart snapshots
-            (``gfn_dist.distributed.health.ShardPersistence``); None keeps no state on disk.
+            (``gfn_dist.distributed.shard_persistence.ShardPersistence``); None keeps no state on disk.
         snapshot_every_inserts: with ``state_dir``, snapshot every this many inserted
             items (0: only when ``snapshot()`` or ``restore()`` is called).
     """
@@ -186,7 +186,7 @@ class ReplayShard:
         self.num_sample_throttled = 0
         self.persistence = None  # set last: restoring after a Ray restart must not write back
         if cfg.state_dir is not None:
-            from gfn_dist.distributed.health import ShardPersistence
+            from gfn_dist.distributed.shard_persistence import ShardPersistence
 
             persistence = ShardPersistence(cfg.state_dir, cfg.snapshot_every_inserts)
             persistence.start(self)  # after a Ray restart: restores the latest snapshot, reports the items lost
