@@ -8,6 +8,9 @@
   failures, with one message naming the actor, the count and the error; one that
   recovers in between does not; deaths are counted from Ray's restart count and
   the run stops once ``rollout.max_restarts`` is spent (a stand-in actor, fast).
+* The weight store killed between publishes is restarted by Ray; the publish
+  and the long poll in flight are retried on it, and subscribers load the next
+  version.
 * A replay shard killed with SIGKILL (a crash, not a clean exit) comes back
   from its latest snapshot; the restored size and the reported loss equal what
   the snapshot and the insert count say, and the client samples from the live
@@ -32,6 +35,7 @@ from gfn_dist.config import load_config
 from gfn_dist.distributed.health import ActorFailure, ActorSupervisor, ShardPersistence, was_restarted_by_ray
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import ReplayShard, ReplayShardConfig, create_replay_shard
+from gfn_dist.distributed.weight_store import WeightPublisher, WeightSubscriber, create_weight_store
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
@@ -358,3 +362,24 @@ def test_replay_shard_killed_mid_run(local_ray, tmp_path):
     assert any(r.get("replay/shards_down") == 1 and r["step"] > at_death["step"] for r in rows)
     assert reported["replay/items_lost"] == lost and reported["replay/shard_restarts"] == 1
     assert all(r["replay/items_lost"] == lost for r in rows if r.get("replay/shard_restarts") == 1)
+
+
+def test_weight_store_restarts_and_serves_the_next_publish(local_ray):
+    store = create_weight_store()
+    learner_side, actor_side = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    publisher, subscriber = WeightPublisher(store), WeightSubscriber(store, actor_side)
+    publisher.publish(1, learner_side)
+    publisher.flush()
+    assert subscriber.refresh() and subscriber.version == 1
+    subscriber.poll_overlapped()  # a long poll in flight when the store dies
+    ray.kill(store, no_restart=False)
+    with torch.no_grad():
+        learner_side.weight.add_(1.0)
+    publisher.publish(2, learner_side)  # retried on the restarted store
+    publisher.flush()
+    deadline = time.monotonic() + 60
+    while not subscriber.refresh(subscriber.poll_overlapped()[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert subscriber.version == 2 and torch.equal(actor_side.weight, learner_side.weight)
+    stats = ray.get(store.stats.remote())
+    assert stats["version"] == 2 and stats["num_publishes"] == 1  # a fresh store: only version 2 reached it

@@ -101,10 +101,18 @@ STORE_MAX_CONCURRENCY = 256
 
 
 def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = None):
-    """A ``WeightStore`` Ray actor (no CPU reserved, threaded), optionally named for ``ray.get_actor``."""
+    """A ``WeightStore`` Ray actor (no CPU reserved, threaded), optionally named for ``ray.get_actor``.
+
+    Ray restarts the store if its process dies, and retries the calls that were
+    in flight on the new one (``max_restarts`` / ``max_task_retries`` unlimited). A
+    restarted store starts empty (version -1, not stopped): actors keep their
+    loaded weights and take the learner's next publish; the weights themselves
+    live in the object store, owned by the learner, so a store's death loses none.
+    """
     import ray
 
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": STORE_MAX_CONCURRENCY}
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": STORE_MAX_CONCURRENCY,
+                               "max_restarts": -1, "max_task_retries": -1}
     if name is not None:
         options["name"] = name
     if namespace is not None:
