@@ -67,10 +67,12 @@ class Sampler:
     #: and may run more steps past the last exit; shorter ones check for completion more often.
     compile_chunk_steps: int = 16
 
-    #: Inductor options of the compiled chunks: a C++ wrapper calls the chunk's kernels and
-    #: matmuls with less overhead than the default Python wrapper (the chunk then costs about
-    #: the policy's own forwards; HyperGrid(2, 8), B=16: 15 steps in 0.55 vs 0.62 ms).
+    #: Inductor options of the compiled chunks on CPU: a C++ wrapper calls the chunk's kernels
+    #: and matmuls with less overhead than the default Python wrapper (the chunk then costs
+    #: about the policy's own forwards; HyperGrid(2, 8), B=16: 15 steps in 0.55 vs 0.62 ms).
     compile_options: dict = {"cpp_wrapper": True}
+    #: The same on other devices (CUDA): inductor's defaults, its most used path.
+    compile_options_accelerator: dict = {}
 
     def __init__(self, estimator, compile: bool = False):
         self.estimator = estimator
@@ -326,7 +328,8 @@ class Sampler:
         # an environment since freed could reuse that graph (or hit the recompile limit).
         code = chunk.__code__.replace(co_name=f"chunk_{next(_chunk_ids)}")
         chunk = types.FunctionType(code, chunk.__globals__, code.co_name, None, chunk.__closure__)
-        entry = _Chunk(torch.compile(chunk, dynamic=False, options=self.compile_options), n_chunks,
+        options = self.compile_options if x.device.type == "cpu" else self.compile_options_accelerator
+        entry = _Chunk(torch.compile(chunk, dynamic=False, options=dict(options)), n_chunks,
                        -(-T_max // n_chunks), with_rewards)
         self._chunks[key] = (env, entry)  # the env is kept: its id stays unique while cached
         return entry
