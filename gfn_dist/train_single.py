@@ -131,11 +131,15 @@ def main(argv=None) -> None:
     p.add_argument("--n-iterations", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--compile", action="store_true", help="roll out with Sampler(pf, compile=True)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
     env, gfn = make_hypergrid_tb(args.ndim, args.height)
-    hist = train_single(env, gfn, args.n_iterations, args.batch_size, eval_every=args.eval_every)
+    from gfn_dist.samplers import Sampler
+
+    sampler = Sampler(gfn.pf, compile=args.compile)
+    hist = train_single(env, gfn, args.n_iterations, args.batch_size, eval_every=args.eval_every, sampler=sampler)
     logger.info("final exact L1 = %.4f after %d iterations, %.1f s", hist.l1[-1], hist.iterations[-1], hist.wall_s)
 
 
