@@ -43,6 +43,22 @@ from gfn_dist.states import States
 _chunk_ids = itertools.count()
 
 
+def compile_supported(device: str | torch.device = "cpu") -> bool:
+    """Whether ``Sampler(compile=True)`` can build its chunks for ``device`` here: a C++
+    compiler for CPU (inductor's), Triton for CUDA. Without it the sampler warns and
+    samples eagerly."""
+    try:
+        if torch.device(device).type == "cpu":
+            from torch._inductor import cpp_builder
+
+            return bool(cpp_builder.get_cpp_compiler())
+        import triton  # noqa: F401
+
+        return True
+    except Exception:  # no compiler / Triton found, or an API change
+        return False
+
+
 class _Chunk(NamedTuple):
     """A compiled rollout chunk (``Sampler(compile=True)``) and its schedule."""
 
