@@ -114,7 +114,7 @@ class MLP(nn.Module):
         plan = self._fast_plan()
         # Linear / ReLU trunk without hooks: functional calls, ReLU in place on the fresh
         # linear output (same values and gradients as the module calls, fewer allocations).
-        fast = bool(plan) and _no_global_hooks() and _no_hooks(self.trunk)
+        fast = bool(plan) and no_hooks(self.trunk)
         if fast:
             for m, _ in plan:
                 if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:

@@ -52,9 +52,9 @@ def compile_supported(device: str | torch.device = "cpu") -> bool:
             from torch._inductor import cpp_builder
 
             return bool(cpp_builder.get_cpp_compiler())
-        import triton  # noqa: F401
+        import importlib.util
 
-        return True
+        return importlib.util.find_spec("triton") is not None
     except Exception:  # no compiler / Triton found, or an API change
         return False
 
@@ -337,7 +337,6 @@ class Sampler:
             log_rewards = env.log_reward_tensor(last) if with_rewards else None
             return torch.stack(xs), torch.stack(acts), term, last, log_rewards
 
-        T_max = env.max_traj_len
         n_chunks = -(-T_max // max(1, self.compile_chunk_steps))
         # A fresh code object per chunk: dynamo caches compiled graphs per code object and
         # guards the closure's objects by id, so a chunk sharing its code with one built for

@@ -19,6 +19,13 @@ def uniform_pf_pb(env):
     return pf, pb
 
 
+def mlp_pf_pb(env, hidden: int = 16):
+    d = env.preprocessor.output_dim
+    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, hidden), env.n_actions, env.preprocessor)
+    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, hidden), env.n_actions, env.preprocessor, is_backward=True)
+    return pf, pb
+
+
 def two_hand_made_trajectories(env):
     sf = [-1, -1]
     states = torch.tensor(
@@ -125,9 +132,7 @@ def test_recomputed_logprobs_equal_sampled(env_fn):
 def test_loss_gradients_reach_pf_pb_and_logz():
     torch.manual_seed(0)
     env = HyperGrid(2, 4)
-    d = env.preprocessor.output_dim
-    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, 16), env.n_actions, env.preprocessor)
-    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, 16), env.n_actions, env.preprocessor, is_backward=True)
+    pf, pb = mlp_pf_pb(env)
     gfn = TBGFlowNet(pf, pb)
     traj = Sampler(pf).sample_trajectories(env, n=8)
     gfn.loss(env, traj).backward()
@@ -195,9 +200,7 @@ def test_score_shortcut_equals_general_path(make_env, constant_pb, monkeypatch):
 
     torch.manual_seed(0)
     env = make_env()
-    d = env.preprocessor.output_dim
-    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, 16), env.n_actions, env.preprocessor)
-    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, 16), env.n_actions, env.preprocessor, is_backward=True)
+    pf, pb = mlp_pf_pb(env)
     gfn = TBGFlowNet(pf, None if constant_pb else pb, constant_pb=constant_pb)
     traj = Sampler(pf).sample_trajectories(env, n=40)
     assert trajectory_score_sums(pf, None if constant_pb else pb, traj) is not None
@@ -218,7 +221,7 @@ def test_score_shortcut_equals_general_path(make_env, constant_pb, monkeypatch):
     assert len(fast_g) == len(ref_g) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_g, ref_g))
 
 
-def test_score_shortcut_handles_trajectories_without_exit(monkeypatch):
+def test_score_shortcut_handles_trajectories_without_exit():
     """Trajectories cut before their exit (or with no action) take the shortcut's general
     P_B selection; scores equal the per-policy (T, N) path."""
     from gfn_dist.containers import Trajectories
@@ -226,9 +229,7 @@ def test_score_shortcut_handles_trajectories_without_exit(monkeypatch):
 
     torch.manual_seed(0)
     env = HyperGrid(3, 4)
-    d = env.preprocessor.output_dim
-    pf = DiscretePolicyEstimator(MLP(d, env.n_actions, 16), env.n_actions, env.preprocessor)
-    pb = DiscretePolicyEstimator(MLP(d, env.n_actions - 1, 16), env.n_actions, env.preprocessor, is_backward=True)
+    pf, pb = mlp_pf_pb(env)
     gfn = TBGFlowNet(pf, pb)
     full = Sampler(pf).sample_trajectories(env, n=12)
     term = full.terminating_idx.clone()

@@ -9,8 +9,6 @@ from gfn_dist.gym import BitSequence, HyperGrid, NonAutoregressiveBitSequence
 from gfn_dist.modules import MLP, DiscreteUniform
 from gfn_dist.samplers import Sampler, compile_supported
 
-needs_cxx = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile on CPU needs a C++ compiler")
-
 ENVS = {
     "hypergrid": lambda: HyperGrid(3, 4),
     "bitseq": lambda: BitSequence(word_size=2, seq_size=6),
@@ -211,13 +209,13 @@ def test_fast_rollout_runs_module_hooks():
     assert len(calls) == traj.max_length and set(calls) == {5}
 
 
-@needs_cxx
 @pytest.mark.parametrize("name, chunk, kw", [("hypergrid", 4, {"temperature": 0.5, "sf_bias": 1.0}), ("bitseq", 16, {})])
 def test_compiled_rollout_equals_eager(name, chunk, kw):
     """Sampler(compile=True): same seed, same trajectories as the eager rollout (chunked or not)."""
     env = ENVS[name]()
     torch.manual_seed(1)
     pf = make_pf(env)
+    assert compile_supported("cpu"), "torch.compile on CPU needs a C++ compiler (g++)"
     compiled = Sampler(pf, compile=True)
     compiled.compile_chunk_steps = chunk  # hypergrid(3, 4): 10 steps in chunks of 4 (3 chunks, the last past the end)
     for seed in (3, 4):
@@ -252,7 +250,6 @@ def _compiled_equals_eager(env, pf, n=16, seed=3):
     return compiled
 
 
-@needs_cxx
 def test_compiled_chunks_do_not_leak_between_environments():
     """A chunk compiled for an environment that is then freed is never reused for the next
     one (dynamo guards closures by id; a freed env's address is often reused at once)."""
@@ -266,7 +263,6 @@ def test_compiled_chunks_do_not_leak_between_environments():
         gc.collect()
 
 
-@needs_cxx
 def test_compiled_rollout_computes_an_uncompilable_reward_eagerly(monkeypatch):
     """If the chunk with the environment's reward in it fails to compile, the sampler
     rebuilds the chunk without it (rewards computed eagerly), not the eager rollout."""

@@ -210,6 +210,12 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: Optional[tor
     return sums.index_add(0, traj_pb, _masked_nll(fn_pb, x_pb, a_pb, feats_pb))
 
 
+def _check_offset(offset: Optional[torch.Tensor]) -> None:
+    """Raises ValueError if the scores' offset (logZ) is non-finite."""
+    if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
+        raise ValueError("non-finite logZ")
+
+
 def _check_finite(lp_M: torch.Tensor, flat_idx: torch.Tensor, N: int, what: str) -> None:
     bad = torch.isinf(lp_M)
     if bool(bad.any()):
@@ -375,8 +381,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
                 scores = scores + offset
         # One reduction and one host sync: a sum is finite iff every term is (short of overflow).
         if check and not math.isfinite(float(scores.detach().sum())):
-            if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
-                raise ValueError("non-finite logZ")
+            _check_offset(offset)
             self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
 
@@ -393,8 +398,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         scores = self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=not fold, offset=offset)
         loss = reduce_loss(scores_to_loss(scores), reduction)
         if fold and not math.isfinite(float(loss.detach())):
-            if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
-                raise ValueError("non-finite logZ")
+            _check_offset(offset)
             lr = self._log_rewards(trajectories, log_rewards)
             if math.isfinite(float(scores.detach().sum())):
                 raise ValueError("non-finite loss: the squared scores overflow float32")
