@@ -373,11 +373,16 @@ def test_weight_store_restarts_and_serves_the_next_publish(local_ray):
     assert subscriber.refresh() and subscriber.version == 1
     subscriber.poll_overlapped()  # a long poll in flight when the store dies
     ray.kill(store, no_restart=False)
+    # ray.kill is asynchronous: a call sent right after it can still run on the dying store
+    # (a publish lost that way is made good by the learner's next one). Wait until the
+    # restarted, empty store answers; calls sent meanwhile are retried on it.
+    deadline = time.monotonic() + 60
+    while ray.get(store.stats.remote())["num_publishes"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     with torch.no_grad():
         learner_side.weight.add_(1.0)
-    publisher.publish(2, learner_side)  # retried on the restarted store
+    publisher.publish(2, learner_side)
     publisher.flush()
-    deadline = time.monotonic() + 60
     while not subscriber.refresh(subscriber.poll_overlapped()[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert subscriber.version == 2 and torch.equal(actor_side.weight, learner_side.weight)
