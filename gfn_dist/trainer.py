@@ -129,7 +129,7 @@ class Trainer:
         """Rank 0 creates the named shards, weight store and rollout actors; the others look the shards up."""
         import ray
 
-        from gfn_dist.distributed.replay_shard import create_replay_shards, get_replay_shards
+        from gfn_dist.distributed.replay_shard import create_replay_shards, get_replay_shards, shard_name
         from gfn_dist.distributed.rollout_actor import create_rollout_actors
         from gfn_dist.distributed.weight_store import WeightPublisher, create_weight_store
 
@@ -141,7 +141,8 @@ class Trainer:
                                           max_restarts=cfg.replay.max_restarts)
             store = create_weight_store(name=f"{ns}_weights", namespace=ns)
             if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (distributed.synchronous_rollout)
-                self.actors = create_rollout_actors(cfg, shards, store, name_prefix=ns, namespace=ns)
+                names = [shard_name(i, prefix) for i in range(cfg.replay.num_shards)]
+                self.actors = create_rollout_actors(cfg, names, f"{ns}_weights", name_prefix=ns, namespace=ns)
             self.handles = [*self.actors, *shards, store]
             self.store = store
             self._publisher = WeightPublisher(store)

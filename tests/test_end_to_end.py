@@ -7,6 +7,7 @@ presets run in-process on a short budget through ``gfn_dist.train.main`` with
 one local Ray for the module (the trainer reuses a Ray that is already up).
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def test_main_job_reaches_exact_l1(main_job):
     assert evals[-1]["logZ_err"] < 0.05
     assert wall_s < 300, wall_s
     assert "train:" in proc.stderr  # the progress bar on the driver's terminal
+    # No error-level line from Ray's C++ core, e.g. "[... E 123 123] core_worker.cc:2465: Actor ...
+    # has constructor arguments in the object store and max_restarts > 0" (actor handles passed
+    # to a restartable rollout actor's constructor: its restart could fail, ray-project/ray#53727).
+    ray_errors = re.findall(r"^\[[^\]]* E \d+ \d+\].*$", proc.stderr, flags=re.M)
+    assert not ray_errors, ray_errors
 
 
 @pytest.fixture(scope="module")

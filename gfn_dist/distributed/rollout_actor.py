@@ -1,7 +1,7 @@
 """Rollout actor: samples trajectories with the newest published policy and pushes them to replay.
 
 ``RolloutWorker`` is a plain class (usable in-process, e.g. by tests and the
-benchmark); ``create_rollout_actors`` wraps it with ``ray.remote``. A worker is
+benchmark); ``create_rollout_actors`` runs it on Ray (as ``RolloutActor``). A worker is
 built from the (plain-data) ``TrainConfig`` and its ``actor_id``: it builds its
 own environment, policy copy (P_F, and P_B for local search) and sampler, so no
 live object crosses process boundaries. Its loop (``run``):
@@ -325,6 +325,29 @@ class RolloutWorker:
         }
 
 
+class RolloutActor(RolloutWorker):
+    """The ``RolloutWorker`` that ``create_rollout_actors`` runs on Ray: it looks its replay
+    shards and weight store up by their Ray actor names.
+
+    Names, not handles, are its constructor arguments: Ray keeps a constructor
+    argument that holds actor handles in the object store, and a restartable
+    actor's restart then depends on that object surviving (ray-project/ray#53727;
+    Ray logs an error when such an actor is created). Strings are inlined in the
+    actor's creation task, and a restarted actor looks the names up again.
+
+    Raises:
+        ValueError: (from ``ray.get_actor``) if no actor of one of these names lives in
+            ``namespace``; the actor's creation then fails with it.
+    """
+
+    def __init__(self, cfg: TrainConfig, actor_id: int, namespace: Optional[str], store_name: str,
+                 *shard_names: str) -> None:
+        import ray
+
+        super().__init__(cfg, actor_id, [ray.get_actor(n, namespace=namespace) for n in shard_names],
+                         ray.get_actor(store_name, namespace=namespace))
+
+
 def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
     """Ray actor name of rollout actor ``actor_id``."""
     return f"{namespace_prefix}_rollout_{int(actor_id)}"
@@ -332,13 +355,17 @@ def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
 
 def create_rollout_actors(
     cfg: TrainConfig,
-    shard_handles: Sequence[Any],
-    weight_store: Any,
+    shard_names: Sequence[str],
+    store_name: str,
     *,
     name_prefix: Optional[str] = None,
     namespace: Optional[str] = None,
 ) -> list:
-    """Creates ``cfg.rollout.num_actors`` ``RolloutWorker`` Ray actors.
+    """Creates ``cfg.rollout.num_actors`` ``RolloutWorker`` Ray actors (``RolloutActor``).
+
+    The replay shards and the weight store are passed by their Ray actor names
+    (``replay_shard.shard_name``, the store's ``name``) in ``namespace``; see
+    ``RolloutActor`` for why.
 
     Each reserves ``rollout.num_cpus_per_actor`` CPUs and ``rollout.num_gpus_per_actor``
     GPUs (fractional allowed) and allows two concurrent calls, so ``stats`` /
@@ -351,7 +378,7 @@ def create_rollout_actors(
     """
     import ray
 
-    remote_cls = ray.remote(RolloutWorker)
+    remote_cls = ray.remote(RolloutActor)
     handles = []
     for i in range(cfg.rollout.num_actors):
         options: dict[str, Any] = {
@@ -365,5 +392,5 @@ def create_rollout_actors(
             options["name"] = rollout_actor_name(name_prefix, i)
         if namespace is not None:
             options["namespace"] = namespace
-        handles.append(remote_cls.options(**options).remote(cfg, i, list(shard_handles), weight_store))
+        handles.append(remote_cls.options(**options).remote(cfg, i, namespace, store_name, *shard_names))
     return handles
