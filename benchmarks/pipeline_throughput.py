@@ -43,7 +43,7 @@ import torch
 from gfn_dist.builders import build_env, build_policies, build_sampler
 from gfn_dist.config import load_config
 from gfn_dist.distributed.replay_client import ReplayClient
-from gfn_dist.distributed.replay_shard import ReplayShardConfig, create_replay_shards, shard_name
+from gfn_dist.distributed.replay_shard import ReplayShardConfig, create_replay_shards
 from gfn_dist.distributed.rollout_actor import create_rollout_actors
 from gfn_dist.distributed.weight_store import WeightPublisher, create_weight_store
 from gfn_dist.metrics import read_jsonl
@@ -99,7 +99,8 @@ def actor_rate(push: int, seconds: float, rounds: int, sampler_batch: Optional[i
     drift, and the same process rules out differences between processes.
     """
     cfg = load_config(PRESET, [f"rollout.trajectories_per_push={push}", "replay.capacity_per_shard=100000", *EXTRA,
-                               "replay.min_size_to_sample=1", f"rollout.sampler_batch_size={sampler_batch or push}"])
+                               "replay.min_size_to_sample=1", "replay.num_shards=1",
+                               f"rollout.sampler_batch_size={sampler_batch or push}"])
     tag = uuid.uuid4().hex[:8]  # rollout actors find their shard and store by name
     shards = create_replay_shards(1, ReplayShardConfig(capacity=100_000, samples_per_insert=None),
                                   name_prefix=f"bench_replay_{tag}", num_cpus=0)
@@ -107,7 +108,7 @@ def actor_rate(push: int, seconds: float, rounds: int, sampler_batch: Optional[i
     env = build_env(cfg)
     torch.manual_seed(0)
     WeightPublisher(store).publish(0, build_policies(cfg, env))
-    (actor,) = create_rollout_actors(cfg, [shard_name(0, f"bench_replay_{tag}")], f"bench_weights_{tag}")
+    (actor,) = create_rollout_actors(cfg, f"bench_replay_{tag}", f"bench_weights_{tag}")
     ray.get(actor.stats.remote())  # constructed
     client = ReplayClient(shards)
     win = seconds / rounds

@@ -283,7 +283,7 @@ class Sampler:
         term = T - finished_TN.sum(0)
         n_idx = torch.arange(N, device=dev)
         log_rewards = env.log_reward_tensor(states_buf[term - 1, n_idx])
-        log_probs = lp_buf[:T].masked_fill_(finished_TN[:T], 0.0) if lp_buf is not None else None
+        log_probs = lp_buf[:T].masked_fill_(finished_TN, 0.0) if lp_buf is not None else None
         return Trajectories(
             env,
             states_buf[: T + 1],

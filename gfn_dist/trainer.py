@@ -129,7 +129,7 @@ class Trainer:
         """Rank 0 creates the named shards, weight store and rollout actors; the others look the shards up."""
         import ray
 
-        from gfn_dist.distributed.replay_shard import create_replay_shards, get_replay_shards, shard_name
+        from gfn_dist.distributed.replay_shard import create_replay_shards, get_replay_shards
         from gfn_dist.distributed.rollout_actor import create_rollout_actors
         from gfn_dist.distributed.weight_store import WeightPublisher, create_weight_store
 
@@ -139,10 +139,10 @@ class Trainer:
             shards = create_replay_shards(cfg.replay.num_shards, replay_shard_config(cfg, ctx.world_size),
                                           name_prefix=prefix, namespace=ns, num_cpus=0,
                                           max_restarts=cfg.replay.max_restarts)
-            store = create_weight_store(name=f"{ns}_weights", namespace=ns)
+            store_name = f"{ns}_weights"
+            store = create_weight_store(name=store_name, namespace=ns)
             if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (distributed.synchronous_rollout)
-                names = [shard_name(i, prefix) for i in range(cfg.replay.num_shards)]
-                self.actors = create_rollout_actors(cfg, names, f"{ns}_weights", name_prefix=ns, namespace=ns)
+                self.actors = create_rollout_actors(cfg, prefix, store_name, name_prefix=ns, namespace=ns)
             self.handles = [*self.actors, *shards, store]
             self.store = store
             self._publisher = WeightPublisher(store)

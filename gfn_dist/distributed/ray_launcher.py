@@ -335,7 +335,7 @@ class RayTrainer:
 
         from gfn_dist.checkpoint import resume_run_dir
         from gfn_dist.distributed import cluster
-        from gfn_dist.distributed.replay_shard import create_replay_shards, shard_name
+        from gfn_dist.distributed.replay_shard import create_replay_shards
         from gfn_dist.distributed.rollout_actor import create_rollout_actors
         from gfn_dist.distributed.weight_store import create_weight_store
         from gfn_dist.metrics import MetricLogger
@@ -346,11 +346,11 @@ class RayTrainer:
         cfg.run.dir = str(self.run_dir)  # absolute: the learner workers run elsewhere
         self.ray_ctx = cluster.start_ray(cfg)
         ns = self.ray_ctx.namespace
+        replay_prefix, store_name = f"{ns}_replay", f"{ns}_weights"
         self.shards = create_replay_shards(cfg.replay.num_shards, replay_shard_config(cfg, self.world_size),
-                                           name_prefix=f"{ns}_replay", namespace=ns, num_cpus=0)
-        self.store = create_weight_store(name=f"{ns}_weights", namespace=ns)
-        self.actors = create_rollout_actors(cfg, [shard_name(i, f"{ns}_replay") for i in range(cfg.replay.num_shards)],
-                                            f"{ns}_weights", name_prefix=ns, namespace=ns)
+                                           name_prefix=replay_prefix, namespace=ns, num_cpus=0)
+        self.store = create_weight_store(name=store_name, namespace=ns)
+        self.actors = create_rollout_actors(cfg, replay_prefix, store_name, name_prefix=ns, namespace=ns)
         self.channel = ray.remote(DriverChannel).options(num_cpus=0, name=f"{ns}_driver", namespace=ns).remote()
         # Not waited for: the actors start while Ray Train brings the learners up (an actor that
         # fails to start fails rank 0's first replay or publish call, and so the run).

@@ -326,8 +326,9 @@ class RolloutWorker:
 
 
 class RolloutActor(RolloutWorker):
-    """The ``RolloutWorker`` that ``create_rollout_actors`` runs on Ray: it looks its replay
-    shards and weight store up by their Ray actor names.
+    """The ``RolloutWorker`` that ``create_rollout_actors`` runs on Ray: it looks its
+    ``cfg.replay.num_shards`` replay shards (``replay_shard.get_replay_shards``) and its
+    weight store up by their Ray actor names.
 
     Names, not handles, are its constructor arguments: Ray keeps a constructor
     argument that holds actor handles in the object store, and a restartable
@@ -336,16 +337,18 @@ class RolloutActor(RolloutWorker):
     actor's creation task, and a restarted actor looks the names up again.
 
     Raises:
-        ValueError: (from ``ray.get_actor``) if no actor of one of these names lives in
+        ValueError: (from ``ray.get_actor``) if a shard or the store is not found in
             ``namespace``; the actor's creation then fails with it.
     """
 
-    def __init__(self, cfg: TrainConfig, actor_id: int, namespace: Optional[str], store_name: str,
-                 *shard_names: str) -> None:
+    def __init__(self, cfg: TrainConfig, actor_id: int, namespace: Optional[str], replay_prefix: str,
+                 store_name: str) -> None:
         import ray
 
-        super().__init__(cfg, actor_id, [ray.get_actor(n, namespace=namespace) for n in shard_names],
-                         ray.get_actor(store_name, namespace=namespace))
+        from gfn_dist.distributed.replay_shard import get_replay_shards
+
+        shards = get_replay_shards(cfg.replay.num_shards, name_prefix=replay_prefix, namespace=namespace)
+        super().__init__(cfg, actor_id, shards, ray.get_actor(store_name, namespace=namespace))
 
 
 def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
@@ -355,7 +358,7 @@ def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
 
 def create_rollout_actors(
     cfg: TrainConfig,
-    shard_names: Sequence[str],
+    replay_prefix: str,
     store_name: str,
     *,
     name_prefix: Optional[str] = None,
@@ -363,9 +366,9 @@ def create_rollout_actors(
 ) -> list:
     """Creates ``cfg.rollout.num_actors`` ``RolloutWorker`` Ray actors (``RolloutActor``).
 
-    The replay shards and the weight store are passed by their Ray actor names
-    (``replay_shard.shard_name``, the store's ``name``) in ``namespace``; see
-    ``RolloutActor`` for why.
+    The actors find the ``cfg.replay.num_shards`` replay shards and the weight store
+    by name in ``namespace``: ``replay_prefix`` is the shards' ``name_prefix`` in
+    ``create_replay_shards``, ``store_name`` the store's ``name``; see ``RolloutActor`` for why.
 
     Each reserves ``rollout.num_cpus_per_actor`` CPUs and ``rollout.num_gpus_per_actor``
     GPUs (fractional allowed) and allows two concurrent calls, so ``stats`` /
@@ -392,5 +395,5 @@ def create_rollout_actors(
             options["name"] = rollout_actor_name(name_prefix, i)
         if namespace is not None:
             options["namespace"] = namespace
-        handles.append(remote_cls.options(**options).remote(cfg, i, namespace, store_name, *shard_names))
+        handles.append(remote_cls.options(**options).remote(cfg, i, namespace, replay_prefix, store_name))
     return handles
