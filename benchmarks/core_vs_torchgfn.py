@@ -60,7 +60,7 @@ from gfn_dist.gflownet.trajectory_balance import TBGFlowNet
 from gfn_dist.gym import BitSequence, HyperGrid
 from gfn_dist.modules import MLP
 from gfn_dist.samplers import Sampler
-from gfn_dist.train_single import make_optimizer
+from gfn_dist.optim import make_optimizer
 
 HIDDEN_DIM, N_HIDDEN_LAYERS = 256, 2
 LR, LR_LOGZ = 1e-3, 0.1

@@ -40,7 +40,7 @@ from typing import Optional
 import ray
 import torch
 
-from gfn_dist.builders import build_env, build_policies, build_sampler
+from gfn_dist.builders import build_env, build_policies, build_rollout_parts, build_sampler
 from gfn_dist.config import load_config
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import ReplayShardConfig, create_replay_shards
@@ -108,7 +108,7 @@ def actor_rate(push: int, seconds: float, rounds: int, sampler_batch: Optional[i
     env = build_env(cfg)
     torch.manual_seed(0)
     WeightPublisher(store).publish(0, build_policies(cfg, env))
-    (actor,) = create_rollout_actors(cfg, f"bench_replay_{tag}", f"bench_weights_{tag}")
+    (actor,) = create_rollout_actors(cfg, build_rollout_parts, f"bench_replay_{tag}", f"bench_weights_{tag}")
     ray.get(actor.stats.remote())  # constructed
     client = ReplayClient(shards)
     win = seconds / rounds

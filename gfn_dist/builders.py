@@ -243,3 +243,20 @@ def target_distribution(cfg: TrainConfig, env, prior: Optional[nn.Module] = None
     log_r = env.log_reward(env.terminating_states).double()
     logits = log_pt + effective_beta(cfg) * log_r
     return torch.softmax(logits, 0), float(torch.logsumexp(logits, 0))
+
+
+# ---------------------------------------------------------------------------- rollout
+
+
+def build_rollout_parts(cfg: TrainConfig, device: torch.device) -> tuple:
+    """What a rollout worker samples with: ``(env, policies, sampler, sample_kwargs)`` on ``device``.
+
+    The ``RolloutBuilder`` the run passes to its rollout actors
+    (``gfn_dist.distributed.rollout_actor``): each actor calls it in its own process.
+    Relative losses' actors start from the policies' own initialisation; the
+    learners' first publish (version 0) replaces it before any trajectory is sampled.
+    """
+    env = build_env(cfg, device)
+    policies = build_policies(cfg, env, init_from_prior=False).to(device)
+    sampler, sample_kwargs = build_sampler(cfg, policies)
+    return env, policies, sampler, sample_kwargs

@@ -69,16 +69,24 @@ import logging
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+import ray
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
+from gfn_dist.preemption import (  # re-exported: the signal flag the loop checks
+    clear_preemption,
+    install_preemption_handlers,
+    preemption_requested,
+    request_preemption,
+    uninstall_preemption_handlers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,51 +97,6 @@ TMP_PREFIX = ".tmp_"
 #: Configuration keys a checkpoint must share with the run that resumes it (shapes of
 #: the model, the environment and the replay snapshots). A section name covers all its keys.
 COMPAT_KEYS = ("env", "model", "loss.name", "replay.num_shards", "replay.capacity_per_shard")
-
-
-# ---------------------------------------------------------------------------- preemption
-
-
-class _Preemption:
-    signum: Optional[int] = None
-    previous: dict = {}
-
-
-def _on_signal(signum, frame) -> None:
-    if _Preemption.signum is not None and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # second Ctrl-C: stop now, no checkpoint
-    _Preemption.signum = signum  # only a flag: the step boundary does the work
-
-
-def install_preemption_handlers() -> None:
-    """Clears the flag; SIGTERM / SIGINT then set it (main thread only; call after Ray is
-    up, which installs its own SIGTERM handler)."""
-    _Preemption.signum = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        prev = signal.signal(sig, _on_signal)
-        _Preemption.previous.setdefault(sig, prev)
-
-
-def uninstall_preemption_handlers() -> None:
-    """Restores the handlers replaced by ``install_preemption_handlers``."""
-    for sig, prev in _Preemption.previous.items():
-        signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-    _Preemption.previous = {}
-
-
-def request_preemption(signum: int = signal.SIGTERM) -> None:
-    """Sets the flag as a signal would (for tests and embedding code)."""
-    _Preemption.signum = int(signum)
-
-
-def clear_preemption() -> None:
-    """Resets the flag."""
-    _Preemption.signum = None
-
-
-def preemption_requested() -> Optional[int]:
-    """The signal number received on this process, or None."""
-    return _Preemption.signum
 
 
 # ---------------------------------------------------------------------------- fault injection (test hook)
@@ -259,8 +222,6 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, gflownet: Optional[torch.nn.M
         ConfigError: (a ValueError) listing every key (config key or parameter
             name) that differs.
     """
-    from omegaconf import OmegaConf
-
     diffs = config_differences(OmegaConf.to_container(OmegaConf.create(ckpt["config"])), cfg)
     if gflownet is not None and not diffs:
         diffs = state_dict_differences(ckpt["learner"]["gflownet"], gflownet)
@@ -379,44 +340,77 @@ def prune_checkpoints(root: str | Path, keep_last: Optional[int]) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------- the learner's hook
+# ---------------------------------------------------------------------------- stateful components
+
+
+class RolloutActorsRNG:
+    """The rollout actors' torch RNG states as one stateful component (rank 0's checkpoint entry ``actors``).
+
+    Args:
+        actors: rollout actor handles, actor 0 first.
+    """
+
+    def __init__(self, actors: list) -> None:
+        self.actors = list(actors)
+
+    def state_dict(self) -> Optional[dict]:
+        """``{"rng": [state per actor]}``, or None when an actor cannot answer (a dead actor must not
+        cost the checkpoint; its RNG is then not restored)."""
+        try:
+            return {"rng": ray.get([a.__ray_call__.remote(_actor_get_rng) for a in self.actors], timeout=30)}
+        except Exception as err:
+            logger.warning("checkpoint: rollout actors' RNG not saved: %s", err)
+            return None
+
+    def load_state_dict(self, state: dict) -> None:
+        ray.get([a.__ray_call__.remote(_actor_set_rng, s) for a, s in zip(self.actors, state["rng"])])
+
+
+# ---------------------------------------------------------------------------- the checkpointer
 
 
 class Checkpointer:
-    """Periodic / final / preemption checkpoints and resume for one learner rank.
+    """Periodic / final / preemption checkpoints and resume of one learner rank's stateful components.
 
-    Built by the ``Trainer`` on every rank (the process-group calls are collective)
-    and attached to the ``Learner`` (``learner.checkpointer``), which calls
-    ``after_step`` after every step and ``at_end`` when training finishes.
+    ``states`` maps a checkpoint entry to a component with ``state_dict`` /
+    ``load_state_dict`` (the pattern of torchtitan's ``CheckpointManager(states=...)``):
+    every rank passes ``"learner"`` (replicated: identical on every rank, saved by
+    rank 0, broadcast on resume); rank 0 adds ``"replay"`` (the ``ReplayClient``:
+    every shard) and ``"actors"`` (``RolloutActorsRNG``). Each entry is the file
+    ``<name>.pt`` of ``step_N/``; the RNG states of every rank are gathered into
+    ``rng.pt``. Every method is collective: all ranks call it.
 
     Args:
-        cfg: the run's configuration.
+        cfg: the run's configuration (``checkpoint.*``, ``resume``; written as ``config.yaml``).
         ctx: the rank's ``DistContext``.
-        run_dir: the run directory.
-        replay: rank 0's ``ReplayClient`` (None: no replay in checkpoints).
-        actors: rank 0's Ray rollout actor handles (their RNG is checkpointed).
+        run_dir: the run directory (``checkpoint.dir`` defaults to ``run_dir/checkpoints``).
+        states: entry name -> stateful component (see above).
+        replicated: the entries every rank holds.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx, run_dir: str | Path, replay=None, actors: Optional[list] = None) -> None:
+    def __init__(self, cfg: TrainConfig, ctx, run_dir: str | Path, states: Mapping[str, Any],
+                 replicated: Sequence[str] = ("learner",)) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.root = checkpoint_root(cfg, run_dir)
-        self.replay = replay
-        self.actors = list(actors or [])
+        self.states = dict(states)
+        self.replicated = tuple(replicated)
         self.interval = cfg.checkpoint.interval_steps
         self.last_saved_step: Optional[int] = None
-        self.preempted = False
         self.resumed_from: Optional[Path] = None
         self.fault = fault_injection_from_env()
         self._group = None
         if ctx.distributed:  # a CPU group for the flag, so a NCCL run does not sync the GPU every step
             self._group = dist.new_group(backend="gloo") if ctx.backend != "gloo" else dist.group.WORLD
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ when
 
-    def after_step(self, learner) -> bool:
-        """Fault injection, preemption agreement and periodic checkpoints; True means stop now."""
-        self._maybe_inject_fault(learner.step)
+    def preemption_agreed(self, step: int) -> bool:
+        """Whether any rank received SIGTERM / SIGINT (MAX all-reduce, so all ranks stop after the same step).
+
+        Also the fault-injection test hook (``GFN_DIST_FAULT_INJECT``), which raises.
+        """
+        self._maybe_inject_fault(step)
         flag = preemption_requested() is not None
         if self.ctx.distributed:
             t = torch.tensor([1 if flag else 0], dtype=torch.int32)
@@ -424,20 +418,12 @@ class Checkpointer:
             flag = bool(t.item())
         if flag:
             logger.warning("preemption (signal %s on some rank): checkpointing at step %d and stopping",
-                           preemption_requested(), learner.step)
-            self.preempted = True
-            if not learner.is_log_step():
-                learner.log()  # the metrics end at the step the checkpoint holds
-            self.save(learner, reason="preempt")
-            return True
-        if self.interval > 0 and learner.step % self.interval == 0:
-            self.save(learner, reason="interval")
-        return False
+                           preemption_requested(), step)
+        return flag
 
-    def at_end(self, learner) -> None:
-        """The final checkpoint (unless this step is already saved)."""
-        if self.last_saved_step != learner.step:
-            self.save(learner, reason="end")
+    def is_due(self, step: int) -> bool:
+        """Every ``checkpoint.interval_steps`` steps (0: never)."""
+        return self.interval > 0 and step % self.interval == 0
 
     def _maybe_inject_fault(self, step: int) -> None:
         if self.fault is None:
@@ -448,27 +434,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, learner, reason: str = "interval") -> Optional[Path]:
-        """Writes ``step_<learner.step>`` (collective: every rank calls it). Returns the path on rank 0."""
+    def save(self, step: int, reason: str = "interval") -> Optional[Path]:
+        """Writes ``step_<step>`` (collective). Returns the path on rank 0, None elsewhere or when
+        this step is already saved."""
+        if self.last_saved_step == step:
+            return None
         rngs = self._gather(rng_state())
+        self.last_saved_step = step
         if not self.ctx.is_main:
-            self.last_saved_step = learner.step
             return None
         t0 = time.perf_counter()
-        step = learner.step
-        state = learner.state_dict()
-        state.update(policy_version=step, trajectories_seen=step * self.cfg.learner.batch_size,
-                     world_size=self.ctx.world_size)
-        files: dict[str, Any] = {"learner": state, "rng": {"ranks": rngs}}
-        if self.replay is not None:
-            files["replay"] = {"shards": self.replay.snapshot()}
-        actor_rng = self._actor_rngs()
-        if actor_rng is not None:
-            files["actors"] = {"rng": actor_rng}
-        meta = {"step": step, "policy_version": step, "trajectories_seen": state["trajectories_seen"],
-                "world_size": self.ctx.world_size, "reason": reason, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        files: dict[str, Any] = {name: obj.state_dict() for name, obj in self.states.items()}
+        files = {name: state for name, state in files.items() if state is not None}
+        files["rng"] = {"ranks": rngs}
+        meta = {"step": step, "world_size": self.ctx.world_size, "reason": reason,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **{k: files["learner"][k] for k in ("policy_version", "trajectories_seen") if k in files["learner"]}}
         path = write_checkpoint(self.root, step, files, to_yaml(self.cfg), meta, self.cfg.checkpoint.keep_last)
-        self.last_saved_step = step
         logger.info("checkpoint (%s) at step %d: %s (%.2f s)", reason, step, path, time.perf_counter() - t0)
         return path
 
@@ -479,25 +461,13 @@ class Checkpointer:
         dist.gather_object(obj, out, dst=0, group=self._group)
         return out
 
-    def _actor_rngs(self) -> Optional[list]:
-        if not self.actors:
-            return None
-        import ray
-
-        try:
-            return ray.get([a.__ray_call__.remote(_actor_get_rng) for a in self.actors], timeout=30)
-        except Exception as err:  # a dead actor must not cost the checkpoint
-            logger.warning("checkpoint: rollout actors' RNG not saved: %s", err)
-            return None
-
     # ------------------------------------------------------------------ resume
 
-    def maybe_resume(self, learner) -> Optional[Path]:
+    def resume(self) -> Optional[Path]:
         """Restores the newest checkpoint when ``resume`` asks for it (collective).
 
-        Call before the rollout actors start: restores learner, RNG of every
-        rank, replay shards and actor RNG. ``Learner.train`` then publishes the
-        restored weights as version ``step``.
+        Call before the rollout actors run: rank 0 restores its own entries (replay
+        shards, actor RNG), then every rank loads the replicated entries and its RNG.
 
         Raises:
             ConfigError: if ``resume=true`` finds no checkpoint, or the checkpoint is incompatible.
@@ -507,7 +477,7 @@ class Checkpointer:
         payload: Any = None
         if self.ctx.is_main:
             try:
-                payload = self._read_for_resume(learner)
+                payload = self._read_for_resume()
             except (ConfigError, ValueError, OSError, RuntimeError) as err:
                 payload = {"error": f"{type(err).__name__}: {err}", "config_error": isinstance(err, ConfigError)}
         if self.ctx.distributed:
@@ -519,20 +489,21 @@ class Checkpointer:
         if "error" in payload:
             msg = payload["error"].split(": ", 1)[1]
             raise ConfigError(msg) if payload["config_error"] else RuntimeError(msg)
-        learner.load_state_dict(payload["learner"])
+        for name in self.replicated:
+            self.states[name].load_state_dict(payload["replicated"][name])
         rngs = payload["rngs"]
         if self.ctx.rank < len(rngs):
             set_rng_state(rngs[self.ctx.rank])
         else:
             logger.warning("resume: the checkpoint has no RNG state for rank %d (world size was %d)",
                            self.ctx.rank, len(rngs))
-        self.last_saved_step = learner.step
+        self.last_saved_step = int(payload["step"])
         self.resumed_from = Path(payload["path"])
-        logger.info("resumed from %s at step %d", self.resumed_from, learner.step)
+        logger.info("resumed from %s at step %d", self.resumed_from, self.last_saved_step)
         return self.resumed_from
 
-    def _read_for_resume(self, learner) -> Optional[dict]:
-        """Rank 0: loads and checks the newest checkpoint, restores shards / actors."""
+    def _read_for_resume(self) -> Optional[dict]:
+        """Rank 0: loads and checks the newest checkpoint, restores its own entries."""
         path = latest_checkpoint(self.root)
         if path is None:
             if self.cfg.resume is True:
@@ -540,12 +511,9 @@ class Checkpointer:
             logger.info("resume=auto: no checkpoint in %s, starting fresh", self.root)
             return None
         ckpt = load_checkpoint(path)
-        check_compatible(ckpt, self.cfg, learner.gflownet, path)
-        if self.replay is not None and ckpt["replay"] is not None:
-            self.replay.restore(ckpt["replay"]["shards"])  # before any actor pushes
-        if self.actors and ckpt["actors"] is not None:
-            import ray
-
-            ray.get([a.__ray_call__.remote(_actor_set_rng, s)
-                     for a, s in zip(self.actors, ckpt["actors"]["rng"])])
-        return {"learner": ckpt["learner"], "rngs": ckpt["rng"]["ranks"], "path": str(path)}
+        check_compatible(ckpt, self.cfg, getattr(self.states.get("learner"), "gflownet", None), path)
+        for name, obj in self.states.items():
+            if name not in self.replicated and ckpt.get(name) is not None:
+                obj.load_state_dict(ckpt[name])  # replay before any actor pushes
+        return {"replicated": {name: ckpt[name] for name in self.replicated}, "rngs": ckpt["rng"]["ranks"],
+                "step": int(ckpt["learner"]["step"]), "path": str(path)}

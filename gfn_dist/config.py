@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Union
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gfn_dist.errors import ConfigError  # re-exported: every layer raises it
+
 ENV_NAMES = ("hypergrid", "bitseq", "nar_bitseq")
 POLICY_NAMES = ("mlp", "lstm", "gru")
 PB_NAMES = ("learned", "uniform", "none")
@@ -37,8 +39,6 @@ DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:

@@ -40,10 +40,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
         from gfn_dist.checkpoint import install_preemption_handlers, preemption_requested
-        if cfg.cluster.launcher == "ray":  # learners as Ray Train workers (gfn_dist.distributed.ray_launcher)
-            from gfn_dist.distributed.ray_launcher import RayTrainer as Trainer
-        else:
-            from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
+        from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
         trainer = Trainer(cfg, preset=Path(config).stem)
         install_preemption_handlers()  # after Ray is up (it installs its own SIGTERM handler)

@@ -23,6 +23,7 @@ from gfn_dist.gflownet.base import TrajectoryBasedGFlowNet
 from gfn_dist.gflownet.trajectory_balance import TBGFlowNet
 from gfn_dist.gym import HyperGrid
 from gfn_dist.modules import MLP
+from gfn_dist.optim import make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ class TrainHistory:
     loss: list = field(default_factory=list)
     logZ: list = field(default_factory=list)
     wall_s: float = 0.0
-
-
-def make_optimizer(gflownet: TrajectoryBasedGFlowNet, lr: float, lr_logz: float) -> torch.optim.Optimizer:
-    """Adam with a separate learning rate for logZ (when the loss has one)."""
-    if hasattr(gflownet, "logz_parameters"):
-        groups = [
-            {"params": gflownet.pf_pb_parameters(), "lr": lr},
-            {"params": gflownet.logz_parameters(), "lr": lr_logz},
-        ]
-    else:
-        groups = [{"params": [p for p in gflownet.parameters() if p.requires_grad], "lr": lr}]
-    # The fused kernel does Adam's per-parameter arithmetic in one pass (CPU and CUDA).
-    return torch.optim.Adam(groups, fused=True)
 
 
 def l1_exact(env, pf) -> float:

@@ -1,32 +1,49 @@
-"""Trainer: brings up the pieces of a distributed run and wires them together.
+"""The composition root: one way to assemble a run, for every launcher.
 
-Rank 0 (the driver in the local launch) starts or connects to Ray, creates the
-named replay shards, the weight store and the rollout actors in a namespace
-unique to the run, writes ``RUN_DIR/config.yaml`` and the metrics; other
-torchrun ranks look the shards up by name. Every rank builds its own
-environment, policies and loss from the config and runs a ``Learner``.
-
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)          # cfg validated by gfn_dist.train.validate_run_config
     try:
-        trainer.train()
+        row = trainer.train()
     finally:
         trainer.close()
+
+Assembly, in order (launchers differ only in where the learner ranks run):
+
+1. learner group: ``local`` -- this process is the only rank; ``torchrun`` -- this
+   process is one rank of torchrun's process group; ``ray`` -- the ranks are Ray
+   Train workers started by ``train`` (``gfn_dist.distributed.learner_group``);
+2. the run directory (chosen by the run's owner -- the driver, or torchrun rank 0 --
+   and broadcast) and Ray (started or connected by the owner; torchrun ranks > 0
+   connect to it);
+3. the topology (``gfn_dist.distributed.topology``): the owner creates the replay
+   shards, the weight store and the rollout actors; every other process looks them up;
+4. the owner writes ``RUN_DIR/config.yaml`` and opens the metric sinks;
+5. in-process ranks build their ``LearnerProcess`` (``gfn_dist.train_loop``: learner,
+   checkpointer, supervisor; resume); Ray Train workers build the same in ``run_learner``;
+6. ``train`` runs the loop on every rank, then the owner writes ``RUN_DIR/policy.pt``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from tqdm import tqdm
 
-from gfn_dist.builders import build_env, build_gflownet, build_policies
-from gfn_dist.config import TrainConfig, check_devices, check_world_size, limiter_tolerance, to_yaml
+from gfn_dist.builders import build_rollout_parts
+from gfn_dist.checkpoint import resume_run_dir
+from gfn_dist.config import ConfigError, TrainConfig, check_devices, check_world_size, limiter_tolerance, to_dict, to_yaml
 from gfn_dist.distributed import cluster
-from gfn_dist.distributed.learner import Learner
+from gfn_dist.distributed.learner_group import InProcessLearners, RayTrainLearners
+from gfn_dist.distributed.replay_shard import ReplayShardConfig
+from gfn_dist.distributed.topology import Topology
 from gfn_dist.metrics import MetricLogger
+from gfn_dist.preemption import preemption_requested, request_preemption
+from gfn_dist.train_loop import LearnerProcess, run_learner
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +53,22 @@ def default_run_dir(preset: str) -> str:
     return str(Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def replay_shard_config(cfg: TrainConfig, world_size: int):
-    """The ``ReplayShardConfig`` every shard is built from."""
-    from gfn_dist.distributed.replay_shard import ReplayShardConfig
+def validate_launch(cfg: TrainConfig, launcher: str) -> None:
+    """The checks that depend on the launch, for every launcher, before anything starts.
 
+    Raises:
+        ConfigError: naming the key (the batch does not split over the learners, GPUs asked
+            for but absent, an option the launcher does not support).
+    """
+    if launcher == "ray" and cfg.rollout.synchronous:
+        raise ConfigError("rollout.synchronous: not supported with cluster.launcher=ray")
+    world_size = cfg.cluster.num_learners if launcher == "ray" else cluster.world_size_of(launcher)
+    check_world_size(cfg, world_size)
+    check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
+
+
+def replay_shard_config(cfg: TrainConfig, world_size: int) -> ReplayShardConfig:
+    """The ``ReplayShardConfig`` every shard is built from (``replay.*``)."""
     r = cfg.replay
     return ReplayShardConfig(
         capacity=r.capacity_per_shard,
@@ -55,154 +84,186 @@ def replay_shard_config(cfg: TrainConfig, world_size: int):
     )
 
 
+@dataclass
+class LearnerSummary:
+    """Rank 0's learner at the end, as the driver of a ``cluster.launcher=ray`` run knows it."""
+
+    step: int = 0
+    preempted: bool = False
+
+
 class Trainer:
-    """One process's part of a run (see module doc).
+    """One process's part of a run, for every launcher (see module doc).
 
     Args:
         cfg: the validated configuration.
         preset: preset name, for the default run directory.
 
     Raises:
-        ConfigError: if the configuration does not fit the launch (e.g. the batch
-            does not split over the learners), before any actor starts.
+        ConfigError: e.g. ``resume=true`` without a checkpoint, before any actor runs.
+        ClusterUnreachableError: (a ``ConnectionError``) if ``cluster.address`` does not answer.
     """
 
     def __init__(self, cfg: TrainConfig, preset: str = "run") -> None:
         self.cfg = cfg
+        self.launcher = cluster.detect_launcher(cfg)
+        validate_launch(cfg, self.launcher)  # the one place, for every launcher
         self.ctx: Optional[cluster.DistContext] = None
         self.ray_ctx: Optional[cluster.RayContext] = None
-        self.handles: list = []  # actors rank 0 created (killed at close)
-        self.actors: list = []
-        self.run_refs: list = []
-        self.metrics = MetricLogger([])
-        self.store = None
-        self._publisher = None
-        self.supervisor = None  # rank 0: gfn_dist.distributed.health.ActorSupervisor
-        self.learner = None
-        launcher = cluster.detect_launcher(cfg)
-        check_world_size(cfg, cluster.world_size_of(launcher))  # before anything starts
-        check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
+        self.topology: Optional[Topology] = None
+        self.group: Any = None
+        self.process: Optional[LearnerProcess] = None
+        self.metrics: Any = MetricLogger([])
+        self.last_row: dict = {}
         try:
             self._setup(preset)
         except BaseException:
             self.close()
             raise
 
+    # ------------------------------------------------------------------ assembly
+
+    @property
+    def owner(self) -> bool:
+        """This process owns the run: it creates the actors and writes RUN_DIR (driver or torchrun rank 0)."""
+        return self.launcher == "ray" or self.ctx.is_main
+
     def _setup(self, preset: str) -> None:
         cfg = self.cfg
-        self.ctx = ctx = cluster.init_distributed(cfg)
-        from gfn_dist.checkpoint import Checkpointer, resume_run_dir
-        from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
-
-        run_dir = (cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)) if ctx.is_main else None
-        self.run_dir = Path(cluster.broadcast_object(run_dir, ctx))
-        cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went
-        self.ray_ctx = cluster.bring_up_ray(cfg, ctx)
-        shards = self._replay_shards()
-        if ctx.is_main:
+        if self.launcher == "ray":
+            self.ctx = cluster.DistContext(0, 1, 0, "ray", torch.device("cpu"), None)  # the driver: no rank
+        else:
+            self.ctx = cluster.init_distributed(cfg)
+        run_dir = (cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)) if self.owner else None
+        self.run_dir = Path(cluster.broadcast_object(run_dir, self.ctx)).absolute()
+        cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
+        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx)
+        ns = self.ray_ctx.namespace
+        world_size = cfg.cluster.num_learners if self.launcher == "ray" else self.ctx.world_size
+        if self.owner:
+            self.topology = Topology.create(cfg, ns, replay_shard_config(cfg, world_size), build_rollout_parts)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics = MetricLogger.from_config(cfg, self.run_dir)
-        if ctx.device.type == "cpu":
-            torch.set_num_threads(cluster.learner_num_threads(cfg, ctx))
-        torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
-        self.env = build_env(cfg, ctx.device)
-        self.policies = build_policies(cfg, self.env).to(ctx.device)
-        self.gflownet = build_gflownet(cfg, self.env, self.policies)
-        from gfn_dist.distributed.replay_client import ReplayClient
-
-        self.learner = Learner(
-            cfg, self.env, self.policies, self.gflownet, ctx,
-            replay=ReplayClient(shards, timeout_s=cfg.replay.timeout_s),
-            publisher=self._publisher,
-            metrics=self.metrics,
-            health_check=self.check_actors,
-        )
-        if cfg.rollout.synchronous:  # built before resuming: its workers seed the RNG
-            self.learner.rollout_step = SynchronousRollout(cfg, ctx, shards)
-        self.checkpointer = Checkpointer(cfg, ctx, self.run_dir, replay=self.learner.replay if ctx.is_main else None,
-                                         actors=self.actors)
-        self.learner.checkpointer = self.checkpointer
-        self.checkpointer.maybe_resume(self.learner)  # before the actors start pushing (train)
-
-    def _replay_shards(self) -> list:
-        """Rank 0 creates the named shards, weight store and rollout actors; the others look the shards up."""
-        import ray
-
-        from gfn_dist.distributed.replay_shard import create_replay_shards, get_replay_shards
-        from gfn_dist.distributed.rollout_actor import create_rollout_actors
-        from gfn_dist.distributed.weight_store import WeightPublisher, create_weight_store
-
-        cfg, ctx, ns = self.cfg, self.ctx, self.ray_ctx.namespace
-        prefix = f"{ns}_replay"
-        if ctx.is_main:
-            shards = create_replay_shards(cfg.replay.num_shards, replay_shard_config(cfg, ctx.world_size),
-                                          name_prefix=prefix, namespace=ns, num_cpus=0,
-                                          max_restarts=cfg.replay.max_restarts)
-            store_name = f"{ns}_weights"
-            store = create_weight_store(name=store_name, namespace=ns)
-            if not cfg.rollout.synchronous:  # synchronous: rank 0 samples in-process (distributed.synchronous_rollout)
-                self.actors = create_rollout_actors(cfg, prefix, store_name, name_prefix=ns, namespace=ns)
-            self.handles = [*self.actors, *shards, store]
-            self.store = store
-            self._publisher = WeightPublisher(store)
-            ray.get([s.size.remote() for s in shards] + [store.latest_version.remote()])  # up and named
-        cluster.barrier(ctx)
-        if not ctx.is_main:
-            shards = get_replay_shards(cfg.replay.num_shards, name_prefix=prefix, namespace=ns)
-        return shards
-
-    def check_actors(self) -> None:
-        """Raises ``ActorFailure`` once the rollout actors failed more than the config allows (rank 0).
-
-        Failed actors are restarted meanwhile (``gfn_dist.distributed.health``).
-        """
-        if self.supervisor is not None:
-            self.supervisor.check(self.learner.step)
-
-    def train(self) -> dict:
-        """Starts the rollout actors (rank 0) and runs the learner; returns the last metric row."""
-        if self.ctx.is_main:
-            from gfn_dist.distributed.health import ActorSupervisor
-
-            r = self.cfg.rollout
-            self.supervisor = ActorSupervisor(self.actors, self.cfg.replay.num_shards, replay=self.learner.replay,
-                                              max_restarts=r.max_restarts,
-                                              max_consecutive_failures=r.max_consecutive_failures,
-                                              step_fn=lambda: self.learner.step)
-            self.learner.extra_metrics = self.supervisor.metrics
-            self.supervisor.start()
-            self.run_refs = self.supervisor.run_refs
-        row = self.learner.train(progress_bar=self.cfg.logging.progress_bar)
-        if self.ctx.is_main and self.cfg.run.save_policy:
-            torch.save({"policies": self.policies.state_dict(), "step": self.learner.step},
-                       self.run_dir / "policy.pt")
         cluster.barrier(self.ctx)
-        return row
+        if self.topology is None:
+            self.topology = Topology.lookup(cfg, ns)
+        if self.launcher == "ray":
+            c = cfg.cluster
+            self.group = RayTrainLearners(c.num_learners, c.num_cpus_per_learner, cluster.learners_use_gpu(cfg),
+                                          c.placement_strategy, f"{ns}_learners", str(self.run_dir / "ray_train"), ns)
+            return
+        if self.ctx.device.type == "cpu":
+            torch.set_num_threads(cluster.learner_num_threads(cfg, self.ctx))
+        self.group = InProcessLearners(self.ctx)
+        self.process = LearnerProcess(cfg, self.ctx, self.topology, self.metrics,
+                                      progress_bar=cfg.logging.progress_bar)
+
+    # ------------------------------------------------------------------ what tests and the CLI read
+
+    @property
+    def learner(self):
+        """The in-process ``Learner``; for ``cluster.launcher=ray``, rank 0's ``LearnerSummary``."""
+        if self.process is not None:
+            return self.process.learner
+        return self._summary if hasattr(self, "_summary") else LearnerSummary()
+
+    @property
+    def preempted(self) -> bool:
+        return bool(getattr(self.learner, "preempted", False)) or bool(
+            self.process is not None and self.process.preempted)
+
+    @property
+    def gflownet(self):
+        return self.process.gflownet
+
+    @property
+    def policies(self):
+        return self.process.policies
+
+    @property
+    def supervisor(self):
+        return None if self.process is None else self.process.supervisor
+
+    @property
+    def actors(self) -> list:
+        return [] if self.topology is None else self.topology.actors
+
+    @property
+    def store(self):
+        return None if self.topology is None else self.topology.store
+
+    @property
+    def learner_nodes(self) -> list:
+        """Ray node id of each learner rank (``cluster.launcher=ray``)."""
+        return getattr(self.group, "nodes", [])
+
+    @property
+    def learner_backend(self) -> Optional[str]:
+        """The process-group backend of the learners."""
+        return getattr(self.group, "backend", None) if self.launcher == "ray" else self.ctx.backend
 
     def actor_stats(self) -> list[dict]:
-        """Each rollout actor's ``stats()`` (rank 0)."""
-        import ray
+        """Each rollout actor's ``stats()``."""
+        return self.topology.actor_stats()
 
-        return ray.get([a.stats.remote() for a in self.actors])
+    # ------------------------------------------------------------------ running
+
+    def train(self) -> dict:
+        """Runs every learner rank to the budget; returns the last metric row (rank 0 / the driver)."""
+        if self.launcher == "ray":
+            train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace)
+            bar = _DriverBar(self.cfg, self.group.world_size)
+            try:
+                result = self.group.run(train_fn, on_row=lambda row: self._on_row(row, bar),
+                                        on_stop=request_preemption,
+                                        stop_requested=lambda: preemption_requested() is not None)
+            finally:
+                bar.close()
+            self._summary = LearnerSummary(result["step"], result["preempted"])
+        else:
+            result = self.group.run(lambda ctx, sink: self.process.run(), self.metrics)
+        if self.owner and result is not None:
+            self.last_row = result["row"] or self.last_row
+            if self.cfg.run.save_policy:
+                torch.save({"policies": result["policies"], "step": result["step"]}, self.run_dir / "policy.pt")
+        cluster.barrier(self.ctx)
+        return self.last_row if self.owner else (self.process.last_row if self.process else {})
+
+    def _on_row(self, row: dict, bar: "_DriverBar") -> None:
+        self.metrics.log(row)
+        self.last_row = row
+        bar.update(row)
 
     def close(self) -> None:
-        """Stops the actors, kills what rank 0 created, shuts Ray down, destroys the process group."""
+        """Stops the actors, closes the sinks, kills what this process created, shuts Ray down, destroys the group."""
         try:
-            if self.supervisor is not None:
-                self.supervisor.close()  # before the stop: an ending run() is no failure
-                self.run_refs = self.supervisor.run_refs
-            if self.ctx is not None and self.ctx.is_main and self.store is not None:
-                import ray
-
-                try:
-                    self.store.stop.remote()
-                    if self.run_refs:
-                        ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=5.0)
-                except Exception as err:  # best effort: the actors are killed next anyway
-                    logger.debug("stopping actors: %s", err)
+            if self.topology is not None and self.topology.owner:
+                self.topology.stop_actors(self.process.run_refs if self.process is not None else [])
             self.metrics.close()
         finally:
-            if self.learner is not None:
-                self.learner.release_ddp()  # before the process group goes
-            cluster.teardown(self.ctx, self.ray_ctx, self.handles)
+            if self.process is not None:
+                self.process.learner.release_ddp()  # before the process group goes
+            handles = [*(self.topology.handles if self.topology else []),
+                       *(self.group.handles if isinstance(self.group, RayTrainLearners) else [])]
+            cluster.teardown(self.ctx, self.ray_ctx, handles)
+            self.topology = None
+
+
+class _DriverBar:
+    """The driver's progress bar of a ``cluster.launcher=ray`` run (rows arrive from rank 0)."""
+
+    def __init__(self, cfg: TrainConfig, world_size: int) -> None:
+        self.bar = tqdm(total=cfg.learner.total_steps, disable=not cfg.logging.progress_bar,
+                        desc=f"train (W={world_size})", unit="step", mininterval=1.0, dynamic_ncols=True)
+
+    def update(self, row: dict) -> None:
+        self.bar.update(int(row["step"]) - self.bar.n)
+        self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "l1_exact") if k in row}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+#: ``cluster.launcher=ray`` used to have its own driver class; it is the same ``Trainer`` now.
+RayTrainer = Trainer

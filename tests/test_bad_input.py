@@ -27,6 +27,7 @@ import ray
 import torch
 from tensordict import TensorDict
 
+from gfn_dist.builders import build_rollout_parts
 from gfn_dist.config import load_config
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import ReplayShardConfig, create_replay_shards
@@ -98,7 +99,7 @@ def _no_gpu(run):
 def _worker(*overrides) -> RolloutWorker:
     torch.manual_seed(0)
     cfg = load_config(None, ["model.hidden_dim=16", "rollout.trajectories_per_push=64", *overrides])
-    return RolloutWorker(cfg, actor_id=0)
+    return RolloutWorker(cfg, 0, build_rollout_parts)
 
 
 def _poison_rewards(worker, value: float):

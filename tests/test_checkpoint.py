@@ -190,8 +190,8 @@ def test_resume_locates_checkpoints(tmp_path, monkeypatch):
 
     ctx = DistContext(0, 1, 0, "local", torch.device("cpu"), None)
     with pytest.raises(ConfigError, match="resume: true, but there is no checkpoint"):
-        ck.Checkpointer(_cfg(empty, "resume=true"), ctx, empty).maybe_resume(learner=None)
-    assert ck.Checkpointer(_cfg(empty, "resume=auto"), ctx, empty).maybe_resume(learner=None) is None
+        ck.Checkpointer(_cfg(empty, "resume=true"), ctx, empty, states={}).resume()
+    assert ck.Checkpointer(_cfg(empty, "resume=auto"), ctx, empty, states={}).resume() is None
 
 
 def test_fault_injection_spec(monkeypatch):

@@ -21,7 +21,7 @@ from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.distributed.cluster import DistContext
 from gfn_dist.distributed.learner import Learner
 from gfn_dist.samplers import Sampler
-from gfn_dist.train_single import make_optimizer
+from gfn_dist.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16

@@ -80,7 +80,7 @@ def test_unreachable_address_fails_within_timeout():
     import gfn_dist.distributed.replay_shard  # noqa: F401
     import gfn_dist.distributed.rollout_actor  # noqa: F401
     import gfn_dist.trainer  # noqa: F401
-    from gfn_dist.distributed.ray_launcher import RayTrainer
+    from gfn_dist.trainer import Trainer as RayTrainer
 
     port = _free_port()  # nothing listens there once the socket is closed
     cfg = _cfg(f"cluster.address=127.0.0.1:{port}", "cluster.connect_timeout_s=2")
@@ -110,7 +110,7 @@ def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):
     import ray
 
     from gfn_dist.checkpoint import clear_preemption, list_checkpoints, request_preemption
-    from gfn_dist.distributed.ray_launcher import RayTrainer
+    from gfn_dist.trainer import Trainer as RayTrainer
 
     # What a `ray start` elsewhere on the host leaves behind: ray.init(num_cpus=...)
     # without address="local" would try to connect there and refuse num_cpus.
@@ -159,7 +159,7 @@ def two_node_cluster(monkeypatch):
 def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
     import ray
 
-    from gfn_dist.distributed.ray_launcher import RayTrainer
+    from gfn_dist.trainer import Trainer as RayTrainer
 
     run_dir = tmp_path / "run"
     cfg = _cfg(f"cluster.address={two_node_cluster.address}", "cluster.placement_strategy=SPREAD",

@@ -18,7 +18,7 @@ from gfn_dist.recurrent import (
     tree_trajectories,
 )
 from gfn_dist.samplers import Sampler
-from gfn_dist.train_single import make_optimizer
+from gfn_dist.optim import make_optimizer
 
 
 def make_pf(env, rnn_type="lstm", hidden_dim=32, features=False, num_layers=1):

@@ -24,7 +24,7 @@ from gfn_dist.gflownet import (
 from gfn_dist.gym import HyperGrid
 from gfn_dist.modules import MLP, DiscreteUniform
 from gfn_dist.samplers import Sampler
-from gfn_dist.train_single import make_optimizer
+from gfn_dist.optim import make_optimizer
 
 torch.set_num_threads(1)
 

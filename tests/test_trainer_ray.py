@@ -33,6 +33,7 @@ import pytest
 import ray
 import torch
 
+from gfn_dist.builders import build_rollout_parts
 from gfn_dist.config import load_config, resolve_on_policy
 from gfn_dist.distributed.rollout_actor import SHIPPED_KEYS, RolloutWorker
 from gfn_dist.distributed.wire import td_from_wire
@@ -158,7 +159,7 @@ def test_on_policy_switch(local_ray, tmp_path):
 def test_push_of_several_sampler_calls_tags_each_call_with_its_version():
     torch.set_num_threads(1)
     cfg = load_config(None, ["model.hidden_dim=16", "rollout.trajectories_per_push=10", "rollout.sampler_batch_size=4"])
-    worker = RolloutWorker(cfg, actor_id=1)
+    worker = RolloutWorker(cfg, 1, build_rollout_parts)
     calls = []
 
     def refresh():  # stands in for a newer published version found before a sampler call
@@ -186,7 +187,7 @@ def test_recurrent_carry_never_shipped():
     torch.set_num_threads(1)
     cfg = load_config(None, ["env.name=bitseq", "model.policy=lstm", "model.pb=none", "model.hidden_dim=16",
                              "rollout.trajectories_per_push=5"])
-    worker = RolloutWorker(cfg, actor_id=3)
+    worker = RolloutWorker(cfg, 3, build_rollout_parts)
     td = worker.sample_batch()
     assert set(td.keys()) == set(SHIPPED_KEYS)
     assert td.batch_size == torch.Size([5])

@@ -14,7 +14,7 @@ Launch modes:
   ranks connect and look the actors up with ``ray.get_actor``.
 * ``ray`` (``cluster.launcher=ray``): the driver only brings up / connects to Ray
   and creates the actors; the learners are Ray Train workers whose process group
-  Ray Train initialises (``gfn_dist.distributed.ray_launcher``).
+  Ray Train initialises (``gfn_dist.distributed.learner_group``).
 
 ``teardown`` always runs (``finally``): stop and kill the actors (rank 0),
 disconnect / shut down Ray, destroy the process group.
@@ -26,14 +26,21 @@ import contextlib
 import logging
 import math
 import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+import ray
 import torch
 import torch.distributed as dist
 
-from gfn_dist.config import TrainConfig
+from gfn_dist.distributed.health import is_loopback_address, loopback_only_ray, single_node_launch
+from gfn_dist.errors import ConfigError
+
+if TYPE_CHECKING:  # the run layer's config, read through its attributes only (no runtime import)
+    from gfn_dist.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ def world_size_of(launcher: str) -> int:
         return 1
     if launcher == "ray":
         raise ValueError("cluster.launcher: ray runs the learners as Ray Train workers "
-                         "(gfn_dist.distributed.ray_launcher.RayTrainer), not in this process")
+                         "(gfn_dist.distributed.learner_group.RayTrainLearners), not in this process")
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise ValueError(f"cluster.launcher: torchrun requested but {missing} are not set (run under torchrun)")
@@ -176,6 +183,77 @@ def embedded_num_cpus(cfg: TrainConfig) -> float:
     return float(max(1, math.ceil(cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + learners)))  # whole CPUs
 
 
+# ---------------------------------------------------------------------------- connecting
+
+
+class ClusterUnreachableError(ConfigError, ConnectionError):
+    """``cluster.address`` did not answer in time. A ``ConnectionError``, and a ``ConfigError``
+    naming the key, so that ``gfn-dist train`` exits with one line on stderr (exit code 2)."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a Ray address (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``).
+
+    Raises:
+        ClusterUnreachableError: for ``auto`` when no running cluster is recorded on this host.
+        ConfigError: naming ``cluster.address`` if it has no port.
+    """
+    if address == "auto":
+        # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host).
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            resolved = canonicalize_bootstrap_address("auto")
+        except ConnectionError as err:
+            raise ClusterUnreachableError(f"cluster.address=auto: no running Ray cluster found ({err})") from err
+        if not resolved:
+            raise ClusterUnreachableError("cluster.address=auto: no running Ray cluster found on this host")
+        address = resolved
+    address = address.split("://", 1)[-1]
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"cluster.address: expected HOST:PORT (or ray://HOST:PORT, auto), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_cluster(address: str, timeout_s: float) -> None:
+    """Waits until the Ray cluster at ``address`` accepts TCP connections (its GCS / client port).
+
+    Retries until ``timeout_s`` (a head that is still starting is fine), then gives up.
+
+    Args:
+        address: ``cluster.address``.
+        timeout_s: ``cluster.connect_timeout_s``, seconds.
+
+    Raises:
+        ClusterUnreachableError: naming the address and the timeout, if nothing answered.
+        ConfigError: if the address is malformed.
+    """
+    host, port = _host_port(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))).close()
+            return
+        except OSError as err:
+            if time.monotonic() + 0.25 >= deadline:
+                raise ClusterUnreachableError(
+                    f"cluster.address={address}: no Ray cluster answered at {host}:{port} within "
+                    f"{timeout_s:g} s (cluster.connect_timeout_s; last error: {err}). Start one "
+                    f"(`ray start --head --port={port}`) or fix the address."
+                ) from err
+            time.sleep(0.25)
+
+
+def learners_use_gpu(cfg: TrainConfig) -> bool:
+    """Whether the learner workers reserve a GPU each (``learner.device``; ``auto``: the cluster has W GPUs)."""
+    if cfg.learner.device != "auto":
+        return cfg.learner.device == "cuda"
+    return ray.cluster_resources().get("GPU", 0.0) >= cfg.cluster.num_learners
+
+
+
 def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
     """Rank 0: connects to ``cluster.address``, or starts an embedded local Ray (or reuses one already up).
 
@@ -186,16 +264,12 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
     Raises:
         ConnectionError: if ``cluster.address`` does not answer within ``cluster.connect_timeout_s``.
     """
-    import ray
-
     namespace = namespace or f"gfn_dist_{uuid.uuid4().hex[:12]}"
     if ray.is_initialized():
         # Reuse the caller's Ray (tests, notebooks): actors get the namespace explicitly.
         return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
     common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     if cfg.cluster.address:
-        from gfn_dist.distributed.ray_launcher import wait_for_cluster
-
         wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)  # ray.init alone may wait for minutes
         ray.init(address=cfg.cluster.address, **common)
         owns = False
@@ -203,8 +277,6 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
         # address="local": a new Ray even if RAY_ADDRESS or a `ray start` on this host
         # (/tmp/ray/ray_current_cluster) points elsewhere; with None, ray.init would connect there
         # and refuse num_cpus.
-        from gfn_dist.distributed.health import loopback_only_ray, single_node_launch
-
         # One node: every Ray server binds 127.0.0.1 only, and no dashboard (health.loopback_only_ray);
         # torchrun across nodes without cluster.address needs the node's routable address instead.
         with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
@@ -227,14 +299,11 @@ def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -
             its usual places, e.g. ``~/.ray/auth_token`` on the same node).
     """
     if auth_mode and RAY_AUTH_MODE not in os.environ:
-        # Before `import ray`: Ray caches its config (auth mode included) when first imported.
+        # Ray reads its auth mode from the environment when it connects.
         os.environ[RAY_AUTH_MODE] = auth_mode
-    import ray
 
     if ray.is_initialized():
         return RayContext(address, namespace, owns_ray=False, connected=False)
-    from gfn_dist.distributed.health import is_loopback_address, loopback_only_ray
-
     # Rank 0's Ray on 127.0.0.1: this process must register with the same (loopback) node address.
     with loopback_only_ray() if is_loopback_address(address) else contextlib.nullcontext():
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
@@ -258,8 +327,6 @@ def teardown(ctx: Optional[DistContext], ray_ctx: Optional[RayContext], actors: 
     """
     try:
         if actors:
-            import ray
-
             for handle in actors:
                 try:
                     ray.kill(handle)
@@ -268,8 +335,6 @@ def teardown(ctx: Optional[DistContext], ray_ctx: Optional[RayContext], actors: 
     finally:
         try:
             if ray_ctx is not None and ray_ctx.connected:
-                import ray
-
                 ray.shutdown()
         except Exception as err:
             logger.warning("ray.shutdown failed: %s", err)

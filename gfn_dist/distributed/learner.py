@@ -38,33 +38,22 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel
 
-from gfn_dist.builders import exact_terminating_distribution, is_enumerable, logz_of, target_distribution
-from gfn_dist.config import TrainConfig
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.distributed.cluster import DistContext
-from gfn_dist.train_single import make_optimizer
+from gfn_dist.optim import make_optimizer
+
+if TYPE_CHECKING:  # the run layer's config, read through its attributes only
+    from gfn_dist.config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _is_centred(gflownet) -> bool:
-    """LPV-type losses: per trajectory ``loss_fn(s - mean(s))`` over the batch."""
-    from gfn_dist.gflownet import LogPartitionVarianceGFlowNet
-
-    if isinstance(gflownet, LogPartitionVarianceGFlowNet):
-        return True
-    try:
-        from gfn_dist.gflownet.relative import RelativeLogPartitionVarianceGFlowNet
-    except ImportError:  # relative losses not installed
-        return False
-    return isinstance(gflownet, RelativeLogPartitionVarianceGFlowNet)
 
 
 class GlobalBatchLoss(nn.Module):
@@ -84,20 +73,15 @@ class GlobalBatchLoss(nn.Module):
         super().__init__()
         self.gflownet = gflownet
         self.world_size = int(world_size)
-        self.centred = _is_centred(gflownet)
 
     def forward(self, env, trajectories: Trajectories) -> torch.Tensor:
-        if not self.centred:
-            return self.gflownet(env, trajectories, recalculate_all_logprobs=True)
-        scores_N = self.gflownet.get_scores(trajectories, True, env)
-        return self.gflownet.loss_fn(scores_N - self.global_mean(scores_N)).mean()
+        # The loss class knows whether it needs the batch mean (LPV-type losses centre by it).
+        return self.gflownet.distributed_loss(env, trajectories, self.global_mean)
 
     def global_mean(self, x_N: torch.Tensor) -> torch.Tensor:
         """Mean of ``x`` over all ranks' (equal-sized) shares, differentiable."""
         if self.world_size == 1 or not dist.is_initialized():
             return x_N.mean()
-        from torch.distributed.nn.functional import all_reduce
-
         return all_reduce(x_N.sum()) / (x_N.shape[0] * self.world_size)
 
 
@@ -124,19 +108,24 @@ class PhaseTimer:
 
 
 class Learner:
-    """One learner rank (see module doc).
+    """One learner rank: the training step and its counters (see module doc).
+
+    The loop around it (publish, log, evaluate, checkpoint, preemption) is the
+    run layer's (``gfn_dist.train_loop.TrainLoop``); every collaborator is a
+    constructor argument.
 
     Args:
-        cfg: the run's configuration.
+        cfg: the run's configuration (``learner.*`` and ``replay.timeout_s`` /
+            ``replay.min_size_to_sample`` are read).
         env: the environment (on the learner's device).
         policies: ``ModuleDict(pf, [pb])`` (published to the actors).
         gflownet: the loss module over ``policies``.
         ctx: rank / world size / device.
         replay: a ``ReplayClient`` (None for tests that feed batches by hand).
-        publisher: a ``WeightPublisher`` (rank 0; None disables publishing).
-        metrics: a ``MetricLogger`` (no-op on ranks > 0).
-        health_check: called while waiting on replay and on log steps; raises if
-            a rollout actor died (rank 0).
+        health_check: called while waiting on replay; raises if the rollout actors
+            failed beyond what the config allows (rank 0's ``ActorSupervisor.check``).
+        rollout_step: ``rollout.synchronous``: called with the learner before each
+            step's draw (``SynchronousRollout``); None with Ray rollout actors.
     """
 
     def __init__(
@@ -147,9 +136,8 @@ class Learner:
         gflownet: nn.Module,
         ctx: DistContext,
         replay=None,
-        publisher=None,
-        metrics=None,
         health_check: Optional[Callable[[], None]] = None,
+        rollout_step: Optional[Callable[["Learner"], None]] = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -168,21 +156,14 @@ class Learner:
         self.local_batch_size = cfg.learner.batch_size // ctx.world_size
         self.total_steps = cfg.learner.total_steps
         self.replay = replay
-        self.publisher = publisher
-        self.metrics = metrics
         self.health_check = health_check or (lambda: None)
+        self.rollout_step = rollout_step
         self.step = 0
-        self.checkpointer = None  # gfn_dist.checkpoint.Checkpointer (set by the Trainer): after_step / at_end
-        self.extra_metrics = None  # rank 0: callable -> dict merged into each metric row (fault counters)
-        self.rollout_step = None  # rollout.synchronous: called with the learner before each step's draw
-        self.preempted = False  # training stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.timer = PhaseTimer()
-        self._t_start = time.perf_counter()  # wall clock of the run (metric elapsed_s)
-        self._target = None  # (probs, logZ) of the exact evaluation, built on first use
         self._prefetch = None  # Future of the next batch (learner.prefetch)
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-prefetch")
-        self._reset_counters()
+        self.reset_counters()
 
     # ------------------------------------------------------------------ the step, top to bottom
 
@@ -197,7 +178,7 @@ class Learner:
             gc.collect()
 
     def train_step(self) -> None:
-        """One learner step: sample, loss, backward + clip + Adam, publish, log."""
+        """One learner step: (synchronous rollout), sample, loss, backward + clip + Adam, counters."""
         if self.rollout_step is not None:
             with self.timer.phase("time/rollout_s"):
                 self.rollout_step(self)  # rollout.synchronous: rank 0 samples from the current weights
@@ -209,10 +190,6 @@ class Learner:
             self.optimize(loss)  # backward (DDP all-reduce), clip, Adam
         self.track(td, loss)  # device-side counters, no host sync
         self.step += 1
-        with self.timer.phase("time/sync_s"):
-            self.maybe_publish()  # rank 0, every sync_every steps
-        if self.is_log_step():
-            self.log()  # the only host syncs
 
     def compute_loss(self, td) -> torch.Tensor:
         """Loss of this rank's batch ``td`` (TensorDict ``(B/W,)`` in the replay format)."""
@@ -227,7 +204,7 @@ class Learner:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
         self.optimizer.step()
 
-    # ------------------------------------------------------------------ phases
+    # ------------------------------------------------------------------ replay
 
     def sample_replay(self):
         """This rank's batch for the current step (TensorDict ``(B/W,)``).
@@ -249,6 +226,9 @@ class Learner:
     def _draw(self):
         """Draws this rank's share from the shards, waiting on the rate limiter.
 
+        The client's call blocks for at most 2 s at a time, so that the health check
+        (a dead actor explains an empty replay) and the end of training are seen.
+
         Raises:
             TimeoutError: if replay refused for ``replay.timeout_s`` (naming the limiter condition).
         """
@@ -260,7 +240,7 @@ class Learner:
             except TimeoutError:
                 if self._closing:  # training ended (or failed) while this draw waited
                     raise
-                self.health_check()  # a dead actor explains an empty replay: say so
+                self.health_check()
                 if time.monotonic() > deadline:
                     raise
 
@@ -285,12 +265,12 @@ class Learner:
                 )
             time.sleep(0.02)
 
-    def maybe_publish(self, force: bool = False) -> None:
-        """Rank 0 publishes the policies as version ``step`` every ``sync_every`` steps."""
-        if self.publisher is None or not self.ctx.is_main:
-            return
-        if force or self.step % self.cfg.learner.sync_every == 0:
-            self.publisher.publish(self.step, self.policies)
+    def close(self) -> None:
+        """Stops the prefetch thread (a draw in flight ends at its next timeout)."""
+        self._closing = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ counters
 
     def track(self, td, loss: torch.Tensor) -> None:
         """Adds this step's loss and policy lags to the device-side counters."""
@@ -300,32 +280,25 @@ class Learner:
         self._lag_count += lag.numel()
         self._lag_max = torch.maximum(self._lag_max, lag.max())
 
-    def _reset_counters(self, num_inserts: Optional[int] = None) -> None:
+    def reset_counters(self) -> None:
+        """Starts a new log interval (counters at zero, clock and step noted)."""
         z = torch.zeros((), device=self.device)
         self._loss_sum, self._lag_sum, self._lag_count = z.clone(), z.clone(), 0
         self._lag_max = torch.full((), -1.0, device=self.device)
         self._grad_norm = torch.full((), math.nan, device=self.device)
-        if num_inserts is None:
-            num_inserts = self._num_inserts()
-        self._last_log = (time.perf_counter(), self.step, num_inserts)
+        self._interval_start = (time.perf_counter(), self.step)
 
-    # ------------------------------------------------------------------ logging / evaluation
+    def reduce_metrics(self) -> dict:
+        """This log interval's learner metrics, reduced over the ranks (collective: every rank calls it).
 
-    def is_log_step(self) -> bool:
-        return self.step % self.cfg.logging.log_every == 0 or self.is_eval_step() or self.step == self.total_steps
+        The only host syncs of the learner (``tolist`` / ``item``); resets the counters.
 
-    def is_eval_step(self) -> bool:
-        every = self.cfg.eval.interval_steps
-        return (every > 0 and self.step % every == 0) or self.step == self.total_steps
-
-    def _num_inserts(self) -> int:
-        if self.replay is None or not self.ctx.is_main:
-            return 0
-        return int(self.replay.stats()["num_inserts"])
-
-    def log(self) -> None:
-        """Reduces the counters over ranks and writes one metric row (rank 0)."""
-        t_prev, step_prev, inserts_prev = self._last_log
+        Returns:
+            ``step``, ``trajectories``, ``world_size``, ``loss`` (mean over the interval's steps and
+            ranks), ``policy_lag_steps_mean`` / ``_max``, ``grad_norm``, ``logZ`` (when learned),
+            ``learner_steps_per_s``, ``traj_per_s``, ``interval_s`` and the phase times ``time/*_s``.
+        """
+        t_prev, step_prev = self._interval_start
         n_steps = self.step - step_prev
         sums = torch.stack([self._loss_sum, self._lag_sum, torch.tensor(float(self._lag_count), device=self.device)])
         lag_max = self._lag_max.clone()
@@ -333,102 +306,34 @@ class Learner:
             dist.all_reduce(sums)
             dist.all_reduce(lag_max, op=dist.ReduceOp.MAX)
         loss_sum, lag_sum, lag_count = sums.tolist()  # host sync: log steps only
+        dt = max(time.perf_counter() - t_prev, 1e-9)
         row = {
             "step": self.step,
             "trajectories": self.step * self.cfg.learner.batch_size,
-            "elapsed_s": time.perf_counter() - self._t_start,
             "world_size": self.ctx.world_size,
             "loss": loss_sum / max(n_steps * self.ctx.world_size, 1),
             "policy_lag_steps_mean": lag_sum / max(lag_count, 1.0),
             "policy_lag_steps_max": lag_max.item(),
             "grad_norm": self._grad_norm.item(),
+            "learner_steps_per_s": n_steps / dt,
+            "traj_per_s": n_steps * self.cfg.learner.batch_size / dt,
+            "interval_s": dt,
         }
-        if self.ctx.is_main:
-            self.health_check()
-            logz = logz_of(self.gflownet)
-            if logz is not None:
-                row["logZ"] = logz.item()
-            now = time.perf_counter()
-            dt = max(now - t_prev, 1e-9)
-            stats = self.replay.stats() if self.replay is not None else None
-            row["learner_steps_per_s"] = n_steps / dt
-            row["traj_per_s"] = n_steps * self.cfg.learner.batch_size / dt
-            if stats is not None:
-                row["traj_per_s/produced"] = (stats["num_inserts"] - inserts_prev) / dt
-                row["buffer/size"] = stats["size"]
-                row["buffer/samples_per_insert"] = stats["samples_per_insert"]
-                row["buffer/rejected"] = stats["num_rejected"]
-                row["buffer/inserts"] = stats["num_inserts"]
-            row.update(self.timer.pop_means(n_steps))
-            if self.extra_metrics is not None:
-                row.update(self.extra_metrics())  # actors/restarts, replay/items_lost, rollout/rejected_* ...
-            if self.is_eval_step():
-                row.update(self.evaluate())
-            if self.metrics is not None:
-                self.metrics.log(row)
-        self._reset_counters(num_inserts=row.get("buffer/inserts", 0))
-        self.last_row = row
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Exact metrics on enumerable envs: ``l1_exact`` and ``logZ_err`` (rank 0).
-
-        ``l1_exact = Σ_x |P_T(x) - target(x)|`` with the model's exact P_T and the
-        loss's target (``R/Z``, or ``prior · R^β / Z_β`` for relative losses);
-        ``logZ_err = |logZ - log Z_target|`` when the loss learns logZ.
-        """
-        if not self.cfg.eval.exact or not is_enumerable(self.env):
-            return {}
-        if self._target is None:
-            prior = getattr(self.gflownet, "prior_pf", None)
-            self._target = target_distribution(self.cfg, self.env, prior)
-        probs, log_z = self._target
-        p_t = exact_terminating_distribution(self.env, self.policies["pf"])
-        out = {"l1_exact": float((p_t - probs.to(p_t.device)).abs().sum())}
-        logz = logz_of(self.gflownet)
-        if logz is not None:
-            out["logZ_err"] = abs(float(logz) - log_z)
-        return out
-
-    # ------------------------------------------------------------------ loop
-
-    def train(self, progress_bar: bool = False) -> dict:
-        """Runs ``learner.total_steps`` steps; returns the last metric row."""
-        from tqdm import tqdm
-
-        self.maybe_publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
-        if self.rollout_step is None:  # synchronous rollouts fill replay before each draw
-            self.wait_for_replay()
-        self._reset_counters()
-        self.last_row: dict = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress_bar and self.ctx.is_main),
-                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
-        try:
-            while self.step < self.total_steps:
-                self.train_step()
-                bar.update(1)
-                if self.is_log_step() and self.ctx.is_main:
-                    bar.set_postfix({k: f"{self.last_row[k]:.4g}" for k in ("trajectories", "loss", "l1_exact")
-                                     if k in self.last_row},
-                                    refresh=False)
-                if self.checkpointer is not None and self.checkpointer.after_step(self):
-                    self.preempted = True  # checkpointed; every rank stops after this step
-                    break
-            if self.checkpointer is not None and not self.preempted:
-                self.checkpointer.at_end(self)
-        finally:
-            bar.close()
-            self._closing = True
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        if self.publisher is not None and self.ctx.is_main:
-            self.publisher.flush()
-        return self.last_row
+        logz = getattr(self.gflownet, "logZ", None)
+        if isinstance(logz, torch.Tensor):
+            row["logZ"] = logz.item()
+        row.update(self.timer.pop_means(n_steps))
+        self.reset_counters()
+        return row
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """Model (policies + logZ), optimizer and step."""
-        return {"gflownet": self.gflownet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        """Model (policies + logZ), optimizer, step; ``policy_version`` (= step), ``trajectories_seen``
+        and ``world_size`` for readers of the checkpoint."""
+        return {"gflownet": self.gflownet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "policy_version": self.step, "trajectories_seen": self.step * self.cfg.learner.batch_size,
+                "world_size": self.ctx.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.gflownet.load_state_dict(state["gflownet"])

@@ -451,3 +451,13 @@ class ReplayClient:
         if len(states) != self.num_shards:
             raise ValueError(f"ReplayClient.restore: got {len(states)} shard states for {self.num_shards} shards")
         ray.get([shard.restore.remote(state) for shard, state in zip(self.shards, states)])
+
+    # ------------------------------------------------------------------ Stateful (checkpoints)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"shards": snapshot()}``: every shard's contents, counters and sampling RNG."""
+        return {"shards": self.snapshot()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Inverse of ``state_dict`` (before any actor pushes)."""
+        self.restore(state["shards"])

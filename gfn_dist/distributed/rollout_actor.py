@@ -35,13 +35,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+import ray
 import torch
+from ray.exceptions import RayActorError
 from tensordict import TensorDict
 
-from gfn_dist.config import TrainConfig
+from gfn_dist.distributed.health import RewardScreen, wait_until_alive
+from gfn_dist.distributed.replay_client import ReplayClient
+from gfn_dist.distributed.replay_shard import get_replay_shards
+from gfn_dist.distributed.weight_store import WeightSubscriber
 from gfn_dist.distributed.wire import pack_wire, td_to_wire, tensors_to_wire
+
+if TYPE_CHECKING:  # the run layer's config, read through its attributes only
+    from gfn_dist.config import TrainConfig
+
+#: ``build(cfg, device) -> (env, policies, sampler, sample_kwargs)``: how a worker builds its
+#: environment, policy copy and sampler; the run layer passes ``gfn_dist.builders.build_rollout_parts``
+#: (a module-level function: Ray pickles it by reference, the actor imports it).
+RolloutBuilder = Callable[[Any, torch.device], tuple]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +75,8 @@ class RolloutWorker:
     Args:
         cfg: the run's configuration.
         actor_id: this actor's index (seed offset and replay routing).
+        build: builds ``(env, policies, sampler, sample_kwargs)`` from ``(cfg, device)``
+            (``RolloutBuilder``; the run layer's ``gfn_dist.builders.build_rollout_parts``).
         shard_handles: replay shard actor handles (None: ``sample_batch`` only, no pushing).
         weight_store: ``WeightStore`` actor handle (None: keep the initial weights).
     """
@@ -70,31 +85,25 @@ class RolloutWorker:
         self,
         cfg: TrainConfig,
         actor_id: int,
+        build: RolloutBuilder,
         shard_handles: Optional[Sequence[Any]] = None,
         weight_store: Any = None,
     ) -> None:
-        from gfn_dist.builders import build_env, build_policies, build_sampler
-
         torch.set_num_threads(1)
         self.cfg = cfg
         self.actor_id = int(actor_id)
         self.seed = cfg.run.seed + self.actor_id
         torch.manual_seed(self.seed)
         self.device = actor_device(cfg)
-        self.env = build_env(cfg, self.device)
-        self.policies = build_policies(cfg, self.env, init_from_prior=False).to(self.device).eval()
-        self.sampler, self.sample_kwargs = build_sampler(cfg, self.policies)
+        self.env, policies, self.sampler, self.sample_kwargs = build(cfg, self.device)
+        self.policies = policies.to(self.device).eval()
         self.replay = None
         self.shard_index = None
         if shard_handles is not None:
-            from gfn_dist.distributed.replay_client import ReplayClient
-
             self.replay = ReplayClient(shard_handles, timeout_s=cfg.replay.timeout_s)
             self.shard_index = self.replay.shard_for_actor(self.actor_id)
         self.weights = None
         if weight_store is not None:
-            from gfn_dist.distributed.weight_store import WeightSubscriber
-
             self.weights = WeightSubscriber(weight_store, self.policies)
         self.policy_version = -1 if weight_store is not None else 0
         self.num_batches = 0
@@ -103,8 +112,6 @@ class RolloutWorker:
         self.push_time_s = 0.0
         self.versions_used: list[int] = []
         self._stop = False
-        from gfn_dist.distributed.health import RewardScreen
-
         self.screen = RewardScreen(cfg.loss.log_reward_clip_min, self.actor_id)
         self.num_dropped = 0  # trajectories of pushes lost with a dead shard
 
@@ -199,9 +206,6 @@ class RolloutWorker:
             TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
             RuntimeError: if the shard died and Ray did not restart it (see ``_push_lost``).
         """
-        import ray
-        from ray.exceptions import RayActorError
-
         deadline = time.monotonic() + self.cfg.replay.timeout_s
         backoff = 0.001
         while True:
@@ -234,8 +238,6 @@ class RolloutWorker:
         Raises:
             RuntimeError: if Ray gave the shard up or did not restart it within ``replay.timeout_s``.
         """
-        from gfn_dist.distributed.health import wait_until_alive
-
         self.num_dropped += n
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         logger.warning("rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
@@ -341,14 +343,10 @@ class RolloutActor(RolloutWorker):
             ``namespace``; the actor's creation then fails with it.
     """
 
-    def __init__(self, cfg: TrainConfig, actor_id: int, namespace: Optional[str], replay_prefix: str,
-                 store_name: str) -> None:
-        import ray
-
-        from gfn_dist.distributed.replay_shard import get_replay_shards
-
+    def __init__(self, cfg: TrainConfig, actor_id: int, build: RolloutBuilder, namespace: Optional[str],
+                 replay_prefix: str, store_name: str) -> None:
         shards = get_replay_shards(cfg.replay.num_shards, name_prefix=replay_prefix, namespace=namespace)
-        super().__init__(cfg, actor_id, shards, ray.get_actor(store_name, namespace=namespace))
+        super().__init__(cfg, actor_id, build, shards, ray.get_actor(store_name, namespace=namespace))
 
 
 def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
@@ -358,6 +356,7 @@ def rollout_actor_name(namespace_prefix: str, actor_id: int) -> str:
 
 def create_rollout_actors(
     cfg: TrainConfig,
+    build: RolloutBuilder,
     replay_prefix: str,
     store_name: str,
     *,
@@ -376,11 +375,12 @@ def create_rollout_actors(
     ``rollout.max_restarts`` times; calls in flight then fail (no retries: the
     ``ActorSupervisor`` calls ``run`` again).
 
+    Args:
+        build: how each actor builds its environment, policies and sampler (``RolloutBuilder``).
+
     Returns:
         actor handles, actor 0 first.
     """
-    import ray
-
     remote_cls = ray.remote(RolloutActor)
     handles = []
     for i in range(cfg.rollout.num_actors):
@@ -395,5 +395,5 @@ def create_rollout_actors(
             options["name"] = rollout_actor_name(name_prefix, i)
         if namespace is not None:
             options["namespace"] = namespace
-        handles.append(remote_cls.options(**options).remote(cfg, i, namespace, replay_prefix, store_name))
+        handles.append(remote_cls.options(**options).remote(cfg, i, build, namespace, replay_prefix, store_name))
     return handles

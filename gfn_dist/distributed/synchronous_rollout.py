@@ -12,9 +12,17 @@ equals an uninterrupted one (tests/test_checkpoint.py). Checkpoints and resume:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import ray
 import torch.distributed as dist
 
-from gfn_dist.config import TrainConfig
+from gfn_dist.distributed.replay_client import allocate_proportional
+from gfn_dist.distributed.rollout_actor import RolloutBuilder, RolloutWorker
+from gfn_dist.distributed.weight_store import cpu_state_dict
+
+if TYPE_CHECKING:  # the run layer's config, read through its attributes only
+    from gfn_dist.config import TrainConfig
 
 
 class SynchronousRollout:
@@ -31,17 +39,16 @@ class SynchronousRollout:
         cfg: the run's configuration.
         ctx: the rank's ``DistContext``.
         shards: replay shard actor handles.
+        build: how the workers build their env, policies and sampler (``RolloutBuilder``).
         max_rounds: sampling rounds per step before giving up (a stalled limiter).
     """
 
-    def __init__(self, cfg: TrainConfig, ctx, shards: list, max_rounds: int = 1000) -> None:
-        from gfn_dist.distributed.rollout_actor import RolloutWorker
-
+    def __init__(self, cfg: TrainConfig, ctx, shards: list, build: RolloutBuilder, max_rounds: int = 1000) -> None:
         self.ctx = ctx
         self.shards = list(shards)
         self.local_batch_size = cfg.learner.batch_size // ctx.world_size
         self.max_rounds = max_rounds
-        self.workers = [RolloutWorker(cfg, i) for i in range(cfg.rollout.num_actors)] if ctx.is_main else []
+        self.workers = [RolloutWorker(cfg, i, build) for i in range(cfg.rollout.num_actors)] if ctx.is_main else []
 
     def __call__(self, learner) -> None:
         if self.ctx.is_main:
@@ -50,10 +57,6 @@ class SynchronousRollout:
             dist.barrier()
 
     def _fill(self, learner) -> None:
-        import ray
-
-        from gfn_dist.distributed.weight_store import cpu_state_dict
-
         weights = cpu_state_dict(learner.policies)
         for w in self.workers:
             w.policies.load_state_dict(weights)
@@ -74,10 +77,6 @@ class SynchronousRollout:
 
     def _sample_blockers(self) -> list[str]:
         """Why the shards would refuse every rank's share of the draw (empty: they would serve it)."""
-        import ray
-
-        from gfn_dist.distributed.replay_client import allocate_proportional
-
         sizes = ray.get([s.size.remote() for s in self.shards])
         if sum(sizes) == 0:
             return ["all shards are empty"]

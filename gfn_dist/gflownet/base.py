@@ -239,6 +239,21 @@ class GFlowNet(nn.Module):
     def loss(self, env, trajectories: Trajectories, **kwargs) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
+        """This rank's share of the global-batch loss (DDP learners; log-probs recomputed).
+
+        Args:
+            env: the environment.
+            trajectories: this rank's ``N`` trajectories.
+            batch_mean: ``(N,) -> ()``: the differentiable mean over the global batch (all ranks).
+
+        Returns:
+            a scalar whose average over ranks (DDP's gradient averaging) is the global-batch loss.
+            Per-trajectory losses return their local mean; losses that centre by the batch mean
+            (LPV-type) override this to centre by ``batch_mean``.
+        """
+        return self.loss(env, trajectories, recalculate_all_logprobs=True)
+
     def sample_trajectories(
         self,
         env,

@@ -241,6 +241,11 @@ class RelativeLogPartitionVarianceGFlowNet(RelativeTBBase):
         scores_N = self._compute_rtb_scores(env, trajectories, log_rewards, recalculate_all_logprobs)
         return reduce_loss(self.loss_fn(scores_N - scores_N.mean()), reduction)
 
+    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
+        """Relative LPV of the global batch: RTB scores centred by their global mean (``batch_mean``)."""
+        scores_N = self._compute_rtb_scores(env, trajectories, None, True)
+        return self.loss_fn(scores_N - batch_mean(scores_N)).mean()
+
 
 class TrustPCLGFlowNet(RelativeTrajectoryBalanceGFlowNet):
     """Trust-PCL view of RTB (Deleu et al. 2025, arXiv:2509.01632; Nachum et al. 2017, arXiv:1707.01891).

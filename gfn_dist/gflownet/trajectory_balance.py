@@ -96,3 +96,8 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
         """LPV loss; a scalar, or ``(N,)`` with ``reduction="none"``."""
         scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
         return reduce_loss(self.loss_fn(scores - scores.mean()), reduction)
+
+    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
+        """LPV of the global batch: scores centred by their global mean (``batch_mean``)."""
+        scores_N = self.get_scores(trajectories, True, env)
+        return self.loss_fn(scores_N - batch_mean(scores_N)).mean()

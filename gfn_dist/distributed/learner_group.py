@@ -1,0 +1,238 @@
+"""Learner groups: where the W learner ranks run. Every backend runs the same training function.
+
+A training function is ``train_fn(ctx, sink) -> result``: it runs one learner rank
+(``ctx``: rank, world size, device, process group) and, on rank 0, logs metric
+rows into ``sink`` (``sink.log(row)``) and returns a result dict (None on other
+ranks). The run layer's ``gfn_dist.train_loop.run_learner`` is that function.
+
+Backends:
+
+* ``InProcessLearners`` -- this process is a learner rank: the driver of a local
+  run (world size 1, no process group) or a torchrun rank (the process group is
+  initialised from torchrun's environment; gloo on CPU, nccl on CUDA).
+* ``RayTrainLearners`` -- ``cluster.launcher=ray``: Ray Train's ``TorchTrainer``
+  starts W worker actors (one bundle of ``cpus_per_worker`` CPUs, plus a GPU when
+  ``use_gpu``, each, placed with ``placement_strategy``) and initialises their
+  process group; each worker calls ``train_fn``. Rank 0's rows, its placement and
+  its result travel to the driver through a ``DriverChannel`` actor (a driver
+  thread drains it every 0.25 s into ``on_row``); a stop request on the driver
+  (SIGTERM) travels back and raises the preemption flag of rank 0's process
+  through ``on_stop``. (``ray.train.report`` is not used for rows: Ray Train v2
+  keeps only the metrics attached to checkpoints, and streams nothing to the
+  driver during the run.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from gfn_dist.distributed.cluster import DistContext
+
+logger = logging.getLogger(__name__)
+
+TrainFn = Callable[[DistContext, Any], Optional[dict]]
+
+
+class InProcessLearners:
+    """This process is one learner rank (local driver or torchrun rank).
+
+    Args:
+        ctx: this rank's ``DistContext`` (``cluster.init_distributed``).
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.world_size = ctx.world_size
+
+    def run(self, train_fn: TrainFn, sink: Any) -> Optional[dict]:
+        """Runs ``train_fn`` here; returns its result (rank 0) or None."""
+        return train_fn(self.ctx, sink)
+
+
+# ---------------------------------------------------------------------------- Ray Train backend
+
+
+class DriverChannel:
+    """Learner rank 0 <-> driver (a Ray actor, ``num_cpus=0``): messages up, a stop request down.
+
+    Messages are ``(kind, payload)``: ``("placement", {...})`` once, ``("row", metric_row)``
+    per log step, ``("final", result)`` at the end.
+    """
+
+    def __init__(self) -> None:
+        self._messages: list = []
+        self._stop = False
+
+    def put(self, kind: str, payload: Any) -> None:
+        self._messages.append((kind, payload))
+
+    def take(self) -> list:
+        """Every message since the last call, oldest first."""
+        out, self._messages = self._messages, []
+        return out
+
+    def request_stop(self) -> None:
+        """The driver was asked to stop (SIGTERM / SIGINT): the learners checkpoint and stop."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+class ChannelMetrics:
+    """Rank 0's metric sink in a Ray Train worker: forwards rows to the driver (one round trip per log step)."""
+
+    def __init__(self, channel) -> None:
+        self.channel = channel
+
+    def log(self, row: dict) -> None:
+        ray.get(self.channel.put.remote("row", dict(row)))  # waited on: rows stay in order, errors surface
+
+    def close(self) -> None:
+        pass
+
+
+def _forward_stop_requests(channel, on_stop: Callable[[], None], done: threading.Event, poll_s: float = 0.5) -> None:
+    """Rank 0 thread: calls ``on_stop`` once the driver asks to stop."""
+    while not done.wait(poll_s):
+        try:
+            if ray.get(channel.stop_requested.remote(), timeout=10):
+                on_stop()
+                return
+        except Exception as err:  # the driver is gone: training ends through Ray Train anyway
+            logger.debug("stop-request poll: %s", err)
+            return
+
+
+def _ray_train_worker(config: dict) -> None:
+    """One learner inside a Ray Train worker (``TorchTrainer``'s ``train_loop_per_worker``)."""
+    tctx = ray.train.get_context()
+    device = ray.train.torch.get_device()  # cuda:i of this worker's GPU with use_gpu, else cpu
+    backend = dist.get_backend() if dist.is_initialized() else None
+    ctx = DistContext(tctx.get_world_rank(), tctx.get_world_size(), tctx.get_local_rank(), "ray", device, backend)
+    channel = config["channel"]
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = [node_id] * ctx.world_size
+    if ctx.distributed:
+        dist.all_gather_object(nodes, node_id)  # also a first check that the process group works
+    done = threading.Event()
+    if ctx.is_main:
+        channel.put.remote("placement", {"nodes": nodes, "backend": backend, "device": str(device)})
+        threading.Thread(target=_forward_stop_requests, args=(channel, config["on_stop"], done), daemon=True).start()
+    try:
+        result = config["train_fn"](ctx, ChannelMetrics(channel) if ctx.is_main else None)
+    finally:
+        done.set()
+    if ctx.is_main:
+        ray.get(channel.put.remote("final", result))
+
+
+class RayTrainLearners:
+    """W learner ranks as Ray Train workers (see module doc).
+
+    Args:
+        num_workers: W.
+        cpus_per_worker: CPUs each worker reserves.
+        use_gpu: whether each worker reserves a GPU (nccl) or not (gloo).
+        placement_strategy: Ray placement strategy of the workers' bundles.
+        name: the Ray Train run name.
+        storage_path: where Ray Train keeps its run state.
+        namespace: the run's Ray namespace (the channel actor is created there).
+    """
+
+    def __init__(self, num_workers: int, cpus_per_worker: float, use_gpu: bool, placement_strategy: str,
+                 name: str, storage_path: str, namespace: str) -> None:
+        self.world_size = int(num_workers)
+        self.cpus_per_worker = float(cpus_per_worker)
+        self.use_gpu = bool(use_gpu)
+        self.placement_strategy = placement_strategy
+        self.name = name
+        self.storage_path = storage_path
+        self.channel = ray.remote(DriverChannel).options(num_cpus=0, name=f"{namespace}_driver",
+                                                         namespace=namespace).remote()
+        self.nodes: list[str] = []  # Ray node id of each rank
+        self.backend: Optional[str] = None  # the torch.distributed backend Ray Train chose
+        self._final: Optional[dict] = None
+        self._t_fit = time.perf_counter()
+
+    def run(self, train_fn: TrainFn, on_row: Callable[[dict], None], on_stop: Callable[[], None],
+            stop_requested: Callable[[], bool]) -> dict:
+        """Runs ``train_fn`` on the W workers; returns rank 0's result.
+
+        Args:
+            train_fn: the training function (pickled by reference: a module-level function).
+            on_row: called on the driver with each metric row of rank 0, in order.
+            on_stop: called in rank 0's process when the driver asks to stop.
+            stop_requested: polled on the driver; once True, the stop request is forwarded.
+
+        Raises:
+            ray.train.TrainingFailedError: if a worker failed (its error attached).
+            RuntimeError: if rank 0 finished without sending its result.
+        """
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = 1.0
+        trainer = TorchTrainer(
+            _ray_train_worker,
+            train_loop_config={"train_fn": train_fn, "on_stop": on_stop, "channel": self.channel},
+            scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=self.use_gpu,
+                                         resources_per_worker=resources, placement_strategy=self.placement_strategy),
+            run_config=RunConfig(name=self.name, storage_path=self.storage_path,
+                                 failure_config=FailureConfig(max_failures=0)),  # a failed learner fails the run
+        )
+        stop = threading.Event()
+        drainer = threading.Thread(target=self._drain, args=(stop, on_row, stop_requested), name="driver-channel",
+                                   daemon=True)
+        drainer.start()
+        self._t_fit = time.perf_counter()
+        try:
+            trainer.fit()
+            logger.info("learner workers finished %.1f s after launch", time.perf_counter() - self._t_fit)
+        finally:
+            stop.set()
+            drainer.join()
+            self._drain_once(on_row)  # what arrived after the last poll
+        if self._final is None:
+            raise RuntimeError("learner rank 0 finished without sending its final state")
+        return self._final
+
+    def _drain(self, stop: threading.Event, on_row, stop_requested, poll_s: float = 0.25) -> None:
+        forwarded = False
+        while not stop.wait(poll_s):
+            try:
+                if not forwarded and stop_requested():
+                    logger.warning("stop requested: asking the learners to checkpoint and stop")
+                    self.channel.request_stop.remote()
+                    forwarded = True
+                self._drain_once(on_row)
+            except Exception as err:  # the channel is gone: fit() reports the cause
+                logger.debug("driver channel: %s", err)
+                return
+
+    def _drain_once(self, on_row) -> None:
+        for kind, payload in ray.get(self.channel.take.remote()):
+            if kind == "row":
+                on_row(payload)
+            elif kind == "placement":
+                self.nodes, self.backend = payload["nodes"], payload["backend"]
+                logger.info("%d learner workers (%s, %s) on %d node(s), up %.1f s after launch", len(self.nodes),
+                            payload["backend"], payload["device"], len(set(self.nodes)),
+                            time.perf_counter() - self._t_fit)
+            elif kind == "final":
+                self._final = payload
+
+    @property
+    def handles(self) -> list:
+        """The actors this group created (killed at teardown)."""
+        return [self.channel]
+

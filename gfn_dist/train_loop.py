@@ -1,0 +1,234 @@
+"""One learner rank's part of a run: built from the config and the topology; the loop on one screen.
+
+``LearnerProcess(cfg, ctx, topology, metrics)`` builds, on every rank alike:
+the environment, the policies and the loss (same seed on every rank, so the
+initial weights agree), the ``Learner`` on a ``ReplayClient`` of every shard, and a
+``Checkpointer`` over the stateful components (learner; on rank 0 also replay
+and the rollout actors' RNG), and resumes when ``resume`` asks. Rank 0 also
+holds the ``WeightPublisher`` and the ``ActorSupervisor``. ``run()`` is the loop::
+
+    start the rollout actors (rank 0), publish version `step`, wait for replay
+    each step:  learner.train_step()              sample, loss, backward, clip, Adam
+                publish                            rank 0, every learner.sync_every steps
+                log                                on log steps (collective; rank 0 writes)
+                preemption agreed?  -> checkpoint, stop
+                checkpoint                         every checkpoint.interval_steps
+    final checkpoint
+
+``run_learner`` is the same for a Ray Train worker (``LearnerGroup`` backends all
+run it): the worker looks the topology up by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from gfn_dist.builders import (
+    build_env,
+    build_gflownet,
+    build_policies,
+    build_rollout_parts,
+    exact_terminating_distribution,
+    is_enumerable,
+    target_distribution,
+)
+from gfn_dist.checkpoint import Checkpointer, RolloutActorsRNG
+from gfn_dist.config import TrainConfig, from_dict
+from gfn_dist.distributed.cluster import DistContext
+from gfn_dist.distributed.learner import Learner
+from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
+from gfn_dist.distributed.topology import Topology
+from gfn_dist.distributed.weight_store import cpu_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+class ExactEvaluator:
+    """Exact metrics on enumerable environments: ``l1_exact`` and ``logZ_err`` (rank 0).
+
+    ``l1_exact = Σ_x |P_T(x) - target(x)|`` with the model's exact P_T and the loss's
+    target (``R/Z``, or ``prior · R^β / Z_β`` for relative losses); ``logZ_err =
+    |logZ - log Z_target|`` when the loss learns logZ. Empty when ``eval.exact`` is
+    off or the environment cannot be enumerated.
+    """
+
+    def __init__(self, cfg: TrainConfig, env, policies, gflownet) -> None:
+        self.cfg, self.env, self.policies, self.gflownet = cfg, env, policies, gflownet
+        self.enabled = cfg.eval.exact and is_enumerable(env)
+        self._target: Optional[tuple] = None  # (probs, logZ), built on first use
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        if not self.enabled:
+            return {}
+        if self._target is None:
+            self._target = target_distribution(self.cfg, self.env, getattr(self.gflownet, "prior_pf", None))
+        probs, log_z = self._target
+        p_t = exact_terminating_distribution(self.env, self.policies["pf"])
+        out = {"l1_exact": float((p_t - probs.to(p_t.device)).abs().sum())}
+        logz = getattr(self.gflownet, "logZ", None)
+        if isinstance(logz, torch.Tensor):
+            out["logZ_err"] = abs(float(logz) - log_z)
+        return out
+
+
+class LearnerProcess:
+    """One learner rank of a run (see module doc).
+
+    Args:
+        cfg: the validated configuration (``run.dir`` resolved).
+        ctx: this rank's ``DistContext``.
+        topology: the run's actors (created by the owner of the run, or looked up).
+        metrics: rank 0's metric sink (``log(row)``, ``close()``); None on other ranks.
+        progress_bar: draw a progress bar on rank 0.
+
+    Raises:
+        ConfigError: if ``resume`` finds no checkpoint or an incompatible one.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, metrics: Any = None,
+                 progress_bar: bool = False) -> None:
+        self.cfg, self.ctx, self.topology = cfg, ctx, topology
+        self.metrics = metrics if ctx.is_main else None
+        self.progress_bar = progress_bar and ctx.is_main
+        torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
+        self.env = build_env(cfg, ctx.device)
+        self.policies = build_policies(cfg, self.env).to(ctx.device)
+        self.gflownet = build_gflownet(cfg, self.env, self.policies)
+        self.replay = topology.replay_client()
+        self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
+        rollout_step = (SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts)
+                        if cfg.rollout.synchronous else None)  # before resuming: its workers seed the RNG
+        self.learner = Learner(cfg, self.env, self.policies, self.gflownet, ctx, replay=self.replay,
+                               health_check=self.check_actors, rollout_step=rollout_step)
+        self.publisher = topology.publisher() if ctx.is_main else None
+        states: dict[str, Any] = {"learner": self.learner}
+        if ctx.is_main:
+            states["replay"] = self.replay
+            if topology.actors:
+                states["actors"] = RolloutActorsRNG(topology.actors)
+        self.checkpointer = Checkpointer(cfg, ctx, cfg.run.dir, states)
+        self.evaluate = ExactEvaluator(cfg, self.env, self.policies, self.gflownet)
+        self.preempted = False  # stopped early on SIGTERM / SIGINT (after a checkpoint)
+        self.last_row: dict = {}
+        self.run_refs: list = []  # the rollout actors' pending run() calls at the end
+        self._t_start = time.perf_counter()
+        self._inserts_prev = 0
+        self.checkpointer.resume()  # before the actors start pushing (run)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Optional[dict]:
+        """Trains to ``learner.total_steps`` (or a preemption); returns rank 0's result:
+        ``row`` (last metric row), ``step``, ``preempted``, ``policies`` (CPU state dict)."""
+        learner, total = self.learner, self.learner.total_steps
+        if self.supervisor is not None:
+            self.supervisor.start()  # calls every rollout actor's run()
+        self.publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
+        if not self.cfg.rollout.synchronous:  # synchronous rollouts fill replay before each draw
+            learner.wait_for_replay()
+        learner.reset_counters()
+        self._inserts_prev = self._num_inserts()
+        bar = tqdm(total=total, initial=learner.step, disable=not self.progress_bar, desc="train", unit="step",
+                   mininterval=1.0, dynamic_ncols=True)
+        try:
+            while learner.step < total:
+                learner.train_step()  # sample from replay, loss, backward (DDP all-reduce), clip, Adam
+                with learner.timer.phase("time/sync_s"):
+                    self.publish()  # rank 0, every learner.sync_every steps
+                if self.is_log_step():
+                    self.log(bar)  # the only host syncs
+                bar.update(1)
+                if self.checkpointer.preemption_agreed(learner.step):  # every rank stops after the same step
+                    if not self.is_log_step():
+                        self.log(bar)  # the metrics end at the step the checkpoint holds
+                    self.checkpointer.save(learner.step, reason="preempt")
+                    self.preempted = True
+                    break
+                if self.checkpointer.is_due(learner.step):
+                    self.checkpointer.save(learner.step, reason="interval")
+            if not self.preempted:
+                self.checkpointer.save(learner.step, reason="end")  # no-op when this step is saved
+        finally:
+            bar.close()
+            learner.close()
+            if self.supervisor is not None:
+                self.supervisor.close()  # before the actors are stopped: an ending run() is no failure
+                self.run_refs = self.supervisor.run_refs
+        if self.publisher is not None:
+            self.publisher.flush()
+        if not self.ctx.is_main:
+            return None
+        return {"row": self.last_row, "step": learner.step, "preempted": self.preempted,
+                "policies": cpu_state_dict(self.policies)}
+
+    # ------------------------------------------------------------------ phases
+
+    def publish(self, force: bool = False) -> None:
+        """Rank 0 publishes the policies as version ``step`` every ``learner.sync_every`` steps."""
+        if self.publisher is not None and (force or self.learner.step % self.cfg.learner.sync_every == 0):
+            self.publisher.publish(self.learner.step, self.policies)
+
+    def check_actors(self) -> None:
+        """Raises ``ActorFailure`` once the rollout actors failed beyond the config's limits (rank 0)."""
+        if self.supervisor is not None:
+            self.supervisor.check(self.learner.step)
+
+    def is_log_step(self) -> bool:
+        step = self.learner.step
+        return step % self.cfg.logging.log_every == 0 or self.is_eval_step() or step == self.learner.total_steps
+
+    def is_eval_step(self) -> bool:
+        every, step = self.cfg.eval.interval_steps, self.learner.step
+        return (every > 0 and step % every == 0) or step == self.learner.total_steps
+
+    def _num_inserts(self) -> int:
+        return int(self.replay.stats()["num_inserts"]) if self.ctx.is_main else 0
+
+    def log(self, bar: Optional[tqdm] = None) -> None:
+        """One metric row (collective reduction; rank 0 adds replay, actor and evaluation metrics and writes it)."""
+        row = self.learner.reduce_metrics()
+        if self.ctx.is_main:
+            self.check_actors()
+            row["elapsed_s"] = time.perf_counter() - self._t_start
+            stats = self.replay.stats()
+            row["traj_per_s/produced"] = (stats["num_inserts"] - self._inserts_prev) / row["interval_s"]
+            self._inserts_prev = stats["num_inserts"]
+            row["buffer/size"] = stats["size"]
+            row["buffer/samples_per_insert"] = stats["samples_per_insert"]
+            row["buffer/rejected"] = stats["num_rejected"]
+            row["buffer/inserts"] = stats["num_inserts"]
+            if self.supervisor is not None:
+                row.update(self.supervisor.metrics())  # actors/restarts, replay/items_lost, rollout/rejected_* ...
+            if self.is_eval_step():
+                row.update(self.evaluate())
+            if self.metrics is not None:
+                self.metrics.log(row)
+            if bar is not None:
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("trajectories", "loss", "l1_exact") if k in row},
+                                refresh=False)
+        self.last_row = row
+
+
+def run_learner(config: dict, namespace: str, ctx: DistContext, sink: Any) -> Optional[dict]:
+    """A ``LearnerGroup`` training function: one rank of a run whose topology exists in ``namespace``.
+
+    Args:
+        config: ``to_dict`` of the validated configuration (``run.dir`` resolved, absolute).
+        namespace: the run's Ray namespace.
+        ctx: this rank's ``DistContext``.
+        sink: rank 0's metric sink.
+
+    Returns:
+        rank 0's result (``LearnerProcess.run``), None on other ranks.
+    """
+    cfg = from_dict(config)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
+    process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace), metrics=sink)
+    return process.run()
