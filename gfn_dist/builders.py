@@ -198,12 +198,6 @@ def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
     return LocalSearchSampler(policies["pf"], policies["pb"]), kwargs
 
 
-def trajectories_per_batch(cfg: TrainConfig) -> int:
-    """Trajectories one rollout batch yields (local search returns ``n * (1 + loops)``)."""
-    loops = cfg.sampler.n_local_search_loops if cfg.sampler.name == "local_search" else 0
-    return cfg.rollout.trajectories_per_push * (1 + loops)
-
-
 # ---------------------------------------------------------------------------- evaluation
 
 

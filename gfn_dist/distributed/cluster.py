@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from gfn_dist.distributed.health import is_loopback_address, loopback_only_ray, single_node_launch
+from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.errors import ConfigError
 
 if TYPE_CHECKING:  # the run layer's config, read through its attributes only (no runtime import)
@@ -230,20 +230,19 @@ def wait_for_cluster(address: str, timeout_s: float) -> None:
         ConfigError: if the address is malformed.
     """
     host, port = _host_port(address)
-    deadline = time.monotonic() + timeout_s
+    wait = Deadline(timeout_s, initial_backoff_s=0.25, max_backoff_s=0.25)
     while True:
-        remaining = deadline - time.monotonic()
         try:
-            socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))).close()
+            socket.create_connection((host, port), timeout=max(0.1, min(2.0, wait.remaining_s))).close()
             return
         except OSError as err:
-            if time.monotonic() + 0.25 >= deadline:
+            if wait.remaining_s <= 0.25:
                 raise ClusterUnreachableError(
                     f"cluster.address={address}: no Ray cluster answered at {host}:{port} within "
                     f"{timeout_s:g} s (cluster.connect_timeout_s; last error: {err}). Start one "
                     f"(`ray start --head --port={port}`) or fix the address."
                 ) from err
-            time.sleep(0.25)
+            wait.pause()
 
 
 def learners_use_gpu(cfg: TrainConfig) -> bool:

@@ -37,10 +37,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import ray
 import torch
+from ray.exceptions import RayActorError
 from tensordict import TensorDict
 
 from gfn_dist.distributed.shard_persistence import ShardPersistence, was_restarted_by_ray
+from gfn_dist.distributed.waiting import Deadline, WaitStopped
 
 __all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "RewardScreen", "ShardPersistence",
            "loopback_only_ray", "was_restarted_by_ray"]  # ShardPersistence and was_restarted_by_ray: re-exported
@@ -302,8 +305,6 @@ class ActorSupervisor:
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """One round: ended ``run`` calls, restarted actors, counters, starved shards."""
-        import ray
-
         refs = {ref: k for k, ref in self._runs.items()}
         if refs:
             ray.wait(list(refs), num_returns=1, timeout=timeout_s)  # the thread's sleep, cut short by an end
@@ -321,9 +322,6 @@ class ActorSupervisor:
         self._update_starved()
 
     def _on_run_ended(self, k: int, ref) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
         del self._runs[k]
         try:
             ray.get(ref)
@@ -406,8 +404,6 @@ class ActorSupervisor:
         return self._fatal is not None
 
     def _poll_stats(self) -> None:
-        import ray
-
         now = time.monotonic()
         every = now >= self._next_stats
         if every:
@@ -510,7 +506,8 @@ def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: flo
         ``ALIVE``, ``DEAD``, ``TIMEOUT`` or ``STOPPED`` (``ALIVE`` after one
         interval when Ray cannot tell).
     """
-    deadline = time.monotonic() + timeout_s
+    wait = Deadline(max(timeout_s, 1e-9), initial_backoff_s=interval_s, max_backoff_s=interval_s,
+                    should_stop=should_stop)
     while True:
         state = actor_state(handle)
         if state is None:
@@ -518,11 +515,12 @@ def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: flo
             return "ALIVE"
         if state in ("ALIVE", "DEAD"):
             return state
-        if should_stop is not None and should_stop():
-            return "STOPPED"
-        if time.monotonic() > deadline:
+        if wait.expired:
             return "TIMEOUT"
-        time.sleep(interval_s)
+        try:
+            wait.pause()
+        except WaitStopped:
+            return "STOPPED"
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,11 +1,12 @@
-"""Learner: one DDP rank that trains the GFlowNet from replay.
+"""Learner: one DDP rank's training step, from replay.
 
 Every rank draws ``batch_size / world_size`` trajectories from the replay
 shards, rebuilds ``Trajectories`` from the TensorDicts, recomputes log P_F
 (and log P_B) under the current policy (off-policy; ``recalculate_all_logprobs=True``),
 computes the configured loss through the DDP-wrapped module, and steps Adam
-(separate logZ learning rate). Rank 0 publishes versioned weights every
-``sync_every`` steps, evaluates, logs metrics and draws the progress bar.
+(separate logZ learning rate). The loop around the step -- publishing versioned
+weights, logging, evaluation, checkpoints, preemption -- is the run layer's
+(``gfn_dist.train_loop``).
 
 Losses over the global batch. DDP averages gradients over ranks, which is the
 gradient of the global-batch mean for per-trajectory losses (TB, RTB,
@@ -13,9 +14,10 @@ Trust-PCL) because every rank holds the same number of trajectories. The
 log-partition-variance losses (LPV, arXiv:2302.05446; relative LPV) centre the
 scores by their *batch* mean; under DDP that mean would be per rank. gfn_dist
 defines the distributed LPV as the single-process LPV of the global batch: the
-mean is an autograd-aware all-reduce of the scores (``GlobalBatchLoss``), so W
-ranks with B/W trajectories each compute the loss -- and, after DDP's
-averaging, the gradient -- of one process with all B (tests/test_ddp.py).
+loss class's ``distributed_loss`` centres by an autograd-aware all-reduce mean of
+the scores (``GlobalBatchLoss.global_mean``), so W ranks with B/W trajectories
+each compute the loss -- and, after DDP's averaging, the gradient -- of one
+process with all B (tests/test_ddp.py).
 
 Policy versions. Version ``v`` is the policy after ``v`` learner steps
 (version 0 = the initial weights, published before training starts). A
@@ -25,8 +27,8 @@ trajectory sampled with version ``v`` and used by the update that starts after
 With ``learner.prefetch`` the next batch is drawn from replay in a background
 thread while the current step computes.
 
-Host syncs (``.item()``) happen only on log steps; the running sums of loss
-and policy lag stay on the device in between.
+Host syncs (``.item()``) happen only in ``reduce_metrics`` (log steps); the
+running sums of loss and policy lag stay on the device in between.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.distributed.cluster import DistContext
+from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.optim import make_optimizer
 
 if TYPE_CHECKING:  # the run layer's config, read through its attributes only
@@ -224,25 +227,15 @@ class Learner:
         return td
 
     def _draw(self):
-        """Draws this rank's share from the shards, waiting on the rate limiter.
-
-        The client's call blocks for at most 2 s at a time, so that the health check
-        (a dead actor explains an empty replay) and the end of training are seen.
+        """Draws this rank's share from the shards, waiting on the rate limiter (health-checking
+        between retries: a dead actor explains an empty replay).
 
         Raises:
             TimeoutError: if replay refused for ``replay.timeout_s`` (naming the limiter condition).
+            WaitStopped: if training ended while this draw waited.
         """
-        timeout_s = self.cfg.replay.timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.replay.sample(self.local_batch_size, timeout_s=min(2.0, timeout_s))
-            except TimeoutError:
-                if self._closing:  # training ended (or failed) while this draw waited
-                    raise
-                self.health_check()
-                if time.monotonic() > deadline:
-                    raise
+        return self.replay.sample(self.local_batch_size, timeout_s=self.cfg.replay.timeout_s,
+                                  should_stop=lambda: self._closing, on_pause=self.health_check)
 
     def wait_for_replay(self) -> None:
         """Blocks until every shard holds ``replay.min_size_to_sample`` items.
@@ -255,15 +248,15 @@ class Learner:
             TimeoutError: after ``replay.timeout_s``.
         """
         need = self.cfg.replay.min_size_to_sample
-        deadline = time.monotonic() + self.cfg.replay.timeout_s
+        wait = Deadline(self.cfg.replay.timeout_s, initial_backoff_s=0.02, max_backoff_s=0.02,
+                        on_pause=self.health_check)
         while min(self.replay.sizes()) < need:
-            self.health_check()
-            if time.monotonic() > deadline:
+            if wait.expired:
                 raise TimeoutError(
                     f"replay warm-up: shard sizes {self.replay.sizes()} still below "
                     f"replay.min_size_to_sample={need} after {self.cfg.replay.timeout_s:g} s"
                 )
-            time.sleep(0.02)
+            wait.pause()
 
     def close(self) -> None:
         """Stops the prefetch thread (a draw in flight ends at its next timeout)."""

@@ -26,11 +26,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import ray
 
 import torch
 from tensordict import TensorDict
 
+from gfn_dist.distributed.health import actor_state, wait_until_alive
+from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.distributed.wire import td_from_wire, td_to_wire
 
 logger = logging.getLogger(__name__)
@@ -155,11 +159,6 @@ class ReplayClient:
             return self._available()
 
     def _available(self) -> List[int]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        from gfn_dist.distributed.health import actor_state
-
         now = time.monotonic()
         for i, probe in list(self._down.items()):
             if probe is None:  # restarting (calls fail meanwhile): look at Ray's actor table now and then
@@ -219,11 +218,6 @@ class ReplayClient:
         slower than ``check_down_after_s`` and Ray reports it not alive (the call
         then waits for the restart; it becomes the shard's probe).
         """
-        import ray
-        from ray.exceptions import RayActorError
-
-        from gfn_dist.distributed.health import actor_state
-
         waiting = {ref: i for i, ref in refs.items()}
         out = {}
         while waiting:
@@ -261,33 +255,57 @@ class ReplayClient:
             TimeoutError: if the limiter still refused after ``timeout_s``,
                 naming the condition.
         """
-        import ray
-
         if not 0 <= int(shard_index) < self.num_shards:
             raise IndexError(f"ReplayClient.add: shard_index {shard_index} not in [0, {self.num_shards})")
-        shard = self.shards[int(shard_index)]
-        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        deadline = time.monotonic() + timeout
-        backoff = self.initial_backoff_s
         try:
             payload = td_to_wire(td)  # numpy wire format (wire.py): ~100x cheaper to ship
         except TypeError:
             payload = td  # not plain tensors: let the shard validate, refuse and count it
-        td_ref = ray.put(payload)  # ship the batch once, not once per retry
+        payload_ref = ray.put(payload)  # ship the batch once, not once per retry
+        result = self.complete_add(self.submit_add(payload_ref, shard_index), payload_ref, shard_index, timeout_s)
+        return int(result["num_items"])
+
+    def submit_add(self, payload: Any, shard_index: int):
+        """Sends a batch (wire bytes, wire dict or an object reference) to shard ``shard_index`` without
+        waiting; returns the pending ``try_add`` reference (for ``complete_add``)."""
+        return self.shards[int(shard_index)].try_add.remote(payload)
+
+    def complete_add(self, pending, payload: Any, shard_index: int, timeout_s: Optional[float] = None,
+                     should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+        """Waits for a submitted insert to be accepted, resubmitting while the rate limiter refuses.
+
+        The one push path: ``add`` and the rollout actors' pipelined pushes both end here.
+
+        Args:
+            pending: the reference ``submit_add`` returned.
+            payload: what was submitted (resubmitted as is).
+            shard_index: its shard.
+            timeout_s: seconds to wait on the rate limiter (``self.timeout_s`` if None).
+            should_stop: polled between retries; True raises ``WaitStopped`` (the batch is dropped).
+
+        Returns:
+            the shard's answer (``accepted``, ``num_items``, ...).
+
+        Raises:
+            ValueError: if the shard rejected the batch as invalid (naming the field).
+            TimeoutError: if the limiter refused for ``timeout_s``, naming its condition.
+            WaitStopped: if ``should_stop`` said so while waiting.
+            ray.exceptions.RayActorError: if the shard died (the caller decides what that costs).
+        """
+        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        wait = Deadline(timeout, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s,
+                        should_stop=should_stop)
         while True:
-            result = ray.get(shard.try_add.remote(td_ref))
+            result = ray.get(pending)
             if result["accepted"]:
-                return int(result["num_items"])
+                return result
             if result["status"] == "invalid":
-                raise ValueError(f"ReplayClient.add: shard {shard_index} rejected the batch: {result['reason']}")
-            now = time.monotonic()
-            if now >= deadline:
-                raise TimeoutError(
-                    f"ReplayClient.add: shard {shard_index} refused {result['num_items']} items for "
-                    f"{timeout:g} s; rate limiter condition: {result['reason']}"
-                )
-            time.sleep(min(backoff, deadline - now))
-            backoff = min(2 * backoff, self.max_backoff_s)
+                raise ValueError(f"replay shard {shard_index} rejected a batch: {result['reason']}")
+            if wait.expired:
+                raise TimeoutError(f"replay shard {shard_index} refused {result['num_items']} items for {timeout:g} s; "
+                                   f"rate limiter condition: {result['reason']}")
+            wait.pause()  # rate limited: the learners are behind
+            pending = self.submit_add(payload, shard_index)
 
     # ------------------------------------------------------------------ sample
 
@@ -296,7 +314,8 @@ class ReplayClient:
         answers = self._gather({i: self.shards[i].size.remote() for i in self.available()})
         return [int(answers.get(i, 0)) for i in range(self.num_shards)]
 
-    def sample(self, n: int, timeout_s: Optional[float] = None) -> TensorDict:
+    def sample(self, n: int, timeout_s: Optional[float] = None, *, should_stop: Optional[Callable[[], bool]] = None,
+               on_pause: Optional[Callable[[], None]] = None) -> TensorDict:
         """Draws ``n`` items over the shards in proportion to their sizes.
 
         The split is ``allocate_proportional(n, sizes)`` on the sizes read at
@@ -308,12 +327,15 @@ class ReplayClient:
         Args:
             n: number of items (>= 1).
             timeout_s: seconds to wait on the rate limiter (``self.timeout_s`` if None).
+            should_stop: polled between retries; True raises ``WaitStopped``.
+            on_pause: called between retries (e.g. a health check that raises).
 
         Returns:
             TensorDict ``(n,)``: shard 0's share first, then shard 1's, ...
 
         Raises:
             ValueError: if ``n < 1``.
+            WaitStopped: if ``should_stop`` said so while waiting.
             TimeoutError: if shards still refused after ``timeout_s``, naming
                 each blocking shard and its limiter condition (and the shards down).
         """
@@ -321,16 +343,14 @@ class ReplayClient:
         if n < 1:
             raise ValueError(f"ReplayClient.sample: n must be >= 1, got {n}")
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        deadline = time.monotonic() + timeout
-        backoff = self.initial_backoff_s
+        wait = Deadline(timeout, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s,
+                        should_stop=should_stop, on_pause=on_pause)
         parts: Dict[int, List[TensorDict]] = {}
         pending: Dict[int, int] = {}  # shard -> share still to draw from it
         unassigned = n  # items not yet given to a shard (at first; then those of shards that failed)
 
         def wait_or_raise() -> None:
-            nonlocal backoff
-            now = time.monotonic()
-            if now >= deadline:
+            if wait.expired:
                 live = self.available()
                 blocked = {i: k for i, k in pending.items() if i in live}
                 if unassigned:  # nothing to draw from: name every live shard's condition
@@ -344,8 +364,7 @@ class ReplayClient:
                 raise TimeoutError(
                     f"ReplayClient.sample(n={n}): rate limiter still refused after {timeout:g} s: {detail}"
                 )
-            time.sleep(min(backoff, deadline - now))
-            backoff = min(2 * backoff, self.max_backoff_s)
+            wait.pause()
 
         while True:
             if unassigned:
@@ -419,22 +438,17 @@ class ReplayClient:
         Raises:
             RuntimeError: naming the shard, if one is gone or did not come back in time.
         """
-        import ray
-        from ray.exceptions import RayActorError
-
-        from gfn_dist.distributed.health import wait_until_alive
-
         refs = [shard.snapshot.remote() for shard in self.shards]  # in parallel
         out = []
-        deadline = time.monotonic() + self.timeout_s
+        wait = Deadline(self.timeout_s)
         for i, (shard, ref) in enumerate(zip(self.shards, refs)):
             while True:
                 try:
                     out.append(ray.get(ref))
                     break
                 except RayActorError as err:
-                    state = wait_until_alive(shard, max(0.0, deadline - time.monotonic()))
-                    if state != "ALIVE" or time.monotonic() > deadline:
+                    state = wait_until_alive(shard, wait.remaining_s)
+                    if state != "ALIVE" or wait.expired:
                         raise RuntimeError(f"ReplayClient.snapshot: replay shard {i} is {state.lower()} "
                                            f"after {self.timeout_s:g} s: {str(err).splitlines()[0]}") from err
                     ref = shard.snapshot.remote()
@@ -446,8 +460,6 @@ class ReplayClient:
         Raises:
             ValueError: if the number of states differs from ``num_shards``.
         """
-        import ray
-
         if len(states) != self.num_shards:
             raise ValueError(f"ReplayClient.restore: got {len(states)} shard states for {self.num_shards} shards")
         ray.get([shard.restore.remote(state) for shard, state in zip(self.shards, states)])

@@ -49,9 +49,11 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
+import ray
 import torch
 from tensordict import TensorDict
 
+from gfn_dist.distributed.shard_persistence import ShardPersistence
 from gfn_dist.distributed.wire import pack_wire, td_from_wire, td_to_wire
 
 from gfn_dist.containers.replay_buffer import ReplayBuffer
@@ -186,7 +188,6 @@ class ReplayShard:
         self.num_sample_throttled = 0
         self.persistence = None  # set last: restoring after a Ray restart must not write back
         if cfg.state_dir is not None:
-            from gfn_dist.distributed.shard_persistence import ShardPersistence
 
             persistence = ShardPersistence(cfg.state_dir, cfg.snapshot_every_inserts)
             persistence.start(self)  # after a Ray restart: restores the latest snapshot, reports the items lost
@@ -335,10 +336,6 @@ class ReplayShard:
         if self.persistence is not None:
             self.persistence.save(state)  # the restored state is the new restart point
 
-    def get_config(self) -> Dict[str, Any]:
-        """The shard's configuration as a plain dict."""
-        return asdict(self.config)
-
 
 # ---------------------------------------------------------------------- Ray helpers
 
@@ -371,8 +368,6 @@ def create_replay_shard(
     Returns:
         the actor handle (``ray.actor.ActorHandle``).
     """
-    import ray  # local import: the rest of this module (and its tests) work without Ray
-
     options: Dict[str, Any] = {}
     if name is not None:
         options["name"] = name
@@ -437,6 +432,4 @@ def get_replay_shards(
     Raises:
         ValueError: naming the shard actor that does not exist (from ``ray.get_actor``).
     """
-    import ray
-
     return [ray.get_actor(shard_name(i, name_prefix), namespace=namespace) for i in range(int(num_shards))]

@@ -45,6 +45,7 @@ from tensordict import TensorDict
 from gfn_dist.distributed.health import RewardScreen, wait_until_alive
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import get_replay_shards
+from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import WeightSubscriber
 from gfn_dist.distributed.wire import pack_wire, td_to_wire, tensors_to_wire
 
@@ -188,10 +189,11 @@ class RolloutWorker:
         pending ``try_add`` reference."""
         # By value, packed into one bytes object (wire.py: the cheapest argument for a Ray call); Ray
         # inlines small batches in the call and spills large ones to the object store itself.
-        return self.replay.shards[self.shard_index].try_add.remote(payload)
+        return self.replay.submit_add(payload, self.shard_index)
 
     def complete_push(self, pending, payload: bytes, n: int) -> bool:
-        """Waits for a submitted push to be accepted, resubmitting while the rate limiter refuses.
+        """Waits for a submitted push to be accepted (``ReplayClient.complete_add``: resubmitted while
+        the rate limiter refuses).
 
         Args:
             pending: the reference ``submit_push`` returned.
@@ -206,27 +208,15 @@ class RolloutWorker:
             TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
             RuntimeError: if the shard died and Ray did not restart it (see ``_push_lost``).
         """
-        deadline = time.monotonic() + self.cfg.replay.timeout_s
-        backoff = 0.001
-        while True:
-            try:
-                result = ray.get(pending)
-            except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
-                return self._push_lost(n, err)
-            if result["accepted"]:
-                return True
-            if result["status"] == "invalid":
-                raise ValueError(f"rollout actor {self.actor_id}: shard {self.shard_index} rejected a batch: "
-                                 f"{result['reason']}")
-            # Rate limited: the learners are behind. Training may be over; check before retrying.
-            if self._run_stopped():
-                return False
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout actor {self.actor_id}: shard {self.shard_index} refused a batch for "
-                                   f"{self.cfg.replay.timeout_s:g} s: {result['reason']}")
-            time.sleep(backoff)
-            backoff = min(2 * backoff, 0.05)
-            pending = self.submit_push(payload)
+        try:
+            self.replay.complete_add(pending, payload, self.shard_index, should_stop=self._run_stopped)
+            return True
+        except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
+            return self._push_lost(n, err)
+        except WaitStopped:  # rate limited while training ended
+            return False
+        except (ValueError, TimeoutError) as err:
+            raise type(err)(f"rollout actor {self.actor_id}: {err}") from err
 
     def _push_lost(self, n: int, err: Exception) -> bool:
         """A push of ``n`` trajectories failed with its shard's death: counts them as dropped, waits

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import ray
 import torch
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 def was_restarted_by_ray() -> bool:
     """Whether the current process is a Ray actor that Ray restarted (False outside Ray actors)."""
     try:
-        import ray
-
         if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return False
         with warnings.catch_warnings():  # the property reads a deprecated field internally

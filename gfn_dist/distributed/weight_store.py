@@ -27,6 +27,7 @@ import logging
 import threading
 from typing import Any, Optional
 
+import ray
 import torch
 from torch import nn
 
@@ -109,8 +110,6 @@ def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = N
     loaded weights and take the learner's next publish; the weights themselves
     live in the object store, owned by the learner, so a store's death loses none.
     """
-    import ray
-
     options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": STORE_MAX_CONCURRENCY,
                                "max_restarts": -1, "max_task_retries": -1}
     if name is not None:
@@ -145,8 +144,6 @@ class WeightPublisher:
 
     def publish(self, version: int, module: nn.Module) -> None:
         """Publishes ``module``'s weights as ``version``."""
-        import ray
-
         ref = ray.put(state_dict_to_wire(cpu_state_dict(module)))  # numpy: no torch pickling
         self._pending.append(self.store.publish.remote(int(version), [ref]))
         done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
@@ -157,8 +154,6 @@ class WeightPublisher:
 
     def flush(self) -> None:
         """Waits for every outstanding publish."""
-        import ray
-
         ray.get(self._pending)
         self._pending = []
 
@@ -185,8 +180,6 @@ class WeightSubscriber:
 
     def poll(self) -> tuple[int, bool]:
         """``(latest published version, stopped)``, asked now (one round trip)."""
-        import ray
-
         self._known = tuple(ray.get(self.store.poll.remote()))
         return self._known
 
@@ -201,8 +194,6 @@ class WeightSubscriber:
         is seen at the first call after its publish reached the store, so policy
         lag stays within the bound of tests/test_trainer_ray.py.
         """
-        import ray
-
         if self._poll_ref is None:
             self._known = tuple(ray.get(self.store.poll.remote()))
         else:
@@ -224,8 +215,6 @@ class WeightSubscriber:
         Returns:
             whether new weights were loaded.
         """
-        import ray
-
         if latest_version is None:
             latest_version, _ = self.poll()
         if latest_version <= self.version:
