@@ -80,13 +80,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
-from gfn_dist.preemption import (  # re-exported: the signal flag the loop checks
-    clear_preemption,
-    install_preemption_handlers,
-    preemption_requested,
-    request_preemption,
-    uninstall_preemption_handlers,
-)
+from gfn_dist.preemption import preemption_requested
 
 logger = logging.getLogger(__name__)
 

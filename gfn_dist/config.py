@@ -203,6 +203,10 @@ class RolloutConfig:
     synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; distributed.synchronous_rollout)
     max_restarts: int = 3  # Ray restarts of a dead actor process (-1: unlimited; gfn_dist.distributed.health)
     max_consecutive_failures: int = 3  # the run fails when one actor fails this many times without pushing between
+    # An actor that pushes nothing for this long (hung reward call, stopped process) is reported (metric
+    # actors/stalls), killed and restarted; 0 disables. Pushes come every few ms to ~0.1 s here, a first
+    # compiled rollout after 10-30 s: 120 s is far above both.
+    stall_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _positive("rollout.num_actors", self.num_actors)
@@ -214,6 +218,7 @@ class RolloutConfig:
         if self.max_restarts < -1:
             raise ConfigError(f"rollout.max_restarts: must be >= 0, or -1 for unlimited, got {self.max_restarts}")
         _positive("rollout.max_consecutive_failures", self.max_consecutive_failures)
+        _positive("rollout.stall_timeout_s", self.stall_timeout_s, allow_zero=True)
 
 
 @dataclass

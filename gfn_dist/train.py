@@ -39,7 +39,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
-        from gfn_dist.checkpoint import install_preemption_handlers, preemption_requested
+        from gfn_dist.preemption import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
         trainer = Trainer(cfg, preset=Path(config).stem)
@@ -58,7 +58,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-            from gfn_dist.checkpoint import uninstall_preemption_handlers
+            from gfn_dist.preemption import uninstall_preemption_handlers
 
             uninstall_preemption_handlers()
 

@@ -43,9 +43,15 @@ from gfn_dist.distributed.cluster import DistContext
 from gfn_dist.distributed.learner import Learner
 from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
 from gfn_dist.distributed.topology import Topology
+from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import cpu_state_dict
+from gfn_dist.preemption import preemption_requested
 
 logger = logging.getLogger(__name__)
+
+
+class ReplayStalled(RuntimeError):
+    """The learner got no data from replay for ``replay.timeout_s`` (a checkpoint was written first)."""
 
 
 class ExactEvaluator:
@@ -105,7 +111,8 @@ class LearnerProcess:
         rollout_step = (SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts)
                         if cfg.rollout.synchronous else None)  # before resuming: its workers seed the RNG
         self.learner = Learner(cfg, self.env, self.policies, self.gflownet, ctx, replay=self.replay,
-                               health_check=self.check_actors, rollout_step=rollout_step)
+                               health_check=self.check_actors, rollout_step=rollout_step,
+                               should_stop=lambda: preemption_requested() is not None)
         self.publisher = topology.publisher() if ctx.is_main else None
         states: dict[str, Any] = {"learner": self.learner}
         if ctx.is_main:
@@ -130,15 +137,18 @@ class LearnerProcess:
         if self.supervisor is not None:
             self.supervisor.start()  # calls every rollout actor's run()
         self.publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
-        if not self.cfg.rollout.synchronous:  # synchronous rollouts fill replay before each draw
-            learner.wait_for_replay()
-        learner.reset_counters()
-        self._inserts_prev = self._num_inserts()
         bar = tqdm(total=total, initial=learner.step, disable=not self.progress_bar, desc="train", unit="step",
                    mininterval=1.0, dynamic_ncols=True)
         try:
-            while learner.step < total:
-                learner.train_step()  # sample from replay, loss, backward (DDP all-reduce), clip, Adam
+            # Synchronous rollouts fill replay before each draw; else wait for every shard's minimum.
+            ready = self.cfg.rollout.synchronous or self._until_replay_answers(learner.wait_for_replay)
+            learner.reset_counters()
+            self._inserts_prev = self._num_inserts()
+            while ready and learner.step < total:
+                # sample from replay, loss, backward (DDP all-reduce), clip, Adam
+                if not self._until_replay_answers(learner.train_step):
+                    ready = False  # SIGTERM while waiting on replay: checkpoint below
+                    break
                 with learner.timer.phase("time/sync_s"):
                     self.publish()  # rank 0, every learner.sync_every steps
                 if self.is_log_step():
@@ -152,7 +162,10 @@ class LearnerProcess:
                     break
                 if self.checkpointer.is_due(learner.step):
                     self.checkpointer.save(learner.step, reason="interval")
-            if not self.preempted:
+            if not ready:
+                self.checkpointer.save(learner.step, reason="preempt")
+                self.preempted = True
+            elif not self.preempted:
                 self.checkpointer.save(learner.step, reason="end")  # no-op when this step is saved
         finally:
             bar.close()
@@ -166,6 +179,35 @@ class LearnerProcess:
             return None
         return {"row": self.last_row, "step": learner.step, "preempted": self.preempted,
                 "policies": cpu_state_dict(self.policies)}
+
+    def _until_replay_answers(self, wait_on_replay) -> bool:
+        """Runs a phase that waits on replay; False if a preemption request ended the wait.
+
+        Raises:
+            ReplayStalled: if replay gave nothing for ``replay.timeout_s``, after a checkpoint
+                of the current step (one line: what the learner waited for).
+        """
+        try:
+            wait_on_replay()
+            return True
+        except WaitStopped:
+            if preemption_requested() is None:
+                raise
+            logger.warning("preemption while waiting on replay at step %d: checkpointing", self.learner.step)
+            return False
+        except TimeoutError as err:
+            self.checkpointer.save(self.learner.step, reason="stalled")
+            raise ReplayStalled(f"no replay data for replay.timeout_s={self.cfg.replay.timeout_s:g} s at step "
+                                f"{self.learner.step} ({self._waited_for()}): {str(err).splitlines()[0]}; "
+                                f"checkpoint written, continue with resume=true") from err
+
+    def _waited_for(self) -> str:
+        """Shards alive, actors alive (rank 0's view) for the stall message."""
+        parts = [f"shards available {len(self.replay.available())}/{self.replay.num_shards}"]
+        if self.supervisor is not None:
+            m = self.supervisor.metrics()
+            parts.append(f"actors down {m['actors/down']}/{len(self.topology.actors)}")
+        return ", ".join(parts)
 
     # ------------------------------------------------------------------ phases
 

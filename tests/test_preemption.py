@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from gfn_dist import checkpoint as ck
+from gfn_dist import preemption
 from gfn_dist.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,17 +90,17 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
 
 def test_signal_handlers_set_a_flag_then_restore():
     previous = signal.getsignal(signal.SIGTERM)
-    ck.install_preemption_handlers()
+    preemption.install_preemption_handlers()
     try:
-        assert ck.preemption_requested() is None
+        assert preemption.preemption_requested() is None
         os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the handler
         time.sleep(0.01)
-        assert ck.preemption_requested() == signal.SIGTERM
+        assert preemption.preemption_requested() == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     finally:
-        ck.uninstall_preemption_handlers()
+        preemption.uninstall_preemption_handlers()
     assert signal.getsignal(signal.SIGTERM) is previous
 
 

@@ -109,7 +109,8 @@ def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):
 
     import ray
 
-    from gfn_dist.checkpoint import clear_preemption, list_checkpoints, request_preemption
+    from gfn_dist.checkpoint import list_checkpoints
+    from gfn_dist.preemption import clear_preemption, request_preemption
     from gfn_dist.trainer import Trainer as RayTrainer
 
     # What a `ray start` elsewhere on the host leaves behind: ray.init(num_cpus=...)
@@ -186,3 +187,57 @@ def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
     saved = torch.load(run_dir / "policy.pt", weights_only=True)
     assert saved["step"] == STEPS and trainer.learner.step == STEPS
     assert set(saved["policies"]) and all(torch.isfinite(v).all() for v in saved["policies"].values())
+
+
+def test_faults_under_ray_launcher(tmp_path):
+    """The Ray launcher gets the same topology as the others: a SIGKILLed rollout actor is restarted
+    (``rollout.max_restarts``) and a SIGKILLed replay shard restarts from its snapshot
+    (``replay.max_restarts``); the metric rows report both, and the items lost exactly."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+    import ray
+
+    from gfn_dist.distributed.shard_persistence import ShardPersistence
+    from gfn_dist.trainer import Trainer
+
+    def sigkill(handle) -> None:
+        proc = psutil.Process(ray.get(handle.__ray_call__.remote(lambda self: os.getpid())))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    run_dir, budget = tmp_path / "run", 400
+    cfg = _cfg(f"run.dir={run_dir}", "cluster.num_learners=1", "rollout.num_actors=2", "replay.num_shards=2",
+               "replay.max_restarts=1", "rollout.max_restarts=2", "replay.snapshot_every_inserts=48",
+               "replay.capacity_per_shard=256", f"learner.max_steps={budget}", "eval.interval_steps=0",
+               "logging.log_every=5", "checkpoint.interval_steps=0")
+    trainer = Trainer(cfg)
+    state_dir = run_dir / "replay" / "shard_1"
+    at_death: dict = {}
+
+    def crash() -> None:
+        deadline = time.monotonic() + 300
+        while trainer.last_row.get("step", 0) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sigkill(trainer.actors[1])
+        sigkill(trainer.topology.shards[1])
+        at_death["journal"] = ShardPersistence.read_journal(state_dir / ShardPersistence.JOURNAL)
+        snap = torch.load(state_dir / ShardPersistence.SNAPSHOT, weights_only=True)["buffer"]
+        at_death["inserts"] = int(snap["num_inserts"])
+
+    try:
+        killer = threading.Thread(target=crash, daemon=True)
+        killer.start()
+        last = trainer.train()
+        killer.join(timeout=60)
+    finally:
+        trainer.close()
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert last["step"] == budget == rows[-1]["step"]
+    lost = at_death["journal"]["num_inserts"] - at_death["inserts"]
+    restarted = [r for r in rows if r.get("replay/shard_restarts") == 1]
+    assert restarted, "the shard restart never reached the metric rows"
+    assert all(r["replay/items_lost"] == lost for r in restarted) and lost >= 0
+    assert rows[-1]["actors/restarts"] >= 1

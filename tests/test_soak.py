@@ -28,7 +28,7 @@ import psutil
 import ray
 import torch
 
-from gfn_dist.checkpoint import clear_preemption, request_preemption
+from gfn_dist.preemption import clear_preemption, request_preemption
 from gfn_dist.config import load_config
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer

@@ -35,7 +35,6 @@ import ray
 import torch
 import torch.distributed as dist
 
-from gfn_dist.distributed.health import is_loopback_address, loopback_only_ray, single_node_launch
 from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.errors import ConfigError
 
@@ -46,6 +45,50 @@ logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
+
+
+# ---------------------------------------------------------------------------- network exposure
+
+
+@contextlib.contextmanager
+def loopback_only_ray():
+    """While active, a Ray started or joined here takes 127.0.0.1 as this node's address.
+
+    On Linux Ray uses the machine's routable address (and servers listen on all
+    interfaces) unless it believes clusters are disabled
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by the raylet and workers;
+    the module constant is read at call time). Then the raylet, GCS and workers
+    bind 127.0.0.1 only. Both are restored on exit, so a later connection to a
+    real cluster from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+
+
+def is_loopback_address(address: Optional[str]) -> bool:
+    """Whether a ``host:port`` Ray address is on this machine's loopback interface."""
+    host = (address or "").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def single_node_launch() -> bool:
+    """True unless torchrun reports ranks on other nodes (``LOCAL_WORLD_SIZE < WORLD_SIZE``)."""
+    world = os.environ.get("WORLD_SIZE")
+    local = os.environ.get("LOCAL_WORLD_SIZE", world)
+    return world is None or int(local) >= int(world)
+
 
 
 @dataclass

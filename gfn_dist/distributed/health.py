@@ -16,139 +16,33 @@ Replay shards (``ShardPersistence``, re-exported from
 ``gfn_dist.distributed.shard_persistence``): an insert journal and snapshots, so
 a shard Ray restarts restores its contents and reports the items lost.
 
-Rewards (``RewardScreen``, inside each rollout actor). Trajectories with a NaN or
-+inf log-reward, or -inf while ``loss.log_reward_clip_min`` is -inf (an infinite
-loss), are dropped before the push and counted (``rollout/rejected_nan``,
-``rollout/rejected_posinf``, ``rollout/rejected_neginf``), with a one-time hint
-to set ``loss.log_reward_clip_min`` for zero rewards.
+Stalls. An actor whose batch count has not grown for ``rollout.stall_timeout_s``
+(a reward call that never returns, a stopped process) is reported (log line
+naming the actor and its node; metric ``actors/stalls``), killed, and restarted
+by Ray like a crashed actor.
 
-Network exposure (``loopback_only_ray``). The embedded Ray of a single-node run
-binds every server to 127.0.0.1 (Ray on Linux otherwise listens on all
-interfaces) and runs without its dashboard.
+Rewards are screened in the actors (``gfn_dist.distributed.reward_screen``); the
+embedded Ray binds loopback only (``gfn_dist.distributed.cluster.loopback_only_ray``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
-import torch
 from ray.exceptions import RayActorError
-from tensordict import TensorDict
 
 from gfn_dist.distributed.shard_persistence import ShardPersistence, was_restarted_by_ray
 from gfn_dist.distributed.waiting import Deadline, WaitStopped
 
-__all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "RewardScreen", "ShardPersistence",
-           "loopback_only_ray", "was_restarted_by_ray"]  # ShardPersistence and was_restarted_by_ray: re-exported
+__all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "ShardPersistence",
+           "was_restarted_by_ray"]  # ShardPersistence and was_restarted_by_ray: re-exported
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------- network exposure
-
-
-@contextlib.contextmanager
-def loopback_only_ray():
-    """While active, a Ray started or joined here takes 127.0.0.1 as this node's address.
-
-    On Linux Ray uses the machine's routable address (and servers listen on all
-    interfaces) unless it believes clusters are disabled
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by the raylet and workers;
-    the module constant is read at call time). Then the raylet, GCS and workers
-    bind 127.0.0.1 only. Both are restored on exit, so a later connection to a
-    real cluster from this process is unaffected.
-    """
-    from ray._private import ray_constants
-
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old_env
-
-
-def is_loopback_address(address: Optional[str]) -> bool:
-    """Whether a ``host:port`` Ray address is on this machine's loopback interface."""
-    host = (address or "").rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
-def single_node_launch() -> bool:
-    """True unless torchrun reports ranks on other nodes (``LOCAL_WORLD_SIZE < WORLD_SIZE``)."""
-    world = os.environ.get("WORLD_SIZE")
-    local = os.environ.get("LOCAL_WORLD_SIZE", world)
-    return world is None or int(local) >= int(world)
-
-
-# ---------------------------------------------------------------------------- rewards
-
-
-class RewardScreen:
-    """Drops trajectories whose log-reward the loss cannot use, and counts them (rollout actor side).
-
-    Args:
-        log_reward_clip_min: ``loss.log_reward_clip_min``; when finite, -inf
-            log-rewards are kept (the loss clamps them).
-        actor_id: for the log messages.
-    """
-
-    def __init__(self, log_reward_clip_min: float = float("-inf"), actor_id: int = 0) -> None:
-        self.keep_neginf = bool(torch.isfinite(torch.tensor(float(log_reward_clip_min))))
-        self.actor_id = int(actor_id)
-        self.num_nan = 0
-        self.num_posinf = 0
-        self.num_neginf = 0
-        self._logged: set[str] = set()
-
-    def __call__(self, td: TensorDict) -> TensorDict:
-        """``td`` without its unusable rows (TensorDict ``(N,)`` with ``log_rewards (N,)``)."""
-        log_rewards = td.get("log_rewards")
-        if bool(torch.isfinite(log_rewards).all()):  # the common case: one check, no copy
-            return td
-        nan = torch.isnan(log_rewards)
-        posinf = torch.isposinf(log_rewards)
-        neginf = torch.isneginf(log_rewards) & (not self.keep_neginf)
-        self.num_nan += int(nan.sum())
-        self.num_posinf += int(posinf.sum())
-        self.num_neginf += int(neginf.sum())
-        for name, mask in (("NaN", nan), ("+inf", posinf)):
-            if bool(mask.any()):
-                self._log_once(name, f"rollout actor {self.actor_id}: rejected trajectories with {name} log-reward "
-                                     f"(rows {_rows(mask)}); counted in rollout/rejected_"
-                                     f"{'nan' if name == 'NaN' else 'posinf'}")
-        if bool(neginf.any()):
-            self._log_once("-inf", f"rollout actor {self.actor_id}: rejected trajectories with log-reward -inf "
-                                   f"(zero reward; rows {_rows(neginf)}); set loss.log_reward_clip_min (e.g. -100) "
-                                   f"to train on them (counted in rollout/rejected_neginf)")
-        bad = nan | posinf | neginf
-        return td[~bad] if bool(bad.any()) else td
-
-    def _log_once(self, kind: str, message: str) -> None:
-        if kind not in self._logged:
-            self._logged.add(kind)
-            logger.warning(message)
-
-    def stats(self) -> Dict[str, int]:
-        """``rejected_nan``, ``rejected_posinf``, ``rejected_neginf``: trajectories dropped so far."""
-        return {"rejected_nan": self.num_nan, "rejected_posinf": self.num_posinf, "rejected_neginf": self.num_neginf}
-
-
-def _rows(mask: torch.Tensor, limit: int = 20) -> List[int]:
-    return torch.nonzero(mask).flatten()[:limit].tolist()
-
 
 # ---------------------------------------------------------------------------- rollout actor supervision
 
@@ -199,6 +93,9 @@ class ActorSupervisor:
         stats_interval_s: how often it asks the actors for their counters.
         restart_timeout_s: the run fails if Ray has not restarted a dead actor after this.
         step_fn: returns the learner's current step (else the step last passed to ``check``).
+        stall_timeout_s: an actor whose batch count has not grown for this long (a hung reward
+            call, a stopped process) is reported, killed and restarted like a crashed actor
+            (``rollout.stall_timeout_s``; None: never).
     """
 
     def __init__(
@@ -212,6 +109,7 @@ class ActorSupervisor:
         stats_interval_s: float = 1.0,
         restart_timeout_s: float = 300.0,
         step_fn: Optional[Callable[[], int]] = None,
+        stall_timeout_s: Optional[float] = None,
     ) -> None:
         n = len(actors)
         self.actors = list(actors)
@@ -241,6 +139,9 @@ class ActorSupervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.stall_timeout_s = stall_timeout_s
+        self.stalls = [0] * n  # stalled processes killed
+        self._progress = [(-1, time.monotonic()) for _ in range(n)]  # (num_batches, when it last grew)
 
     # ------------------------------------------------------------------ public
 
@@ -281,6 +182,7 @@ class ActorSupervisor:
                 "actors/restarts": sum(self.restarts),
                 "actors/failures": sum(self.failures),
                 "actors/down": len(self._down),
+                "actors/stalls": sum(self.stalls),
                 "rollout/rejected_nan": totals.get("rejected_nan", 0),
                 "rollout/rejected_posinf": totals.get("rejected_posinf", 0),
                 "rollout/rejected_neginf": totals.get("rejected_neginf", 0),
@@ -319,6 +221,7 @@ class ActorSupervisor:
         if self._outages and self._fatal is None:
             self._resume_restarted()
         self._poll_stats()
+        self._kill_stalled()
         self._update_starved()
 
     def _on_run_ended(self, k: int, ref) -> None:
@@ -352,6 +255,7 @@ class ActorSupervisor:
             self._stats[k] = {}
             self._down[k] = 0
             self._stats_refs.pop(k, None)  # an answer from the dead process would be stale
+        self._progress[k] = (-1, time.monotonic())  # the new process counts from zero
         logger.warning("rollout actor %d is unreachable (%s); waiting for Ray to restart it", k, error)
 
     def _resume_restarted(self) -> None:
@@ -425,6 +329,9 @@ class ActorSupervisor:
             except Exception as err:  # the process died; its run() reference reports it
                 logger.debug("stats of actor %d: %s", k, err)
                 continue
+            batches = int(stats.get("num_batches", 0))
+            if batches > self._progress[k][0]:
+                self._progress[k] = (batches, time.monotonic())
             with self._lock:
                 self._stats[k] = stats
                 if k in self._down and k not in self._outages and int(stats.get("num_batches", 0)) > self._down[k]:
@@ -436,6 +343,24 @@ class ActorSupervisor:
                     logger.warning("rollout actor %d is back: pushing again with policy version %s",
                                    k, stats.get("policy_version"))
         self._hint_rejections()
+
+    def _kill_stalled(self) -> None:
+        """Reports and kills an actor whose batch count has not grown for ``stall_timeout_s``; Ray restarts it
+        and its ``run`` call then ends like a crash's (counted against ``rollout.max_restarts``)."""
+        if self.stall_timeout_s is None:
+            return
+        now = time.monotonic()
+        for k, actor in enumerate(self.actors):
+            if k in self._outages or k not in self._runs or now - self._progress[k][1] < self.stall_timeout_s:
+                continue
+            info = actor_info(actor) or {}
+            node = (info.get("Address") or {}).get("NodeID", "unknown node")
+            logger.warning("rollout actor %d (node %s) produced nothing for %.0f s (rollout.stall_timeout_s=%g): "
+                           "killing it; Ray restarts it", k, node, now - self._progress[k][1], self.stall_timeout_s)
+            with self._lock:
+                self.stalls[k] += 1
+            self._progress[k] = (self._progress[k][0], now)  # one kill per stall
+            ray.kill(actor, no_restart=False)
 
     def _hint_rejections(self) -> None:
         with self._lock:

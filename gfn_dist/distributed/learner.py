@@ -129,6 +129,9 @@ class Learner:
             failed beyond what the config allows (rank 0's ``ActorSupervisor.check``).
         rollout_step: ``rollout.synchronous``: called with the learner before each
             step's draw (``SynchronousRollout``); None with Ray rollout actors.
+        should_stop: polled while waiting on replay; True ends the wait with ``WaitStopped``
+            (the run layer passes its preemption flag, so SIGTERM is honoured however long
+            replay would have kept the learner waiting).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class Learner:
         replay=None,
         health_check: Optional[Callable[[], None]] = None,
         rollout_step: Optional[Callable[["Learner"], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -161,6 +165,7 @@ class Learner:
         self.replay = replay
         self.health_check = health_check or (lambda: None)
         self.rollout_step = rollout_step
+        self.should_stop = should_stop or (lambda: False)
         self.step = 0
         self.timer = PhaseTimer()
         self._prefetch = None  # Future of the next batch (learner.prefetch)
@@ -235,7 +240,10 @@ class Learner:
             WaitStopped: if training ended while this draw waited.
         """
         return self.replay.sample(self.local_batch_size, timeout_s=self.cfg.replay.timeout_s,
-                                  should_stop=lambda: self._closing, on_pause=self.health_check)
+                                  should_stop=self._stop_waiting, on_pause=self.health_check)
+
+    def _stop_waiting(self) -> bool:
+        return self._closing or self.should_stop()
 
     def wait_for_replay(self) -> None:
         """Blocks until every shard holds ``replay.min_size_to_sample`` items.
@@ -246,10 +254,11 @@ class Learner:
 
         Raises:
             TimeoutError: after ``replay.timeout_s``.
+            WaitStopped: if ``should_stop`` said so while waiting.
         """
         need = self.cfg.replay.min_size_to_sample
         wait = Deadline(self.cfg.replay.timeout_s, initial_backoff_s=0.02, max_backoff_s=0.02,
-                        on_pause=self.health_check)
+                        on_pause=self.health_check, should_stop=self._stop_waiting)
         while min(self.replay.sizes()) < need:
             if wait.expired:
                 raise TimeoutError(

@@ -29,8 +29,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
-
 import torch
+from ray.exceptions import RayActorError
 from tensordict import TensorDict
 
 from gfn_dist.distributed.health import actor_state, wait_until_alive

@@ -42,9 +42,10 @@ import torch
 from ray.exceptions import RayActorError
 from tensordict import TensorDict
 
-from gfn_dist.distributed.health import RewardScreen, wait_until_alive
+from gfn_dist.distributed.health import wait_until_alive
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import get_replay_shards
+from gfn_dist.distributed.reward_screen import RewardScreen
 from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import WeightSubscriber
 from gfn_dist.distributed.wire import pack_wire, td_to_wire, tensors_to_wire

@@ -126,7 +126,8 @@ class Topology:
             return None
         r = self.cfg.rollout
         return ActorSupervisor(self.actors, self.cfg.replay.num_shards, replay=replay, max_restarts=r.max_restarts,
-                               max_consecutive_failures=r.max_consecutive_failures, step_fn=step_fn)
+                               max_consecutive_failures=r.max_consecutive_failures, step_fn=step_fn,
+                               stall_timeout_s=r.stall_timeout_s or None)
 
     def actor_stats(self) -> list[dict]:
         """Each rollout actor's ``stats()``."""
