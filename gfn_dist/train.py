@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
+from gfn_dist.preflight import validate_before_start
 
 logger = logging.getLogger("gfn_dist")
 
@@ -39,6 +40,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
+        validate_before_start(cfg)  # NaN / inf, run.dir, memory: one line, exit 2, before Ray (gfn_dist.preflight)
         from gfn_dist.checkpoint import install_preemption_handlers, preemption_requested
         if cfg.cluster.launcher == "ray":  # learners as Ray Train workers (gfn_dist.distributed.ray_launcher)
             from gfn_dist.distributed.ray_launcher import RayTrainer as Trainer
