@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from gfn_dist.files import fsync_dir, private_dir
+from gfn_dist.files import DISK_FULL_ERRNOS, DiskFullError, fsync_dir, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,9 @@ def write_checkpoint(root: str | Path, step: int, files: dict[str, Any], config_
         the checkpoint directory.
 
     Raises:
-        OSError: if writing fails (e.g. ENOSPC); the previous checkpoints are then untouched.
+        DiskFullError: (an OSError) the disk is full; one line naming the checkpoint. The
+            partial checkpoint is removed and the previous ones are untouched.
+        OSError: if writing fails otherwise, with the same guarantee.
     """
     root = private_dir(root, dir_mode)
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
@@ -266,8 +268,10 @@ def write_checkpoint(root: str | Path, step: int, files: dict[str, Any], config_
         manifest = json.dumps({"format": 1, "step": int(step), "files": entries}, indent=1).encode("utf-8")
         _write_durable(tmp / MANIFEST, lambda w: w.write(manifest))  # last: its presence means complete
         fsync_dir(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free what was written
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(err.errno, f"disk full: cannot write checkpoint {final} ({err.strerror})") from None
         raise
     if final.exists():  # e.g. a run resumed at step N and stopped again at N
         old = root / f"{TMP_PREFIX}old_{STEP_PREFIX}{step}"

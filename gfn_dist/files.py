@@ -18,6 +18,7 @@ rename its sockets and stop the run).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -26,6 +27,22 @@ from pathlib import Path
 from typing import Optional
 
 logger = logging.getLogger(__name__)
+
+#: errno values of a full disk: no space, or the user's quota (common on cluster filesystems).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """The disk is full (ENOSPC / EDQUOT); the message is one line naming the file.
+
+    Raised by the metrics sink (``gfn_dist.metrics.JsonlSink``, after skipping
+    the row) and by ``write_checkpoint`` (the previous checkpoints untouched);
+    ``gfn-dist train`` catches it to stop with that line.
+    Built as ``DiskFullError(errno, message)``.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def fsync_file(path: str | Path) -> None:

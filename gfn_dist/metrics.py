@@ -22,7 +22,6 @@ carry their units: ``time/sample_s``, ``traj_per_s``, ...) with an integer
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from gfn_dist.files import atomic_write_bytes
+from gfn_dist.files import DISK_FULL_ERRNOS, DiskFullError, atomic_write_bytes  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +45,6 @@ def _clean(row: Mapping[str, Any]) -> dict:
             continue
         out[k] = v
     return out
-
-
-class DiskFullError(OSError):
-    """The disk holding the metrics is full (ENOSPC / EDQUOT); the message is one line naming the file.
-
-    ``JsonlSink`` raises it (with ``stop_on_disk_full``) after skipping the row;
-    the run's driver catches it to stop with that line.
-    """
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class JsonlSink:
@@ -102,7 +90,7 @@ class JsonlSink:
         except OSError as err:
             if done:
                 os.ftruncate(self._fd, start)  # no torn row
-            if err.errno not in _DISK_FULL:
+            if err.errno not in DISK_FULL_ERRNOS:
                 raise
             self.rows_skipped += 1
             msg = f"disk full: cannot write {self.path} (row of step {row.get('step')} skipped)"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
+from gfn_dist.metrics import DiskFullError
 from gfn_dist.preflight import validate_before_start
 
 logger = logging.getLogger("gfn_dist")
@@ -60,6 +61,9 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     except ConfigError as err:
         sys.stderr.write(f"gfn-dist: config error: {err}\n")
         return 2
+    except DiskFullError as err:  # gfn_dist.metrics: the row was skipped; stop with one line
+        sys.stderr.write(f"gfn-dist: {err}\n")
+        return 1
     finally:
         if trainer is not None:
             trainer.close()
