@@ -137,3 +137,17 @@ def test_plot_works_on_a_run_with_a_torn_last_line(tmp_path, capsys):
     assert cli_main(["plot", str(run_dir), "--no-distributions"]) == 0
     out = capsys.readouterr().out.split()
     assert out and all(p.endswith(".png") and os.path.getsize(p) > 0 for p in out)
+
+
+def test_truncate_on_a_full_disk_leaves_the_file_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    _fill(path, _rows(4))
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        truncate_metrics_after(path, 2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["metrics.jsonl"]
