@@ -88,6 +88,7 @@ from gfn_dist.checkpoint_files import (  # noqa: F401  (re-exported: the file la
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
+    load_torch_file,
     newest_intact,
     prune_checkpoints,
     verify_checkpoint,

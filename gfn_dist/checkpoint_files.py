@@ -141,7 +141,7 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 # ---------------------------------------------------------------------------- loading
 
 
-def _load(path: Path) -> Any:
+def load_torch_file(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on the CPU.
 
     Raises:
@@ -151,7 +151,10 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError) as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):  # torch's message is a page about weights_only
+            first = "not a torch file of tensors and plain containers"
+        else:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CorruptCheckpointError(f"{path}: unreadable torch file ({type(err).__name__}: {first})") from None
 
 
@@ -169,7 +172,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
     if verify and (path / MANIFEST).is_file():
         verify_checkpoint(path)
-    out: dict[str, Any] = {k: _load(path / f"{k}.pt") if (path / f"{k}.pt").is_file() else None
+    out: dict[str, Any] = {k: load_torch_file(path / f"{k}.pt") if (path / f"{k}.pt").is_file() else None
                            for k in ("learner", "rng", "replay", "actors")}
     try:
         out["config"] = (path / "config.yaml").read_text(encoding="utf-8")
@@ -193,6 +196,9 @@ def load_latest_checkpoint(root: str | Path) -> Optional[tuple[int, Path, dict]]
             logger.warning("checkpoint %s skipped, falling back to an older one: %s", path, err)
             candidates = [c for c in candidates if c[0] < step]
     return None
+
+
+_load = load_torch_file  # the older private name
 
 
 # ---------------------------------------------------------------------------- writing

@@ -62,7 +62,7 @@ from gfn_dist.builders import (
     logz_of,
     target_distribution,
 )
-from gfn_dist.checkpoint_files import MANIFEST, _load as _load_torch_file, newest_intact, verify_checkpoint
+from gfn_dist.checkpoint_files import MANIFEST, load_torch_file, newest_intact, verify_checkpoint
 from gfn_dist.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def checkpoint_dirs(run_dir: str | Path, cfg: Optional[TrainConfig] = None) -> l
 
 def _load(path: Path):
     """``torch.load(weights_only=True)``; raises ``CorruptCheckpointError`` (a ValueError) naming a corrupt file."""
-    return _load_torch_file(path)
+    return load_torch_file(path)
 
 
 def _extract_state(obj, depth: int = 0) -> Optional[dict]:
