@@ -11,9 +11,9 @@ old or the new content, never a mix.
 Permissions. ``private_dir`` creates a directory readable by its owner only
 (mode 0700 unless told otherwise): run directories hold checkpoints, configs
 and metrics another local user should not read. ``ray_temp_dir`` gives the
-embedded Ray a per-user session directory of mode 0700 (Ray's default,
-``/tmp/ray``, is shared by all users of the machine, so another user could
-rename its sockets and stop the run).
+embedded Ray a temp directory below a per-user directory of mode 0700 (Ray's
+default, ``/tmp/ray``, is world-writable and shared by all users of the
+machine, so another user could rename its sockets and stop the run).
 """
 
 from __future__ import annotations
@@ -153,32 +153,13 @@ def _owned_private_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0
 
 
-def ray_temp_dir(base: Optional[str | Path] = None) -> str:
-    """A temp directory for the embedded Ray that only this user can enter (mode 0700).
-
-    ``<base>/ray-<uid>`` (``base``: the system temp directory, ``$TMPDIR`` or
-    ``/tmp``), created 0700 and reused by later runs of the same user, as Ray
-    reuses ``/tmp/ray``. Pass it to ``ray.init(_temp_dir=...)`` (only used when
-    Ray starts a local cluster). Kept short: Ray puts Unix sockets under it
-    and socket paths are limited to ~107 bytes.
-
-    If the path exists but is not a directory of this user, or is a symbolic
-    link, another user may have planted it: a fresh unique directory
-    (``mkdtemp``, 0700) is used instead, with a warning. An existing one of
-    this user with looser permissions is tightened to 0700.
-
-    Returns:
-        the directory's path.
-
-    Raises:
-        OSError: if no directory can be created under ``base``.
-    """
-    base = Path(base) if base is not None else Path(tempfile.gettempdir())
+def _private_user_dir(base: Path) -> Path:
+    """``base/ray-<uid>`` created 0700 (or reused when it is this user's real directory), else a fresh one."""
     path = base / f"ray-{os.getuid()}"
     try:
         os.mkdir(path, 0o700)
         os.chmod(path, 0o700)
-        return str(path)
+        return path
     except FileExistsError:
         pass
     st = os.lstat(path)
@@ -186,8 +167,35 @@ def ray_temp_dir(base: Optional[str | Path] = None) -> str:
         if not _owned_private_dir(path):
             logger.warning("Ray temp directory %s had mode %o; set to 0700", path, stat.S_IMODE(st.st_mode))
             os.chmod(path, 0o700)
-        return str(path)
-    fresh = tempfile.mkdtemp(prefix=f"ray-{os.getuid()}-", dir=base)
+        return path
+    fresh = Path(tempfile.mkdtemp(prefix=f"ray-{os.getuid()}-", dir=base))
     logger.warning("%s is not a directory owned by this user (uid %d): using %s for Ray instead",
                    path, os.getuid(), fresh)
     return fresh
+
+
+def ray_temp_dir(base: Optional[str | Path] = None) -> str:
+    """A temp directory for the embedded Ray that only this user can reach.
+
+    Returns ``<base>/ray-<uid>/ray`` (``base``: the system temp directory,
+    ``$TMPDIR`` or ``/tmp``). Ray itself makes its temp, session and socket
+    directories world-writable (``chmod 0777``, for machines shared by several
+    users), so the privacy comes from the parent ``ray-<uid>``: created 0700,
+    it lets no other user reach anything below it. Reused by later runs of the
+    same user, as Ray reuses ``/tmp/ray``. Pass the result to
+    ``ray.init(_temp_dir=...)`` (used when Ray starts a local cluster). Kept
+    short: Ray puts Unix sockets under it, and their paths are limited to ~107 bytes.
+
+    If ``ray-<uid>`` exists but is not a directory of this user, or is a
+    symbolic link, another user may have planted it: a fresh unique directory
+    (``mkdtemp``, 0700) is used instead, with a warning. An existing one of
+    this user with looser permissions is set back to 0700.
+
+    Returns:
+        the path to pass as Ray's temp directory.
+
+    Raises:
+        OSError: if no directory can be created under ``base``.
+    """
+    base = Path(base) if base is not None else Path(tempfile.gettempdir())
+    return str(_private_user_dir(base) / "ray")

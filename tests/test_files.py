@@ -3,6 +3,7 @@
 import os
 import stat
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,21 +36,25 @@ def test_private_dir_creates_with_the_mode_whatever_the_umask(tmp_path, umask_02
 
 def test_ray_temp_dir_is_private_and_reused(tmp_path, umask_022, monkeypatch):
     d = ray_temp_dir(tmp_path)
-    assert d == str(tmp_path / f"ray-{os.getuid()}") and _mode(d) == 0o700
-    os.chmod(d, 0o777)  # loosened by someone: tightened again
-    assert ray_temp_dir(tmp_path) == d and _mode(d) == 0o700
+    private = tmp_path / f"ray-{os.getuid()}"
+    assert d == str(private / "ray") and _mode(private) == 0o700
+    os.makedirs(d)
+    os.chmod(d, 0o777)  # what Ray does to its temp directory: harmless below the private parent
+    os.chmod(private, 0o777)  # loosened by someone: set back
+    assert ray_temp_dir(tmp_path) == d and _mode(private) == 0o700
     (tmp_path / "sys_tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "sys_tmp"))  # what $TMPDIR would set
-    assert ray_temp_dir() == str(tmp_path / "sys_tmp" / f"ray-{os.getuid()}")
+    assert ray_temp_dir() == str(tmp_path / "sys_tmp" / f"ray-{os.getuid()}" / "ray")
 
 
 def test_ray_temp_dir_ignores_a_planted_link(tmp_path):
     """Another user may create ``/tmp/ray-<uid>`` first (here: a symbolic link to a directory they own)."""
     (tmp_path / "theirs").mkdir(mode=0o777)
     (tmp_path / f"ray-{os.getuid()}").symlink_to(tmp_path / "theirs")
-    d = ray_temp_dir(tmp_path)
-    assert os.path.dirname(d) == str(tmp_path) and not os.path.islink(d) and _mode(d) == 0o700
-    assert os.path.basename(d).startswith(f"ray-{os.getuid()}-")
+    d = Path(ray_temp_dir(tmp_path))
+    parent = d.parent
+    assert parent.parent == tmp_path and not parent.is_symlink() and _mode(parent) == 0o700
+    assert parent.name.startswith(f"ray-{os.getuid()}-") and d.name == "ray"
 
 
 def test_atomic_write_replaces_whole(tmp_path):
