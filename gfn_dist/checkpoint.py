@@ -13,8 +13,10 @@ training and on preemption, rank 0 writes ``CKPT_DIR/step_N/`` (``CKPT_DIR`` =
     config.yaml  the resolved configuration
     meta.json    step, reason (interval | end | preempt), time: for humans
 
-The directory is written as ``CKPT_DIR/.tmp_step_N`` and renamed into place,
-so a ``step_N`` directory is always complete; only the newest
+The directory is written as ``CKPT_DIR/.tmp_step_N``, every file fsynced, a
+``manifest.json`` (sizes, SHA-256) last, and renamed into place; reading
+verifies the manifest and falls back to the newest intact checkpoint with a
+warning (``gfn_dist.checkpoint_files``); only the newest
 ``checkpoint.keep_last`` are kept. Every ``.pt`` file holds tensors and plain
 containers only and is read with ``torch.load(weights_only=True)``. Rank 0 does
 all file I/O (other ranks' RNG states travel over the process group), so under
@@ -64,11 +66,9 @@ previous attempt's gloo / NCCL addresses and fail to connect
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,6 +79,22 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from gfn_dist.checkpoint_files import (  # noqa: F401  (re-exported: the file layer lives there)
+    MANIFEST,
+    STEP_PREFIX,
+    TMP_PREFIX,
+    CorruptCheckpointError,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    load_torch_file,
+    newest_intact,
+    prune_checkpoints,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
 from gfn_dist.preemption import preemption_requested
 
@@ -86,8 +102,6 @@ logger = logging.getLogger(__name__)
 
 FAULT_ENV = "GFN_DIST_FAULT_INJECT"
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
-STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp_"
 #: Configuration keys a checkpoint must share with the run that resumes it (shapes of
 #: the model, the environment and the replay snapshots). A section name covers all its keys.
 COMPAT_KEYS = ("env", "model", "loss.name", "replay.num_shards", "replay.capacity_per_shard")
@@ -120,25 +134,6 @@ def checkpoint_root(cfg: TrainConfig, run_dir: str | Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        suffix = p.name[len(STEP_PREFIX):]
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and suffix.isdigit() and (p / "learner.pt").is_file():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest complete ``step_N`` under ``root``, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs") -> Optional[str]:
     """The run directory to continue when ``run.dir`` is not given (module doc), else None.
 
@@ -160,6 +155,37 @@ def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs"
 
 
 # ---------------------------------------------------------------------------- compatibility
+
+
+def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> Optional[int]:
+    """The step a run in ``run_dir`` resumes from, checked before anything of the run is touched.
+
+    Reads only the newest intact checkpoint's ``config.yaml`` (torn newer ones are skipped
+    with a warning), so a refused resume leaves every file of the run as it was.
+
+    Returns:
+        the checkpoint's step, or None when the run starts fresh (``resume=false``, or ``auto``
+        without a checkpoint).
+
+    Raises:
+        ConfigError: ``resume=true`` without a checkpoint, or the checkpoint's configuration
+            differs in a ``COMPAT_KEYS`` key (every such key named).
+    """
+    if cfg.resume is False:
+        return None
+    root = checkpoint_root(cfg, run_dir)
+    found = latest_intact_checkpoint(root)
+    if found is None:
+        if cfg.resume is True:
+            raise ConfigError(f"resume: true, but there is no checkpoint in {root}")
+        return None
+    step, path = found
+    saved = OmegaConf.to_container(OmegaConf.create((path / "config.yaml").read_text()))
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(f"resume: checkpoint {path} is incompatible with this configuration: " + "; ".join(diffs))
+    return step
+
 
 
 def _lookup(tree: dict, dotted: str) -> Any:
@@ -259,79 +285,6 @@ def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``__
 
 def _actor_set_rng(worker, state: torch.Tensor) -> None:
     torch.set_rng_state(state)
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Every file of a ``step_N`` directory: ``learner``, ``rng``, ``replay``, ``actors`` (.pt,
-    ``weights_only=True``; absent files are None) and ``config`` (YAML text)."""
-    path = Path(path)
-    out: dict[str, Any] = {k: _load(path / f"{k}.pt") if (path / f"{k}.pt").is_file() else None
-                           for k in ("learner", "rng", "replay", "actors")}
-    out["config"] = (path / "config.yaml").read_text()
-    return out
-
-
-def write_checkpoint(root: str | Path, step: int, files: dict[str, Any], config_yaml: str, meta: dict,
-                     keep_last: Optional[int] = None) -> Path:
-    """Writes ``root/step_<step>/`` atomically (temporary directory + rename) and prunes.
-
-    Args:
-        root: the checkpoint directory.
-        step: learner step of the checkpoint.
-        files: ``name -> object`` saved as ``name.pt`` (tensors and plain containers only).
-        config_yaml: the resolved configuration.
-        meta: JSON-serialisable summary (``meta.json``).
-        keep_last: newest checkpoints to keep (None keeps all).
-
-    Returns:
-        the checkpoint directory.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"{STEP_PREFIX}{step}", root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, obj in files.items():
-        torch.save(_to_cpu(obj), tmp / f"{name}.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():  # e.g. a run resumed at step N and stopped again at N
-        old = root / f"{TMP_PREFIX}old_{STEP_PREFIX}{step}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    prune_checkpoints(root, keep_last)
-    return final
-
-
-def prune_checkpoints(root: str | Path, keep_last: Optional[int]) -> None:
-    """Deletes all but the newest ``keep_last`` checkpoints (None: keeps all) and stale temporaries."""
-    found = list_checkpoints(root)
-    if keep_last is not None:
-        for _, p in found[: max(len(found) - keep_last, 0)]:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in Path(root).glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- stateful components
@@ -497,14 +450,14 @@ class Checkpointer:
         return self.resumed_from
 
     def _read_for_resume(self) -> Optional[dict]:
-        """Rank 0: loads and checks the newest checkpoint, restores its own entries."""
-        path = latest_checkpoint(self.root)
-        if path is None:
+        """Rank 0: loads and checks the newest intact checkpoint, restores its own entries."""
+        found = load_latest_checkpoint(self.root)  # torn newer ones are skipped with a warning
+        if found is None:
             if self.cfg.resume is True:
                 raise ConfigError(f"resume: true, but there is no checkpoint in {self.root}")
             logger.info("resume=auto: no checkpoint in %s, starting fresh", self.root)
             return None
-        ckpt = load_checkpoint(path)
+        _, path, ckpt = found
         check_compatible(ckpt, self.cfg, getattr(self.states.get("learner"), "gflownet", None), path)
         for name, obj in self.states.items():
             if name not in self.replicated and ckpt.get(name) is not None:

@@ -18,12 +18,13 @@ top-level ``resume`` (false | true | auto, see ``gfn_dist.checkpoint``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gfn_dist.errors import ConfigError  # re-exported: every layer raises it
@@ -309,6 +310,20 @@ class RunConfig:
     dir: Optional[str] = None  # run directory; null = runs/<preset>-<timestamp>
     seed: int = 0  # base seed: learner = seed, rollout actor i = seed + i
     save_policy: bool = True  # write RUN_DIR/policy.pt (pf / pb state dicts) at the end
+    # Permission bits of a run directory gfn_dist creates (an existing one keeps its own): 0700 = owner
+    # only. Octal in YAML (0750) or a string ('0o750', '750').
+    dir_mode: Union[int, str] = 0o700
+    skip_memory_check: bool = False  # experts: start even if replay + batch look larger than this machine's memory
+
+    def __post_init__(self) -> None:
+        mode = self.dir_mode
+        try:
+            mode = int(mode.removeprefix("0o"), 8) if isinstance(mode, str) else int(mode)
+        except ValueError:
+            raise ConfigError(f"run.dir_mode: expected octal permission bits such as 0700, got {self.dir_mode!r}") from None
+        if not 0 <= mode <= 0o777 or not mode & 0o700 == 0o700:
+            raise ConfigError(f"run.dir_mode: must be within 0o777 and give the owner rwx (0o7xx), got {mode:#o}")
+        self.dir_mode = mode
 
 
 @dataclass
@@ -436,7 +451,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
     Raises:
         ConfigError: naming the key, for an unknown key, a wrong type, an out-of-range
-            value, a malformed override or an unreadable preset.
+            value, NaN or an infinity, a malformed override or an unreadable preset
+            (or one whose top level is not a mapping).
     """
     schema = OmegaConf.structured(TrainConfig)
     layers = [schema]
@@ -445,18 +461,52 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            layers.append(OmegaConf.load(p))
+            preset = OmegaConf.load(p)
         except Exception as err:  # a YAML syntax error
             raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(preset, DictConfig):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (env:, learner:, ...), "
+                              f"got a {type(preset).__name__.removesuffix('Config').lower()}")
+        layers.append(preset)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r}: expected key.sub=value")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_format_omegaconf_error(err)) from err
+    check_finite(cfg)
+    return cfg
+
+
+#: Float keys for which an infinity is a meaningful setting (-inf: no clipping).
+INFINITY_ALLOWED = {"loss.log_reward_clip_min": -math.inf}
+
+
+def check_finite(cfg: TrainConfig) -> None:
+    """Refuses NaN and +-inf in every float of the configuration (walks the dataclasses, dicts and lists).
+
+    ``INFINITY_ALLOWED`` lists the keys that may be set to an infinity.
+
+    Raises:
+        ConfigError: naming the first key holding NaN or an infinity.
+    """
+    def walk(value, key: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, float) and not math.isfinite(value) and INFINITY_ALLOWED.get(key) != value:
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+
+    walk(cfg, "")
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> None:

@@ -29,7 +29,11 @@ Which weights. A file is used as is. A checkpoint directory
 (written at the end of training) and the checkpoints (``checkpoint.dir``,
 default ``RUN_DIR/checkpoints``; the largest N; at equal steps the
 checkpoint, which also holds logZ: ``policy.pt`` has the policies only, so
-``logZ`` / ``logZ_err`` are reported only from a learner state).
+``logZ`` / ``logZ_err`` are reported only from a learner state). Checkpoints
+are verified against their manifest: a torn newest one is skipped with a
+warning (``gfn_dist.checkpoint_files``), and so is a corrupt ``policy.pt``
+when a checkpoint is left; an unreadable file given directly is one error
+line naming it.
 A weight file holds ``{"policies": ModuleDict state}`` (policy.pt) or a learner
 state ``{"gflownet": loss-module state (policies + logZ), "step": N, ...}``,
 possibly nested one or two levels down (e.g. ``{"learner": {...}}``).
@@ -58,6 +62,7 @@ from gfn_dist.builders import (
     logz_of,
     target_distribution,
 )
+from gfn_dist.checkpoint_files import MANIFEST, load_torch_file, newest_intact, verify_checkpoint
 from gfn_dist.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -124,7 +129,8 @@ def checkpoint_dirs(run_dir: str | Path, cfg: Optional[TrainConfig] = None) -> l
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)``; raises ``CorruptCheckpointError`` (a ValueError) naming a corrupt file."""
+    return load_torch_file(path)
 
 
 def _extract_state(obj, depth: int = 0) -> Optional[dict]:
@@ -148,7 +154,10 @@ def _state_step(state: dict, fallback: Optional[int]) -> Optional[int]:
 
 
 def _load_weight_dir(d: Path, step: Optional[int]) -> tuple[dict, Path]:
-    """The model state of a checkpoint directory (searched over its ``*.pt`` files)."""
+    """The model state of a checkpoint directory (searched over its ``*.pt`` files), verified
+    against its manifest when it has one."""
+    if (d / MANIFEST).is_file():
+        verify_checkpoint(d)
     files = sorted(d.rglob("*.pt"), key=lambda f: (f.name != "learner.pt", len(f.relative_to(d).parts), f.name))
     files = [f for f in files if not any(s in f.name.lower() for s in _SKIP_FILES)]
     for f in files:
@@ -179,10 +188,17 @@ def load_weights(path: str | Path, cfg: Optional[TrainConfig] = None) -> tuple[d
     if m:  # one checkpoint
         state, f = _load_weight_dir(p, int(m.group(1)))
         return state, f, _state_step(state, int(m.group(1)))
-    ckpts = checkpoint_dirs(p, cfg)
+    found = newest_intact(checkpoint_dirs(p, cfg))  # a torn newest checkpoint is skipped with a warning
+    ckpts = [found] if found else []
     policy = None
     if (p / "policy.pt").is_file():
-        state = _extract_state(_load(p / "policy.pt"))
+        try:
+            state = _extract_state(_load(p / "policy.pt"))
+        except ValueError as err:
+            if not ckpts:
+                raise
+            logger.warning("%s; using the newest checkpoint instead", err)
+            state = None
         if state is not None:
             policy = (state, p / "policy.pt", _state_step(state, None))
     # At equal steps the checkpoint wins: it also holds logZ.
@@ -392,7 +408,7 @@ def run_eval(ns) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     try:
         metrics, out = evaluate(ns.path, ns.n_samples, ns.seed, ns.out, not ns.no_exact, ns.device)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
+    except (OSError, ValueError, ConfigError) as err:  # a missing / unreadable / corrupt file: one line naming it
         sys.stderr.write(f"gfn-dist eval: {err}\n")
         return 2
     if ns.json:

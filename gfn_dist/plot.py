@@ -200,7 +200,7 @@ def plot_distributions(run_dir: Path, out_dir: Path) -> Optional[Path]:
         if not is_enumerable(build_env(load_config(run_dir / "config.yaml"))):
             return None
         lp, p_t, target = distributions(run_dir)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # no / unreadable weights: the metric plots still come
         logger.warning("no P_T plot: %s", err)
         return None
     l1 = float((p_t - target).abs().sum())
@@ -287,7 +287,7 @@ def run_plot(ns) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     try:
         paths = plot_run(ns.run_dir, ns.out, distributions_plot=not ns.no_distributions)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a missing / unreadable file: one line naming it
         sys.stderr.write(f"gfn-dist plot: {err}\n")
         return 2
     sys.stdout.write("".join(f"{p}\n" for p in paths))

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
+from gfn_dist.metrics import DiskFullError
+from gfn_dist.preflight import validate_before_start
 
 logger = logging.getLogger("gfn_dist")
 
@@ -39,6 +41,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
+        validate_before_start(cfg)  # NaN / inf, run.dir, memory: one line, exit 2, before Ray (gfn_dist.preflight)
         from gfn_dist.preemption import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
@@ -55,6 +58,9 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     except ConfigError as err:
         sys.stderr.write(f"gfn-dist: config error: {err}\n")
         return 2
+    except DiskFullError as err:  # gfn_dist.metrics: the row was skipped; stop with one line
+        sys.stderr.write(f"gfn-dist: {err}\n")
+        return 1
     finally:
         if trainer is not None:
             trainer.close()

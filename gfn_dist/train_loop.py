@@ -90,17 +90,15 @@ class LearnerProcess:
         cfg: the validated configuration (``run.dir`` resolved).
         ctx: this rank's ``DistContext``.
         topology: the run's actors (created by the owner of the run, or looked up).
-        metrics: rank 0's metric sink (``log(row)``, ``close()``); None on other ranks.
         progress_bar: draw a progress bar on rank 0.
 
     Raises:
         ConfigError: if ``resume`` finds no checkpoint or an incompatible one.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, metrics: Any = None,
-                 progress_bar: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, progress_bar: bool = False) -> None:
         self.cfg, self.ctx, self.topology = cfg, ctx, topology
-        self.metrics = metrics if ctx.is_main else None
+        self.metrics: Any = None  # rank 0's sink, given to run()
         self.progress_bar = progress_bar and ctx.is_main
         torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
         self.env = build_env(cfg, ctx.device)
@@ -130,9 +128,15 @@ class LearnerProcess:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> Optional[dict]:
+    def run(self, metrics: Any = None) -> Optional[dict]:
         """Trains to ``learner.total_steps`` (or a preemption); returns rank 0's result:
-        ``row`` (last metric row), ``step``, ``preempted``, ``policies`` (CPU state dict)."""
+        ``row`` (last metric row), ``step``, ``preempted``, ``policies`` (CPU state dict).
+
+        Args:
+            metrics: rank 0's metric sink (``log(row)``); opened by the caller once the resume
+                was accepted (nothing of the run is written before).
+        """
+        self.metrics = metrics if self.ctx.is_main else None
         learner, total = self.learner, self.learner.total_steps
         if self.supervisor is not None:
             self.supervisor.start()  # calls every rollout actor's run()
@@ -272,5 +276,5 @@ def run_learner(config: dict, namespace: str, ctx: DistContext, sink: Any) -> Op
     cfg = from_dict(config)
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
-    process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace), metrics=sink)
-    return process.run()
+    process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace))
+    return process.run(sink)

@@ -35,14 +35,16 @@ import torch
 from tqdm import tqdm
 
 from gfn_dist.builders import build_rollout_parts
-from gfn_dist.checkpoint import resume_run_dir
+from gfn_dist.checkpoint import check_resumable, resume_run_dir
 from gfn_dist.config import ConfigError, TrainConfig, check_devices, check_world_size, limiter_tolerance, to_dict, to_yaml
 from gfn_dist.distributed import cluster
 from gfn_dist.distributed.learner_group import InProcessLearners, RayTrainLearners
 from gfn_dist.distributed.replay_shard import ReplayShardConfig
 from gfn_dist.distributed.topology import Topology
-from gfn_dist.metrics import MetricLogger
+from gfn_dist.files import atomic_write_text, ray_temp_dir
+from gfn_dist.metrics import MetricLogger, truncate_metrics_after
 from gfn_dist.preemption import preemption_requested, request_preemption
+from gfn_dist.run_lock import RunDirLock
 from gfn_dist.train_loop import LearnerProcess, run_learner
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class Trainer:
         self.group: Any = None
         self.process: Optional[LearnerProcess] = None
         self.metrics: Any = MetricLogger([])
+        self.lock: Optional[RunDirLock] = None
         self.last_row: dict = {}
         try:
             self._setup(preset)
@@ -134,17 +137,27 @@ class Trainer:
             self.ctx = cluster.DistContext(0, 1, 0, "ray", torch.device("cpu"), None)  # the driver: no rank
         else:
             self.ctx = cluster.init_distributed(cfg)
-        run_dir = (cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)) if self.owner else None
-        self.run_dir = Path(cluster.broadcast_object(run_dir, self.ctx)).absolute()
+        # The owner takes the run directory (one owner per directory) and checks a resume before
+        # anything of the run is touched; the other ranks get the directory, or the refusal.
+        answer: Any = None
+        if self.owner:
+            try:
+                run_dir = Path(cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)).absolute()
+                self.lock = RunDirLock(run_dir, cfg.run.dir_mode).acquire()
+                answer = (str(run_dir), check_resumable(cfg, run_dir))
+            except ConfigError as err:
+                answer = err
+        answer = cluster.broadcast_object(answer, self.ctx)
+        if isinstance(answer, ConfigError):
+            raise answer
+        self.run_dir, self.resume_step = Path(answer[0]), answer[1]
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
-        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx)
+        # An embedded Ray's session directory (its sockets) private to this user (Ray makes its own 0777).
+        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None)
         ns = self.ray_ctx.namespace
         world_size = cfg.cluster.num_learners if self.launcher == "ray" else self.ctx.world_size
         if self.owner:
             self.topology = Topology.create(cfg, ns, replay_shard_config(cfg, world_size), build_rollout_parts)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self.metrics = MetricLogger.from_config(cfg, self.run_dir)
         cluster.barrier(self.ctx)
         if self.topology is None:
             self.topology = Topology.lookup(cfg, ns)
@@ -152,12 +165,16 @@ class Trainer:
             c = cfg.cluster
             self.group = RayTrainLearners(c.num_learners, c.num_cpus_per_learner, cluster.learners_use_gpu(cfg),
                                           c.placement_strategy, f"{ns}_learners", str(self.run_dir / "ray_train"), ns)
-            return
-        if self.ctx.device.type == "cpu":
-            torch.set_num_threads(cluster.learner_num_threads(cfg, self.ctx))
-        self.group = InProcessLearners(self.ctx)
-        self.process = LearnerProcess(cfg, self.ctx, self.topology, self.metrics,
-                                      progress_bar=cfg.logging.progress_bar)
+        else:
+            if self.ctx.device.type == "cpu":
+                torch.set_num_threads(cluster.learner_num_threads(cfg, self.ctx))
+            self.group = InProcessLearners(self.ctx)
+            self.process = LearnerProcess(cfg, self.ctx, self.topology, progress_bar=cfg.logging.progress_bar)
+        if self.owner:  # the resume was accepted: now the run's files are written
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            if self.resume_step is not None:  # rows past the checkpoint are logged again
+                truncate_metrics_after(self.run_dir / "metrics.jsonl", self.resume_step)
+            self.metrics = MetricLogger.from_config(cfg, self.run_dir)
 
     # ------------------------------------------------------------------ what tests and the CLI read
 
@@ -222,7 +239,7 @@ class Trainer:
                 bar.close()
             self._summary = LearnerSummary(result["step"], result["preempted"])
         else:
-            result = self.group.run(lambda ctx, sink: self.process.run(), self.metrics)
+            result = self.group.run(lambda ctx, sink: self.process.run(sink), self.metrics)
         if self.owner and result is not None:
             self.last_row = result["row"] or self.last_row
             if self.cfg.run.save_policy:
@@ -248,6 +265,8 @@ class Trainer:
                        *(self.group.handles if isinstance(self.group, RayTrainLearners) else [])]
             cluster.teardown(self.ctx, self.ray_ctx, handles)
             self.topology = None
+            if self.lock is not None:
+                self.lock.release()
 
 
 class _DriverBar:

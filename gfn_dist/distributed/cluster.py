@@ -296,12 +296,14 @@ def learners_use_gpu(cfg: TrainConfig) -> bool:
 
 
 
-def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
+def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optional[str] = None) -> RayContext:
     """Rank 0: connects to ``cluster.address``, or starts an embedded local Ray (or reuses one already up).
 
     Args:
         cfg: the configuration.
         namespace: the run's Ray namespace (default ``gfn_dist_<random>``).
+        temp_dir: Ray's temp directory when it starts an embedded cluster (Ray's default if None;
+            the run layer passes a directory private to the user).
 
     Raises:
         ConnectionError: if ``cluster.address`` does not answer within ``cluster.connect_timeout_s``.
@@ -322,7 +324,8 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None) -> RayContext:
         # One node: every Ray server binds 127.0.0.1 only, and no dashboard (health.loopback_only_ray);
         # torchrun across nodes without cluster.address needs the node's routable address instead.
         with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
-            ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, **common)
+            ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False,
+                     _temp_dir=temp_dir, **common)
         owns = True
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
@@ -352,10 +355,11 @@ def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -
     return RayContext(address, namespace, owns_ray=False, connected=True, auth_mode=auth_mode)
 
 
-def bring_up_ray(cfg: TrainConfig, ctx: DistContext) -> RayContext:
-    """Rank 0 starts / connects; the others receive ``(address, namespace, auth_mode)`` and connect."""
+def bring_up_ray(cfg: TrainConfig, ctx: DistContext, temp_dir: Optional[str] = None) -> RayContext:
+    """Rank 0 starts / connects (``temp_dir``: see ``start_ray``); the others receive
+    ``(address, namespace, auth_mode)`` and connect."""
     if ctx.is_main:
-        ray_ctx = start_ray(cfg)
+        ray_ctx = start_ray(cfg, temp_dir=temp_dir)
         broadcast_object((ray_ctx.address, ray_ctx.namespace, ray_ctx.auth_mode), ctx)
         return ray_ctx
     address, namespace, auth_mode = broadcast_object(None, ctx)
