@@ -79,6 +79,7 @@ import torch
 import torch.distributed as dist
 
 from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
+from gfn_dist.distributed import ray_compat
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def set_rng_state(state: dict) -> None:
                              s["cached_gaussian"]))
 
 
-def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``__ray_call__``)
+def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``ray_compat.call_in_actor``)
     return torch.get_rng_state()
 
 
@@ -485,7 +486,7 @@ class Checkpointer:
         import ray
 
         try:
-            return ray.get([a.__ray_call__.remote(_actor_get_rng) for a in self.actors], timeout=30)
+            return ray.get([ray_compat.call_in_actor(a, _actor_get_rng) for a in self.actors], timeout=30)
         except Exception as err:  # a dead actor must not cost the checkpoint
             logger.warning("checkpoint: rollout actors' RNG not saved: %s", err)
             return None
@@ -546,6 +547,6 @@ class Checkpointer:
         if self.actors and ckpt["actors"] is not None:
             import ray
 
-            ray.get([a.__ray_call__.remote(_actor_set_rng, s)
+            ray.get([ray_compat.call_in_actor(a, _actor_set_rng, s)
                      for a, s in zip(self.actors, ckpt["actors"]["rng"])])
         return {"learner": ckpt["learner"], "rngs": ckpt["rng"]["ranks"], "path": str(path)}

@@ -29,7 +29,6 @@ interfaces) and runs without its dashboard.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -40,7 +39,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tensordict import TensorDict
 
-from gfn_dist.distributed.shard_persistence import ShardPersistence, was_restarted_by_ray
+from gfn_dist.distributed.ray_compat import actor_info, actor_state, loopback_only_ray, was_restarted_by_ray
+from gfn_dist.distributed.shard_persistence import ShardPersistence
 
 __all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "RewardScreen", "ShardPersistence",
            "loopback_only_ray", "was_restarted_by_ray"]  # ShardPersistence and was_restarted_by_ray: re-exported
@@ -48,33 +48,6 @@ __all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "RewardScreen", "S
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- network exposure
-
-
-@contextlib.contextmanager
-def loopback_only_ray():
-    """While active, a Ray started or joined here takes 127.0.0.1 as this node's address.
-
-    On Linux Ray uses the machine's routable address (and servers listen on all
-    interfaces) unless it believes clusters are disabled
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by the raylet and workers;
-    the module constant is read at call time). Then the raylet, GCS and workers
-    bind 127.0.0.1 only. Both are restored on exit, so a later connection to a
-    real cluster from this process is unaffected.
-    """
-    from ray._private import ray_constants
-
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old_env
 
 
 def is_loopback_address(address: Optional[str]) -> bool:
@@ -475,26 +448,6 @@ class ActorSupervisor:
         starved = frozenset(s for s, ks in producers.items() if all(k in down for k in ks))
         if starved != getattr(self.replay, "starved", frozenset()):
             self.replay.starved = starved
-
-
-def actor_info(handle) -> Optional[Dict[str, Any]]:
-    """Ray's record of an actor (``State``: ALIVE / RESTARTING / DEAD ..., ``NumRestarts``), or None.
-
-    Reads the GCS actor table through ``ray._private.state`` (Ray's debugging
-    API; the public ``ray.util.state`` needs the dashboard, which is off).
-    """
-    try:
-        from ray._private import state
-
-        return dict(state.actors(handle._actor_id.hex()))
-    except Exception:  # a Ray without this API: callers treat None as "no news"
-        return None
-
-
-def actor_state(handle) -> Optional[str]:
-    """``actor_info(handle)["State"]``, or None when Ray cannot tell."""
-    info = actor_info(handle)
-    return None if info is None else info.get("State")
 
 
 def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: float = 0.2) -> str:

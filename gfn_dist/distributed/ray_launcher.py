@@ -56,6 +56,7 @@ from typing import Any, Optional
 # Light imports only: the DriverChannel actor's process imports this module (torch and
 # the cluster helpers are imported where they are used).
 from gfn_dist.config import ConfigError, TrainConfig, check_world_size, from_dict, to_dict, to_yaml
+from gfn_dist.distributed import ray_compat
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,8 @@ def _host_port(address: str) -> tuple[str, int]:
         ConfigError: naming ``cluster.address`` if it has no port.
     """
     if address == "auto":
-        # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host).
-        from ray._private.services import canonicalize_bootstrap_address
-
-        try:
-            resolved = canonicalize_bootstrap_address("auto")
+        try:  # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host)
+            resolved = ray_compat.resolve_auto_address()
         except ConnectionError as err:
             raise ClusterUnreachableError(f"cluster.address=auto: no running Ray cluster found ({err})") from err
         if not resolved:
