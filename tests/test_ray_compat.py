@@ -62,7 +62,7 @@ def test_loopback_only_ray_binds_loopback_and_restores(local_ray):
     before_env, before_flag = os.environ.get(key), constants.ENABLE_RAY_CLUSTER
     with ray_compat.loopback_only_ray():
         assert os.environ[key] == "0" and constants.ENABLE_RAY_CLUSTER is False
-    assert os.environ.get(key) == before_env and constants.ENABLE_RAY_CLUSTER == before_flag
+    assert os.environ.get(key) == before_env and constants.ENABLE_RAY_CLUSTER is before_flag
 
 
 def test_resolve_auto_address_reads_ray_address(monkeypatch):

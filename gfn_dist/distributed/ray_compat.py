@@ -24,12 +24,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Any, Callable, Dict, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 
-__all__ = ["RayAPIChangedError", "actor_info", "actor_restart_count", "actor_state", "call_in_actor",
-           "loopback_only_ray", "resolve_auto_address", "was_restarted_by_ray"]
+__all__ = [
+    "RayAPIChangedError",
+    "actor_info",
+    "actor_restart_count",
+    "actor_state",
+    "call_in_actor",
+    "loopback_only_ray",
+    "resolve_auto_address",
+    "was_restarted_by_ray",
+]
 
 # Fields of Ray's actor table entry (``ray._private.state.actors``) that gfn_dist reads.
 ACTOR_INFO_KEYS = ("State", "NumRestarts")
@@ -44,8 +53,10 @@ class RayAPIChangedError(RuntimeError):
     """
 
     def __init__(self, api: str, detail: str):
-        super().__init__(f"Ray {ray.__version__}: {api} {detail}. gfn_dist is tested with the Ray range pinned in "
-                         "pyproject.toml; install a Ray in that range, or adapt gfn_dist/distributed/ray_compat.py")
+        super().__init__(
+            f"Ray {ray.__version__}: {api} {detail}. gfn_dist is tested with the Ray range pinned in "
+            "pyproject.toml; install a Ray in that range, or adapt gfn_dist/distributed/ray_compat.py"
+        )
         self.api = api
 
 
@@ -64,7 +75,7 @@ def _private(module: str, name: str) -> Any:
 # ---------------------------------------------------------------------------- addresses and network
 
 
-def resolve_auto_address() -> Optional[str]:
+def resolve_auto_address() -> str | None:
     """The ``HOST:PORT`` that ``ray.init(address="auto")`` would connect to, or None.
 
     Ray's own lookup: ``RAY_ADDRESS``, then the cluster that ``ray start`` recorded
@@ -96,7 +107,7 @@ def loopback_only_ray() -> Iterator[None]:
     """
     key = _private("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR")
     old_flag = _private("ray._private.ray_constants", "ENABLE_RAY_CLUSTER")
-    constants = importlib.import_module("ray._private.ray_constants")
+    constants: Any = importlib.import_module("ray._private.ray_constants")
     old_env = os.environ.get(key)
     os.environ[key] = "0"
     constants.ENABLE_RAY_CLUSTER = False
@@ -113,7 +124,7 @@ def loopback_only_ray() -> Iterator[None]:
 # ---------------------------------------------------------------------------- actors
 
 
-def _actor_record(actor_id: str) -> Optional[Dict[str, Any]]:
+def _actor_record(actor_id: str) -> dict[str, Any] | None:
     """Ray's actor table entry for the hex ``actor_id``; None when the GCS has no record of it.
 
     Raises:
@@ -129,7 +140,7 @@ def _actor_record(actor_id: str) -> Optional[Dict[str, Any]]:
     return info
 
 
-def actor_info(handle: ray.actor.ActorHandle) -> Optional[Dict[str, Any]]:
+def actor_info(handle: ray.actor.ActorHandle) -> dict[str, Any] | None:
     """Ray's record of an actor: ``State`` (ALIVE, RESTARTING, DEAD, ...), ``NumRestarts``, ...
 
     Reads the GCS actor table through ``ray._private.state`` (Ray's debugging API;
@@ -149,7 +160,7 @@ def actor_info(handle: ray.actor.ActorHandle) -> Optional[Dict[str, Any]]:
     return _actor_record(actor_id)
 
 
-def actor_state(handle: ray.actor.ActorHandle) -> Optional[str]:
+def actor_state(handle: ray.actor.ActorHandle) -> str | None:
     """``actor_info(handle)["State"]``, or None when the GCS has no record of the actor (yet).
 
     Raises:
