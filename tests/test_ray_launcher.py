@@ -156,6 +156,7 @@ def two_node_cluster(monkeypatch):
         c.shutdown()
 
 
+@pytest.mark.cluster
 def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
     import ray
 
