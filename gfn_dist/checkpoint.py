@@ -96,6 +96,7 @@ from gfn_dist.checkpoint_files import (  # noqa: F401  (re-exported: the file la
     write_checkpoint,
 )
 from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
+from gfn_dist.distributed import ray_compat
 from gfn_dist.preemption import preemption_requested
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def set_rng_state(state: dict) -> None:
                              s["cached_gaussian"]))
 
 
-def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``__ray_call__``)
+def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``ray_compat.call_in_actor``)
     return torch.get_rng_state()
 
 
@@ -304,13 +305,13 @@ class RolloutActorsRNG:
         """``{"rng": [state per actor]}``, or None when an actor cannot answer (a dead actor must not
         cost the checkpoint; its RNG is then not restored)."""
         try:
-            return {"rng": ray.get([a.__ray_call__.remote(_actor_get_rng) for a in self.actors], timeout=30)}
+            return {"rng": ray.get([ray_compat.call_in_actor(a, _actor_get_rng) for a in self.actors], timeout=30)}
         except Exception as err:
             logger.warning("checkpoint: rollout actors' RNG not saved: %s", err)
             return None
 
     def load_state_dict(self, state: dict) -> None:
-        ray.get([a.__ray_call__.remote(_actor_set_rng, s) for a, s in zip(self.actors, state["rng"])])
+        ray.get([ray_compat.call_in_actor(a, _actor_set_rng, s) for a, s in zip(self.actors, state["rng"])])
 
 
 # ---------------------------------------------------------------------------- the checkpointer

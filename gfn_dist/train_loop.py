@@ -174,9 +174,6 @@ class LearnerProcess:
         finally:
             bar.close()
             learner.close()
-            if self.supervisor is not None:
-                self.supervisor.close()  # before the actors are stopped: an ending run() is no failure
-                self.run_refs = self.supervisor.run_refs
         if self.publisher is not None:
             self.publisher.flush()
         if not self.ctx.is_main:
@@ -212,6 +209,13 @@ class LearnerProcess:
             m = self.supervisor.metrics()
             parts.append(f"actors down {m['actors/down']}/{len(self.topology.actors)}")
         return ", ".join(parts)
+
+    def close(self) -> None:
+        """Stops the supervisor (before the actors are stopped: an ending ``run()`` is no failure) and
+        keeps the actors' pending ``run`` calls (``run_refs``) for the caller to wait on."""
+        if self.supervisor is not None:
+            self.supervisor.close()
+            self.run_refs = self.supervisor.run_refs
 
     # ------------------------------------------------------------------ phases
 
@@ -277,4 +281,7 @@ def run_learner(config: dict, namespace: str, ctx: DistContext, sink: Any) -> Op
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
     process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace))
-    return process.run(sink)
+    try:
+        return process.run(sink)
+    finally:
+        process.close()

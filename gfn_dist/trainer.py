@@ -255,6 +255,8 @@ class Trainer:
     def close(self) -> None:
         """Stops the actors, closes the sinks, kills what this process created, shuts Ray down, destroys the group."""
         try:
+            if self.process is not None:
+                self.process.close()
             if self.topology is not None and self.topology.owner:
                 self.topology.stop_actors(self.process.run_refs if self.process is not None else [])
             self.metrics.close()

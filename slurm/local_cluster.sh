@@ -13,7 +13,9 @@
 #
 # What it does (needs root; Debian/Ubuntu):
 #   * installs `slurm-wlm` and `munge` with apt-get when `slurmctld`, `slurmd`,
-#     `sbatch` or `munged` is missing (Debian 12 ships Slurm 22.05);
+#     `sbatch` or `munged` is missing (Debian 12 ships Slurm 22.05), saying so on
+#     stderr; each apt-get call is bounded (GFN_SLURM_APT_TIMEOUT_S, default 300 s);
+#     GFN_SLURM_NO_INSTALL=1 fails instead of installing;
 #   * writes DIR/slurm.conf: one controller on 127.0.0.1 and N emulated compute
 #     nodes n1..nN, all on this host (one `slurmd -N nI` each, on its own port),
 #     each with this host's topology as `slurmd -C` reports it; no accounting,
@@ -37,6 +39,7 @@ KEEP=0
 MIN_JOB_AGE=${GFN_SLURM_MIN_JOB_AGE:-5}  # s; <= 5 keeps `sbatch --wait` polling every 2 s (else up to 32 s)
 CRED_EXPIRE=${GFN_SLURM_CRED_EXPIRE:-5}  # s; also how long a requeued job waits before it restarts
 START_TIMEOUT_S=${GFN_SLURM_START_TIMEOUT_S:-60}
+APT_TIMEOUT_S=${GFN_SLURM_APT_TIMEOUT_S:-300}  # s, per apt-get call (update, install)
 
 die() { local code=$1; shift; echo "local_cluster.sh: $*" >&2; exit "$code"; }
 log() { echo "local_cluster.sh: $*" >&2; }
@@ -59,19 +62,28 @@ done
 CONF=$DIR/slurm.conf
 
 install_slurm() {
-    local missing=()
+    local missing=() apt_log=${TMPDIR:-/tmp}/gfn_slurm_apt.log
     for b in slurmctld slurmd sbatch munged; do
         command -v "$b" >/dev/null 2>&1 || missing+=("$b")
     done
     [[ ${#missing[@]} -eq 0 ]] && return 0
-    log "installing slurm-wlm and munge with apt-get (missing: ${missing[*]})"
-    [[ $(id -u) -eq 0 ]] || die 3 "Slurm is not installed and installing it needs root (apt-get install slurm-wlm munge)"
-    command -v apt-get >/dev/null 2>&1 || die 3 "Slurm is not installed and apt-get is not available"
-    local t0=$SECONDS
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends slurm-wlm munge; } >"${TMPDIR:-/tmp}/gfn_slurm_apt.log" 2>&1; then
-        tail -n 20 "${TMPDIR:-/tmp}/gfn_slurm_apt.log" >&2
-        die 3 "apt-get could not install slurm-wlm and munge (is Debian's package registry reachable?)"
+    [[ ${GFN_SLURM_NO_INSTALL:-0} != 1 ]] || die 3 "Slurm is not installed (missing: ${missing[*]}) and GFN_SLURM_NO_INSTALL=1"
+    [[ $(id -u) -eq 0 ]] || die 3 "Slurm is not installed (missing: ${missing[*]}) and installing it needs root (apt-get install slurm-wlm munge)"
+    command -v apt-get >/dev/null 2>&1 || die 3 "Slurm is not installed (missing: ${missing[*]}) and apt-get is not available"
+    log "installing packages slurm-wlm munge with apt-get (missing: ${missing[*]}; at most ${APT_TIMEOUT_S} s per apt-get call; log: $apt_log)"
+    local t0=$SECONDS rc=0
+    # Bounded: network timeouts, one retry, a held dpkg lock waited for at most 60 s, and `timeout` over each call.
+    local apt_opts=(-o Acquire::Retries=1 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30
+                    -o DPkg::Lock::Timeout=60)
+    {
+        timeout --kill-after=10 "$APT_TIMEOUT_S" apt-get "${apt_opts[@]}" update -qq &&
+            DEBIAN_FRONTEND=noninteractive timeout --kill-after=10 "$APT_TIMEOUT_S" apt-get "${apt_opts[@]}" \
+                install -y -qq --no-install-recommends slurm-wlm munge
+    } >"$apt_log" 2>&1 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        tail -n 20 "$apt_log" >&2
+        [[ $rc -eq 124 || $rc -eq 137 ]] && die 3 "apt-get did not finish within $APT_TIMEOUT_S s (no network, or a slow mirror?); install slurm-wlm and munge by hand"
+        die 3 "apt-get could not install slurm-wlm and munge (exit $rc; is Debian's package registry reachable?)"
     fi
     for b in slurmctld slurmd sbatch munged; do
         command -v "$b" >/dev/null 2>&1 || die 3 "apt-get finished but '$b' is still missing"

@@ -32,6 +32,7 @@ import torch
 from tensordict import TensorDict
 
 from gfn_dist.config import load_config
+from gfn_dist.distributed import ray_compat
 from gfn_dist.distributed.health import ActorFailure, ActorSupervisor, ShardPersistence, was_restarted_by_ray
 from gfn_dist.distributed.replay_client import ReplayClient
 from gfn_dist.distributed.replay_shard import ReplayShard, ReplayShardConfig, create_replay_shard
@@ -91,7 +92,7 @@ def _fail_next_batch(worker, times: int):
 
 
 def _pid(handle) -> int:
-    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+    return ray.get(ray_compat.call_in_actor(handle, lambda self: os.getpid()))
 
 
 def _sigkill(handle) -> None:
@@ -114,7 +115,7 @@ def test_rollout_actor_killed_mid_run(local_ray, tmp_path):
         ray.kill(trainer.actors[1], no_restart=False)  # Ray restarts it (max_restarts=2)
 
     try:
-        _at_step(trainer, 20, lambda: ray.get(trainer.actors[0].__ray_call__.remote(_fail_next_batch, 1)))
+        _at_step(trainer, 20, lambda: ray.get(ray_compat.call_in_actor(trainer.actors[0], _fail_next_batch, 1)))
         _at_step(trainer, 60, kill_actor_1)
         row = trainer.train()
         # On a loaded machine the restart can outlast the run: wait for it (the supervisor still runs).

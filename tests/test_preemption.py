@@ -109,6 +109,7 @@ def _torchrun() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.cluster
 def test_torchrun_restart_after_rank_crash_resumes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

@@ -157,6 +157,7 @@ def two_node_cluster(monkeypatch):
         c.shutdown()
 
 
+@pytest.mark.cluster
 def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
     import ray
 
@@ -201,12 +202,13 @@ def test_faults_under_ray_launcher(tmp_path):
     import psutil
     import ray
 
+    from gfn_dist.distributed import ray_compat
     from gfn_dist.distributed.shard_persistence import ShardPersistence
     from gfn_dist.preemption import clear_preemption, request_preemption
     from gfn_dist.trainer import Trainer
 
     def sigkill(handle) -> None:
-        proc = psutil.Process(ray.get(handle.__ray_call__.remote(lambda self: os.getpid())))
+        proc = psutil.Process(ray.get(ray_compat.call_in_actor(handle, lambda self: os.getpid())))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 

@@ -1,9 +1,11 @@
 """SLURM launch templates, run on a real SLURM: a local cluster of two emulated
 nodes on this machine (``slurm/local_cluster.sh``), brought up once per module.
 
-The cluster script installs ``slurm-wlm`` and ``munge`` with apt-get when Slurm
-is missing (CI runs as root on a fresh Debian machine); if that is impossible
-the tests fail with the script's message, they are never skipped.
+When Slurm is missing, the fixture says so on the terminal and installs
+``slurm-wlm`` and ``munge`` with apt-get (``local_cluster.sh install``; CI runs as
+root on a fresh Debian machine), bounded in time; if that is impossible the tests
+fail with the script's message, they are never skipped. All but the two script
+checks are marked ``cluster`` (``pytest -m "not cluster"`` leaves them out).
 
 Oracles: the job's final state and exit code come from Slurm itself (the
 ``jobcomp/filetxt`` completion log, one record per finished attempt, and
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,19 +74,57 @@ class Cluster:
         return path.read_text(errors="replace") if path.exists() else "(no job output)"
 
 
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
+APT_TIMEOUT_S = 300  # per apt-get call (local_cluster.sh bounds each with `timeout`)
+INSTALL_TIMEOUT_S = 2 * APT_TIMEOUT_S + 60  # update + install, and a margin; then the fixture gives up
+START_TIMEOUT_S = 300  # munged, slurmctld, every slurmd idle (the script waits <= 60 s for each)
+
+
+def _announce(request, line: str) -> None:
+    """Prints ``line`` on pytest's terminal even under -q and output capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+    else:
+        sys.stderr.write(line + "\n")
+
+
+def _run_bounded(cmd: list[str], timeout_s: float, env: dict | None = None) -> subprocess.CompletedProcess | None:
+    """Runs ``cmd`` in its own process group; None when it ran past ``timeout_s`` (the whole group is killed)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(request):
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    if missing:  # CI: a fresh Debian machine, as root
+        _announce(request, f"test_slurm: Slurm is missing ({', '.join(missing)}): installing the Debian "
+                           f"packages slurm-wlm and munge with apt-get ({CLUSTER_SH.name} install, "
+                           f"at most {INSTALL_TIMEOUT_S} s)")
+        t0 = time.monotonic()
+        r = _run_bounded([str(CLUSTER_SH), "install"], INSTALL_TIMEOUT_S,
+                         env=dict(os.environ, GFN_SLURM_APT_TIMEOUT_S=str(APT_TIMEOUT_S)))
+        if r is None or r.returncode != 0:
+            why = f"gave up after {INSTALL_TIMEOUT_S} s" if r is None else r.stderr.strip()[-2000:]
+            pytest.fail(f"Slurm is not installed and {CLUSTER_SH.name} could not install it: {why}\n"
+                        "Install slurm-wlm and munge (apt-get install slurm-wlm munge), or leave these tests out "
+                        "with -m 'not cluster'.", pytrace=False)
+        _announce(request, f"test_slurm: installed slurm-wlm and munge in {time.monotonic() - t0:.0f} s")
     # Short path in /tmp: the munge socket lives under it (UNIX socket paths are <= 107 bytes).
     state = Path(tempfile.mkdtemp(prefix="gfn-slurm-", dir="/tmp"))
     t0 = time.monotonic()
-    try:
-        r = subprocess.run([str(CLUSTER_SH), "start", "--dir", str(state), "--nodes", "2"],
-                           capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        r = None
+    r = _run_bounded([str(CLUSTER_SH), "start", "--dir", str(state), "--nodes", "2"], START_TIMEOUT_S)
     if r is None or r.returncode != 0:
-        msg = "timed out" if r is None else f"exit {r.returncode}: {r.stderr.strip()[-2000:]}"
-        subprocess.run([str(CLUSTER_SH), "stop", "--dir", str(state)], capture_output=True, timeout=120)
+        msg = f"gave up after {START_TIMEOUT_S} s" if r is None else f"exit {r.returncode}: {r.stderr.strip()[-2000:]}"
+        _run_bounded([str(CLUSTER_SH), "stop", "--dir", str(state)], 120)
         pytest.fail(f"could not bring up the local SLURM cluster with {CLUSTER_SH.name} ({msg})", pytrace=False)
     sys.stderr.write(f"\nlocal SLURM up in {time.monotonic() - t0:.1f} s\n")
     env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), GFN_PYTHON=sys.executable,
@@ -140,6 +181,7 @@ def _assert_completed(cluster: Cluster, jobid: str, rc: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_torchrun_template_single_node(slurm, tmp_path):
     """-N1, 2 ranks on one node, embedded Ray: the real trainer finishes a tiny budget."""
     run_dir = tmp_path / "run"
@@ -153,6 +195,7 @@ def test_torchrun_template_single_node(slurm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_torchrun_template_two_nodes(slurm, tmp_path):
     """-N2 (two emulated nodes), 1 rank per node, c10d rendezvous across the nodes, a
     Ray head + worker started by the template: the real trainer finishes a tiny budget."""
@@ -171,6 +214,7 @@ def test_torchrun_template_two_nodes(slurm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_time_limit_signal_checkpoint_requeue_resume(slurm, tmp_path):
     """USR1 to the batch script (what `--signal=B:USR1@120` sends before the time limit):
     every rank gets SIGTERM (checkpoints), the job requeues itself, and the restart gets
@@ -216,3 +260,25 @@ def test_cluster_script_rejects_bad_arguments():
                        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
     assert r.returncode == 2 and "usage" in r.stderr
 
+
+
+def test_cluster_script_install_says_what_and_fails_in_bounded_time(tmp_path):
+    """No Slurm on PATH: the script names the packages it installs, and an apt-get that hangs
+    (a stand-in that sleeps) is cut off at GFN_SLURM_APT_TIMEOUT_S with a clear message."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("timeout", "tail", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, body in (("id", "echo 0"), ("apt-get", "exec sleep 60")):
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=str(bin_dir), TMPDIR=str(tmp_path), GFN_SLURM_APT_TIMEOUT_S="1")
+    bash = shutil.which("bash")
+    t0 = time.monotonic()
+    r = subprocess.run([bash, str(CLUSTER_SH), "install"], env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert "installing packages slurm-wlm munge with apt-get (missing: slurmctld slurmd sbatch munged" in r.stderr
+    assert r.returncode == 3 and "apt-get did not finish within 1 s" in r.stderr, r.stderr
+    r = subprocess.run([bash, str(CLUSTER_SH), "install"], env=dict(env, GFN_SLURM_NO_INSTALL="1"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 3 and "Slurm is not installed (missing: slurmctld" in r.stderr, r.stderr

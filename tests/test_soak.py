@@ -30,6 +30,7 @@ import torch
 
 from gfn_dist.preemption import clear_preemption, request_preemption
 from gfn_dist.config import load_config
+from gfn_dist.distributed import ray_compat
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
@@ -44,7 +45,7 @@ LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
 
 def _pid(handle) -> int:
-    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+    return ray.get(ray_compat.call_in_actor(handle, lambda self: os.getpid()))
 
 
 def _listening_addresses(pids) -> list:

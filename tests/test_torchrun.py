@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gfn_dist.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +18,7 @@ def _torchrun() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.cluster
 def test_torchrun_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

@@ -35,6 +35,8 @@ import ray
 import torch
 import torch.distributed as dist
 
+from gfn_dist.distributed import ray_compat
+from gfn_dist.distributed.ray_compat import loopback_only_ray
 from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.errors import ConfigError
 
@@ -48,33 +50,6 @@ RAY_AUTH_MODE = "RAY_AUTH_MODE"
 
 
 # ---------------------------------------------------------------------------- network exposure
-
-
-@contextlib.contextmanager
-def loopback_only_ray():
-    """While active, a Ray started or joined here takes 127.0.0.1 as this node's address.
-
-    On Linux Ray uses the machine's routable address (and servers listen on all
-    interfaces) unless it believes clusters are disabled
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, inherited by the raylet and workers;
-    the module constant is read at call time). Then the raylet, GCS and workers
-    bind 127.0.0.1 only. Both are restored on exit, so a later connection to a
-    real cluster from this process is unaffected.
-    """
-    from ray._private import ray_constants
-
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old_env
 
 
 def is_loopback_address(address: Optional[str]) -> bool:
@@ -242,11 +217,8 @@ def _host_port(address: str) -> tuple[str, int]:
         ConfigError: naming ``cluster.address`` if it has no port.
     """
     if address == "auto":
-        # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host).
-        from ray._private.services import canonicalize_bootstrap_address
-
-        try:
-            resolved = canonicalize_bootstrap_address("auto")
+        try:  # Ray's own lookup (RAY_ADDRESS, then the address file of `ray start` on this host)
+            resolved = ray_compat.resolve_auto_address()
         except ConnectionError as err:
             raise ClusterUnreachableError(f"cluster.address=auto: no running Ray cluster found ({err})") from err
         if not resolved:

@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from gfn_dist.distributed.shard_persistence import ShardPersistence, was_restarted_by_ray
+from gfn_dist.distributed.ray_compat import actor_info, actor_state, was_restarted_by_ray
+from gfn_dist.distributed.shard_persistence import ShardPersistence
 from gfn_dist.distributed.waiting import Deadline, WaitStopped
 
 __all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "ShardPersistence",
@@ -396,26 +397,6 @@ class ActorSupervisor:
         starved = frozenset(s for s, ks in producers.items() if all(k in down for k in ks))
         if starved != getattr(self.replay, "starved", frozenset()):
             self.replay.starved = starved
-
-
-def actor_info(handle) -> Optional[Dict[str, Any]]:
-    """Ray's record of an actor (``State``: ALIVE / RESTARTING / DEAD ..., ``NumRestarts``), or None.
-
-    Reads the GCS actor table through ``ray._private.state`` (Ray's debugging
-    API; the public ``ray.util.state`` needs the dashboard, which is off).
-    """
-    try:
-        from ray._private import state
-
-        return dict(state.actors(handle._actor_id.hex()))
-    except Exception:  # a Ray without this API: callers treat None as "no news"
-        return None
-
-
-def actor_state(handle) -> Optional[str]:
-    """``actor_info(handle)["State"]``, or None when Ray cannot tell."""
-    info = actor_info(handle)
-    return None if info is None else info.get("State")
 
 
 def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: float = 0.2) -> str:

@@ -18,26 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import ray
 import torch
 
+from gfn_dist.distributed.ray_compat import was_restarted_by_ray
+
 logger = logging.getLogger(__name__)
-
-
-def was_restarted_by_ray() -> bool:
-    """Whether the current process is a Ray actor that Ray restarted (False outside Ray actors)."""
-    try:
-        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-            return False
-        with warnings.catch_warnings():  # the property reads a deprecated field internally
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # Ray not importable, or an API change: no restart to recover from
-        return False
 
 
 class ShardPersistence:
