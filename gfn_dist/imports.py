@@ -143,6 +143,8 @@ def runtime_env_of(cfg) -> Optional[dict]:
     """
     c = cfg.cluster
     env = dict(c.runtime_env or {})
+    if isinstance(env.get("env_vars"), dict):  # Ray takes strings only; YAML reads 1 / true as numbers / bools
+        env["env_vars"] = {str(k): str(v) for k, v in env["env_vars"].items()}
     if c.working_dir:
         if "working_dir" in env:
             raise ConfigError("cluster.runtime_env: working_dir is set twice (cluster.working_dir and "
