@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from gfn.gym import HyperGrid as TorchgfnHyperGrid  # torchgfn==2.4.1, the optional extra
+from gfn.gym import SetAddition
 
 from gfn_dist.builders import build_env, build_pb, build_pf, exact_terminating_distribution, validate_task
 from gfn_dist.compat.torchgfn import TorchgfnEnv
@@ -9,7 +11,6 @@ from gfn_dist.config import ConfigError, load_config
 from gfn_dist.gflownet import TBGFlowNet
 from gfn_dist.gym import HyperGrid
 from gfn_dist.samplers import Sampler
-from gfn.gym import HyperGrid as TorchgfnHyperGrid, SetAddition  # torchgfn==2.4.1, the optional extra
 
 HG = ["env.name=gfn_dist.compat.torchgfn:TorchgfnEnv", "env.kwargs.env=gfn.gym:HyperGrid",
       "env.kwargs.kwargs={ndim: 2, height: 5, store_all_states: true, validate_modes: false}",

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from user_task.multiset import Multiset
 
 from gfn_dist.builders import exact_terminating_distribution
 from gfn_dist.estimators import DiscretePolicyEstimator
@@ -11,7 +12,6 @@ from gfn_dist.gym import BitSequence
 from gfn_dist.modules import MLP
 from gfn_dist.sampled_eval import ModesTracker, sample_for_eval, sampled_metrics
 from gfn_dist.samplers import Sampler
-from user_task.multiset import Multiset
 
 
 def policies(env, hidden=32):

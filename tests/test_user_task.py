@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from user_task.multiset import Multiset
 
 from gfn_dist.builders import build_env, build_pb, build_pf, exact_terminating_distribution, validate_task
 from gfn_dist.config import ConfigError, load_config
 from gfn_dist.gflownet import TBGFlowNet
 from gfn_dist.samplers import Sampler
-from user_task.multiset import Multiset
 
 ENV = "user_task.multiset:Multiset"
 POLICY = "user_task.nets:make_policy"
