@@ -133,3 +133,12 @@ def test_sampled_metrics_feeds_the_tracker():
     brute = {tuple(x) for x in states.tolist()} & {tuple(x) for x in env.terminating_states.tensor[
         (env.log_reward(env.terminating_states) == 0)].tolist()}
     assert m["eval/modes_found"] == len(brute) == tracker.num_found
+
+
+def test_modes_tracker_uses_mode_mask_of_hypergrid():
+    from gfn_dist.gym import HyperGrid
+
+    env = HyperGrid(2, 8)
+    tracker = ModesTracker(env)
+    assert tracker.update(env.all_states.tensor[:8]) == 0  # the row x_0 = 0 holds no mode
+    assert tracker.update(env.all_states) == env.n_modes == 4

@@ -155,3 +155,18 @@ def test_tb_training_on_the_user_task_reduces_exact_l1():
     l1_end = l1()
     assert l1_end < 0.5 * l1_start, (l1_start, l1_end)
     assert abs(float(gfn.logZ.detach()) - env.log_partition()) < 0.3
+
+
+def test_recurrent_factory_by_import_path():
+    torch.manual_seed(0)
+    cfg = task_cfg("model.policy=user_task.nets:make_recurrent", "model.kwargs={hidden_dim: 16}",
+                   "model.pb_kwargs={hidden_dim: 16, backward: true}", "model.pb=user_task.nets:make_policy")
+    validate_task(cfg)
+    env = build_env(cfg)
+    pf, pb = build_pf(cfg, env), build_pb(cfg, env)
+    assert not pf.is_vectorized
+    loss = TBGFlowNet(pf, pb).loss(env, Sampler(pf).sample_trajectories(env, n=8))
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match=r"^model.policy: .*make_recurrent maps a dummy batch \(2, 15\) to \(2, 5\), expected \(2, 4\)"):
+        validate_task(task_cfg("model.policy=user_task.nets:make_recurrent", "model.kwargs={width: 1}",
+                               "model.pb_kwargs={backward: true}"))

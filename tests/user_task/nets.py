@@ -27,3 +27,10 @@ def make_policy(env, hidden_dim: int = 64, n_blocks: int = 1, backward: bool = F
     """P_F (``n_actions`` logits) or, with ``backward=True``, P_B (``n_actions - 1``)."""
     out = env.n_actions - 1 if backward else env.n_actions
     return ResidualPolicy(env.preprocessor.output_dim, out, hidden_dim, n_blocks)
+
+
+def make_recurrent(env, hidden_dim: int = 32, width: int = 0) -> nn.Module:
+    """A GRU P_F over the env's features (``width`` extra logits: a deliberately wrong module when > 0)."""
+    from gfn_dist.recurrent import RecurrentDiscreteSequenceModel
+
+    return RecurrentDiscreteSequenceModel(env.preprocessor.output_dim, env.n_actions + width, hidden_dim, rnn_type="gru")
