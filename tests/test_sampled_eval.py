@@ -142,3 +142,22 @@ def test_modes_tracker_uses_mode_mask_of_hypergrid():
     tracker = ModesTracker(env)
     assert tracker.update(env.all_states.tensor[:8]) == 0  # the row x_0 = 0 holds no mode
     assert tracker.update(env.all_states) == env.n_modes == 4
+
+
+def test_gfn_dist_eval_reports_the_sampled_metrics(tmp_path):
+    """``evaluate`` (``gfn-dist eval``) on a run of the user's task reports exactly ``sampled_metrics``."""
+    from gfn_dist.builders import build_env, build_policies
+    from gfn_dist.config import load_config, to_yaml
+    from gfn_dist.evaluate import evaluate, load_policy
+
+    cfg = load_config(None, ["env.name=user_task.multiset:Multiset", "env.kwargs.size=3", "model.hidden_dim=16",
+                             "eval.top_k=4", f"run.dir={tmp_path}"])
+    torch.manual_seed(0)
+    policies = build_policies(cfg, build_env(cfg))
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    torch.save({"policies": policies.state_dict(), "step": 7}, tmp_path / "policy.pt")
+    metrics, _ = evaluate(tmp_path, n_samples=300, seed=3, out_dir=tmp_path / "eval")
+    lp = load_policy(tmp_path)
+    expected = sampled_metrics(lp.env, lp.pf, lp.policies["pb"], 300, 4, None, ModesTracker(lp.env), seed=3)
+    assert {k: metrics[k] for k in expected} == expected
+    assert "eval/reward_top4_mean" in metrics and "eval/modes_found" in metrics and "l1_exact" in metrics
