@@ -31,6 +31,7 @@ the same.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -93,7 +94,7 @@ class TorchgfnEnv(DiscreteEnv):
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise ValueError(f"TorchgfnEnv: {env} is not a subclass of torchgfn's gfn.env.DiscreteEnv")
             kwargs = dict(kwargs or {})
-            if "device" not in kwargs and "device" in getattr(cls.__init__, "__code__", ()).co_varnames:
+            if "device" not in kwargs and "device" in inspect.signature(cls).parameters:
                 kwargs["device"] = str(device)
             env = cls(**kwargs)
         elif kwargs:
