@@ -161,3 +161,19 @@ def test_gfn_dist_eval_reports_the_sampled_metrics(tmp_path):
     expected = sampled_metrics(lp.env, lp.pf, lp.policies["pb"], 300, 4, None, ModesTracker(lp.env), seed=3)
     assert {k: metrics[k] for k in expected} == expected
     assert "eval/reward_top4_mean" in metrics and "eval/modes_found" in metrics and "l1_exact" in metrics
+
+
+def test_standard_bitsequence_is_not_enumerable_and_has_sampled_metrics():
+    """The 120-bit, 8-bit-word task (60 modes, arXiv:2201.13259 Sec. 5.3): no enumeration, sampled metrics only."""
+    from gfn_dist.builders import is_enumerable
+
+    env = BitSequence(word_size=8, seq_size=120, n_modes=60, mode_radius=44)  # wide: an untrained P_F finds some
+    assert not is_enumerable(env)
+    pf, _ = policies(env, hidden=16)
+    tracker = ModesTracker(env)
+    m = sampled_metrics(env, pf, None, 200, top_k=10, modes=tracker, seed=0)
+    assert m["eval/num_unique"] == 200 and math.isfinite(m["eval/logZ_elbo"])
+    torch.manual_seed(0)
+    states = sample_for_eval(env, pf, None, 200)[0]
+    ham = (env.words_to_bits(states).unsqueeze(1) != env.modes).sum(-1)  # brute force (200, 60)
+    assert m["eval/modes_found"] == int((ham <= 44).any(0).sum()) > 0

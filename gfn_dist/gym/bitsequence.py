@@ -117,7 +117,19 @@ class _BitSequenceBase(DiscreteEnv):
         """Bool ``(N,)``: full sequence ``x[i]`` lies within ``mode_radius`` bits of some mode."""
         return self.mode_hits(x).any(-1)
 
+    #: Enumeration (exact metrics) is refused above this many states: the standard 120-bit
+    #: task has 2**120 sequences; ``NotImplementedError`` makes it a non-enumerable env.
+    max_enumerable_states: int = 1 << 24
+
+    def _check_enumerable(self) -> None:
+        if self.n_states > self.max_enumerable_states:
+            raise NotImplementedError(
+                f"{type(self).__name__} with {self.n_states} states is too large to enumerate "
+                f"(max_enumerable_states={self.max_enumerable_states})"
+            )
+
     def _full_sequences(self) -> torch.Tensor:
+        self._check_enumerable()
         n = self.n_words**self.length
         idx = torch.arange(n, device=self.device)
         powers = self.n_words ** torch.arange(self.length - 1, -1, -1, device=self.device)
@@ -201,6 +213,7 @@ class BitSequence(_BitSequenceBase):
     def all_states(self) -> DiscreteStates:
         """Prefixes ordered by length, then lexicographically."""
         if self._all_states is None:
+            self._check_enumerable()
             rows = []
             for k in range(self.length + 1):
                 n = self.n_words**k
@@ -275,6 +288,7 @@ class NonAutoregressiveBitSequence(_BitSequenceBase):
     def all_states(self) -> DiscreteStates:
         """Every partial assignment, index = Σ (x_i + 1) (n_words + 1)^(L-1-i)."""
         if self._all_states is None:
+            self._check_enumerable()
             b = self.n_words + 1
             idx = torch.arange(self.n_states, device=self.device)
             powers = b ** torch.arange(self.length - 1, -1, -1, device=self.device)
