@@ -110,13 +110,9 @@ class BitSeqConfig:
 
 @dataclass
 class EnvConfig:
-    """Which environment, and its parameters.
-
-    A built-in name takes its parameters from the sub-section of that name; an
-    import path ``"package.module:ClassName"`` names a ``gfn_dist.env.DiscreteEnv``
-    subclass, constructed as ``ClassName(**env.kwargs, device=...)`` (``device``
-    only when the constructor takes it). See docs/your_own_task.md.
-    """
+    """Which environment: a built-in name (parameters in its sub-section) or an import path
+    ``"package.module:ClassName"`` of a ``DiscreteEnv`` subclass, built as ``ClassName(**env.kwargs,
+    device=...)`` (``gfn_dist.builders.build_env``; docs/your_own_task.md)."""
 
     name: str = "hypergrid"  # hypergrid | bitseq | nar_bitseq | package.module:ClassName (a DiscreteEnv subclass)
     hypergrid: HyperGridConfig = field(default_factory=HyperGridConfig)  # used when name = hypergrid
@@ -140,16 +136,9 @@ class EnvConfig:
 
 @dataclass
 class ModelConfig:
-    """Policy networks (P_F, and P_B when learned).
-
-    ``policy`` / ``pb`` take a built-in name or an import path
-    ``"package.module:factory"``: P_F is ``factory(env, **model.kwargs)``, P_B is
-    ``factory(env, **model.pb_kwargs)`` (``model.kwargs`` when null); the factory
-    returns an ``nn.Module`` from ``(N, env.preprocessor.output_dim)`` float features
-    to logits ``(N, n_actions)`` (P_B: ``n_actions - 1``), or a recurrent module
-    (``init_carry``; P_F only). gfn_dist wraps it in the estimator and checks the
-    width on a dummy batch at start. See docs/your_own_task.md.
-    """
+    """Policy networks (P_F, and P_B when learned): built-in names or import paths
+    ``"package.module:factory"`` called as ``factory(env, **model.kwargs)`` (P_B: ``**model.pb_kwargs``),
+    returning an ``nn.Module`` (``gfn_dist.builders.build_pf`` / ``build_pb``; docs/your_own_task.md)."""
 
     policy: str = "mlp"  # mlp | lstm | gru (recurrent: autoregressive envs) | package.module:factory
     hidden_dim: int = 256  # width of hidden layers / recurrent state (built-in policies)
