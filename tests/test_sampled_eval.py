@@ -177,3 +177,18 @@ def test_standard_bitsequence_is_not_enumerable_and_has_sampled_metrics():
     states = sample_for_eval(env, pf, None, 200)[0]
     ham = (env.words_to_bits(states).unsqueeze(1) != env.modes).sum(-1)  # brute force (200, 60)
     assert m["eval/modes_found"] == int((ham <= 44).any(0).sum()) > 0
+
+
+def test_mode_radius_from_the_config():
+    from gfn_dist.builders import build_env
+    from gfn_dist.config import ConfigError, load_config
+
+    env = build_env(load_config(None, ["env.name=nar_bitseq", "env.bitseq.mode_radius=2"]))
+    assert env.mode_radius == 2
+    x = env.terminating_states.tensor
+    assert torch.equal(env.is_mode(x), env.hamming_to_modes(x).min(-1).values <= 2)
+    try:
+        load_config(None, ["env.bitseq.mode_radius=-1"])
+        raise AssertionError("accepted a negative radius")
+    except ConfigError as err:
+        assert str(err).startswith("env.bitseq.mode_radius: ")
