@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gfn_dist.config import ConfigError, TrainConfig
+from gfn_dist.config import ConfigError, TrainConfig, is_import_path
+from gfn_dist.env import DiscreteEnv
+from gfn_dist.imports import accepts_kwarg, call_user, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -29,56 +31,175 @@ logger = logging.getLogger(__name__)
 
 
 def build_env(cfg: TrainConfig, device: str | torch.device = "cpu"):
-    """The environment named by ``cfg.env.name``, on ``device``."""
+    """The environment named by ``cfg.env.name``, on ``device``.
+
+    A built-in name takes its sub-section (``env.hypergrid`` / ``env.bitseq``); an
+    import path ``"package.module:ClassName"`` is constructed as
+    ``ClassName(**env.kwargs, device=device)`` (``device`` only when the
+    constructor takes it and ``env.kwargs`` does not set it).
+
+    Raises:
+        ConfigError: one line naming ``env.name`` (the module does not import, with
+            its ImportError's text; no such attribute; not a ``DiscreteEnv``
+            subclass) or ``env.kwargs`` (the constructor raised; its message included).
+    """
     from gfn_dist.gym import BitSequence, HyperGrid, NonAutoregressiveBitSequence
 
     e = cfg.env
+    if is_import_path(e.name):
+        return _build_user_env(e.name, dict(e.kwargs), device)
     if e.name == "hypergrid":
         h = e.hypergrid
         return HyperGrid(h.ndim, h.height, h.R0, h.R1, h.R2, device=device)
     b = e.bitseq
     cls = BitSequence if e.name == "bitseq" else NonAutoregressiveBitSequence
-    return cls(b.word_size, b.seq_size, b.n_modes, b.temperature, b.seed, device=device)
+    return cls(b.word_size, b.seq_size, b.n_modes, b.temperature, b.seed, device=device, mode_radius=b.mode_radius)
+
+
+def _build_user_env(path: str, kwargs: dict, device):
+    cls = resolve(path, "env.name")
+    if not (isinstance(cls, type) and issubclass(cls, DiscreteEnv)):
+        what = f"class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else type(cls).__name__
+        raise ConfigError(f"env.name: {path} is not a subclass of gfn_dist.env.DiscreteEnv (got {what})")
+    if "device" not in kwargs and accepts_kwarg(cls, "device"):
+        kwargs["device"] = device
+    env = call_user(cls, "env.kwargs", path, **kwargs)
+    if not isinstance(env, DiscreteEnv):  # a __new__ returning something else
+        raise ConfigError(f"env.name: {path}(...) returned {type(env).__name__}, not a gfn_dist.env.DiscreteEnv")
+    return env
 
 
 # ---------------------------------------------------------------------------- policies
 
 
 def build_pf(cfg: TrainConfig, env) -> nn.Module:
-    """Forward policy estimator: an MLP ``DiscretePolicyEstimator`` or a recurrent one."""
+    """Forward policy estimator: MLP, recurrent (``lstm`` / ``gru``) or the user's factory.
+
+    A factory ``"package.module:factory"`` is called as ``factory(env, **model.kwargs)``
+    (module doc of ``_user_policy``).
+
+    Raises:
+        ConfigError: naming ``model.policy`` (see ``_user_policy``).
+    """
     from gfn_dist.estimators import DiscretePolicyEstimator
     from gfn_dist.modules import MLP
 
     m = cfg.model
+    if is_import_path(m.policy):
+        return _user_policy(m.policy, "model.policy", env, dict(m.kwargs), is_backward=False)
     if m.policy == "mlp":
         d = env.preprocessor.output_dim
         return DiscretePolicyEstimator(MLP(d, env.n_actions, m.hidden_dim, m.n_hidden_layers), env.n_actions,
                                        env.preprocessor)
-    from gfn_dist.recurrent import (
-        RecurrentDiscretePolicyEstimator,
-        RecurrentDiscreteSequenceModel,
-        last_action_tokenizer,
-    )
+    from gfn_dist.recurrent import RecurrentDiscretePolicyEstimator, RecurrentDiscreteSequenceModel
 
-    tokenizer = last_action_tokenizer(env)
+    tokenizer = _recurrent_preprocessor(env)
     model = RecurrentDiscreteSequenceModel(
         tokenizer.output_dim, env.n_actions, m.hidden_dim, rnn_type=m.policy, num_layers=m.n_hidden_layers
     )
     return RecurrentDiscretePolicyEstimator(model, env.n_actions, preprocessor=tokenizer)
 
 
+def _recurrent_preprocessor(env):
+    """The last-action tokenizer of a built-in sequence env; else the env's own features."""
+    from gfn_dist.recurrent import last_action_tokenizer
+
+    try:
+        return last_action_tokenizer(env)
+    except ValueError:
+        return env.preprocessor
+
+
 def build_pb(cfg: TrainConfig, env) -> Optional[nn.Module]:
-    """Backward policy estimator (learned MLP or uniform), or None for ``model.pb=none``."""
+    """Backward policy estimator (learned MLP, uniform or the user's factory), or None for ``model.pb=none``.
+
+    A factory is called as ``factory(env, **model.pb_kwargs)`` (``model.kwargs`` when
+    ``pb_kwargs`` is null) and must output ``n_actions - 1`` logits.
+
+    Raises:
+        ConfigError: naming ``model.pb`` (see ``_user_policy``).
+    """
     from gfn_dist.estimators import DiscretePolicyEstimator
     from gfn_dist.modules import MLP, DiscreteUniform
 
     m = cfg.model
+    if is_import_path(m.pb):
+        kwargs = dict(m.pb_kwargs if m.pb_kwargs is not None else m.kwargs)
+        return _user_policy(m.pb, "model.pb", env, kwargs, is_backward=True)
     if m.pb == "none":
         return None
     d = env.preprocessor.output_dim
     module = MLP(d, env.n_actions - 1, m.hidden_dim, m.n_hidden_layers) if m.pb == "learned" else \
         DiscreteUniform(env.n_actions - 1, d)
     return DiscretePolicyEstimator(module, env.n_actions, env.preprocessor, is_backward=True)
+
+
+def _user_policy(path: str, key: str, env, kwargs: dict, is_backward: bool) -> nn.Module:
+    """The estimator around ``factory(env, **kwargs)``, its output width checked on a dummy batch.
+
+    The module maps float features ``(N, input_dim)`` (``env.preprocessor``, or the
+    module's own ``preprocessor`` attribute when it has one) to logits
+    ``(N, n_actions)`` (P_B: ``n_actions - 1``): it is wrapped in a
+    ``DiscretePolicyEstimator``. A module with ``init_carry(batch_size, device)`` is
+    recurrent (``module(step_input, carry) -> (logits, new_carry)``, see
+    ``gfn_dist.recurrent``): wrapped in a ``RecurrentDiscretePolicyEstimator``, P_F only.
+    The check runs the module on two copies of the preprocessed s0 without
+    gradients and without touching the global RNG.
+
+    Raises:
+        ConfigError: one line naming ``key``: the factory does not resolve, is not
+            callable, raises (its message included), returns no ``nn.Module``, the
+            module fails on the dummy batch, or its output has the wrong shape.
+    """
+    from gfn_dist.estimators import DiscretePolicyEstimator
+    from gfn_dist.recurrent import RecurrentDiscretePolicyEstimator
+
+    factory = resolve(path, key)
+    if not callable(factory):
+        raise ConfigError(f"{key}: {path} is not callable (expected a factory(env, **kwargs) -> nn.Module)")
+    module = call_user(factory, key, path, env, **kwargs)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{key}: {path} returned {type(module).__name__}, expected a torch.nn.Module")
+    recurrent = callable(getattr(module, "init_carry", None))
+    pre = getattr(module, "preprocessor", None)
+    try:
+        if recurrent:
+            if is_backward:
+                raise ValueError("a recurrent module (init_carry) is supported for P_F only")
+            est = RecurrentDiscretePolicyEstimator(module, env.n_actions, preprocessor=pre or _recurrent_preprocessor(env))
+        else:
+            est = DiscretePolicyEstimator(module, env.n_actions, pre or env.preprocessor, is_backward=is_backward)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {path}: {str(err).splitlines()[0]}") from err
+    _check_policy_output(est, env, key, path, recurrent)
+    return est
+
+
+def _check_policy_output(est, env, key: str, path: str, recurrent: bool) -> None:
+    expected = est.expected_output_dim
+    x = env.s0.unsqueeze(0).expand(2, *env.state_shape).clone()
+    param = next(est.module.parameters(), None)
+    if param is not None:
+        x = x.to(param.device)
+    feats = None
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        try:
+            feats = est.preprocessor(x)
+            if recurrent:
+                out, _ = est.module(est._step_inputs(x, None), est.init_carry(2, x.device))
+            else:
+                out = est.module(feats)
+        except Exception as err:
+            shape = f" of features {tuple(feats.shape)}" if isinstance(feats, torch.Tensor) else ""
+            raise ConfigError(f"{key}: {path}: the module failed on a dummy batch{shape} (2 copies of the "
+                              f"preprocessed s0): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                              ) from err
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, expected):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        which = "n_actions - 1 (P_B)" if est.is_backward else "n_actions (P_F)"
+        in_shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else "?"
+        raise ConfigError(f"{key}: {path} maps a dummy batch {in_shape} to {got}, expected (2, {expected}) = "
+                          f"(N, {which}) with n_actions={env.n_actions}")
 
 
 def build_policies(cfg: TrainConfig, env, init_from_prior: bool = True) -> nn.ModuleDict:
@@ -97,6 +218,39 @@ def build_policies(cfg: TrainConfig, env, init_from_prior: bool = True) -> nn.Mo
     if pb is not None:
         policies["pb"] = pb
     return policies
+
+
+def validate_task(cfg: TrainConfig) -> None:
+    """Builds the environment and the policies once, on the CPU, to fail fast on bad user input.
+
+    Call it during configuration checks, before Ray or any actor starts (the global
+    torch RNG is left untouched). Checks, besides everything ``build_env`` /
+    ``build_pf`` / ``build_pb`` check: the env's masks at s0 have the right shapes
+    and dtype, and a recurrent policy is not combined with local search.
+
+    Raises:
+        ConfigError: one line naming the key (``env.name``, ``env.kwargs``,
+            ``model.policy``, ``model.pb``, ``sampler.name``).
+    """
+    with torch.random.fork_rng(devices=[]):
+        env = build_env(cfg, "cpu")
+        if is_import_path(cfg.env.name):
+            _check_env_hooks(cfg.env.name, env)
+        policies = build_policies(cfg, env, init_from_prior=False)
+    if not getattr(policies["pf"], "is_vectorized", True) and cfg.sampler.name == "local_search":
+        raise ConfigError(f"sampler.name: local_search is not supported with a recurrent policy ({cfg.model.policy})")
+
+
+def _check_env_hooks(path: str, env) -> None:
+    s0 = env.s0.unsqueeze(0)
+    for name, width in (("forward_mask", env.n_actions), ("backward_mask", env.n_actions - 1)):
+        try:
+            mask = getattr(env, name)(s0)
+        except Exception as err:
+            raise ConfigError(f"env.name: {path}.{name}(s0) raised {type(err).__name__}: {err}") from err
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (1, width):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ConfigError(f"env.name: {path}.{name} of a batch (1, *state_shape) must be bool (1, {width}), got {got}")
 
 
 def build_prior(cfg: TrainConfig, env) -> nn.Module:

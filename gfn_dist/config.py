@@ -22,7 +22,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,6 +45,17 @@ WANDB_MODES = ("disabled", "offline", "online")
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {list(allowed)}, got {value!r}")
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` has the form ``"package.module:Attr"`` (both sides non-empty)."""
+    module, sep, attr = str(name).partition(":")
+    return bool(sep) and bool(module.strip()) and bool(attr.strip()) and ":" not in attr
+
+
+def _builtin_or_path(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed and not is_import_path(value):
+        raise ConfigError(f"{key}: must be one of {list(allowed)} or an import path 'package.module:Attr', got {value!r}")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -84,8 +95,10 @@ class BitSeqConfig:
     n_modes: int = 4  # number of mode sequences of the reward
     temperature: float = 1.0  # reward temperature: log R = -min Hamming / temperature
     seed: int = 0  # seed of the modes
+    mode_radius: int = 0  # eval/modes_found: a mode counts as found by a sample within this Hamming distance (bits)
 
     def __post_init__(self) -> None:
+        _positive("env.bitseq.mode_radius", self.mode_radius, allow_zero=True)
         _positive("env.bitseq.word_size", self.word_size)
         _positive("env.bitseq.seq_size", self.seq_size)
         if self.seq_size % self.word_size != 0:
@@ -98,14 +111,25 @@ class BitSeqConfig:
 
 @dataclass
 class EnvConfig:
-    """Which environment, and its parameters (the sub-section of that name)."""
+    """Which environment: a built-in name (parameters in its sub-section) or an import path
+    ``"package.module:ClassName"`` of a ``DiscreteEnv`` subclass, built as ``ClassName(**env.kwargs,
+    device=...)`` (``gfn_dist.builders.build_env``; docs/your_own_task.md)."""
 
-    name: str = "hypergrid"  # hypergrid | bitseq | nar_bitseq
+    name: str = "hypergrid"  # hypergrid | bitseq | nar_bitseq | package.module:ClassName (a DiscreteEnv subclass)
     hypergrid: HyperGridConfig = field(default_factory=HyperGridConfig)  # used when name = hypergrid
     bitseq: BitSeqConfig = field(default_factory=BitSeqConfig)  # used when name = bitseq | nar_bitseq
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments of an import-path env
 
     def __post_init__(self) -> None:
-        _choice("env.name", self.name, ENV_NAMES)
+        _builtin_or_path("env.name", self.name, ENV_NAMES)
+        if self.kwargs and not self.is_import_path:
+            raise ConfigError(f"env.kwargs: only for an env given by import path; built-in env.name={self.name} "
+                              f"takes env.{'hypergrid' if self.name == 'hypergrid' else 'bitseq'}.*")
+
+    @property
+    def is_import_path(self) -> bool:
+        """Whether ``name`` is an import path (a user's environment)."""
+        return self.name not in ENV_NAMES
 
 
 # ---------------------------------------------------------------------------- model / loss
@@ -113,16 +137,23 @@ class EnvConfig:
 
 @dataclass
 class ModelConfig:
-    """Policy networks (P_F, and P_B when learned)."""
+    """Policy networks (P_F, and P_B when learned): built-in names or import paths
+    ``"package.module:factory"`` called as ``factory(env, **model.kwargs)`` (P_B: ``**model.pb_kwargs``),
+    returning an ``nn.Module`` (``gfn_dist.builders.build_pf`` / ``build_pb``; docs/your_own_task.md)."""
 
-    policy: str = "mlp"  # mlp | lstm | gru (recurrent: autoregressive envs only)
-    hidden_dim: int = 256  # width of hidden layers / recurrent state
-    n_hidden_layers: int = 2  # hidden layers of the MLP (recurrent: stacked RNN layers)
-    pb: str = "learned"  # learned (MLP) | uniform | none (tree DAG: P_B = 1)
+    policy: str = "mlp"  # mlp | lstm | gru (recurrent: autoregressive envs) | package.module:factory
+    hidden_dim: int = 256  # width of hidden layers / recurrent state (built-in policies)
+    n_hidden_layers: int = 2  # hidden layers of the MLP (recurrent: stacked RNN layers) (built-in policies)
+    pb: str = "learned"  # learned (MLP) | uniform | none (tree DAG: P_B = 1) | package.module:factory
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the policy factory (import paths)
+    pb_kwargs: Optional[Dict[str, Any]] = None  # keyword arguments of the P_B factory; null = model.kwargs
 
     def __post_init__(self) -> None:
-        _choice("model.policy", self.policy, POLICY_NAMES)
-        _choice("model.pb", self.pb, PB_NAMES)
+        _builtin_or_path("model.policy", self.policy, POLICY_NAMES)
+        _builtin_or_path("model.pb", self.pb, PB_NAMES)
+        if (self.kwargs or self.pb_kwargs) and not (is_import_path(self.policy) or is_import_path(self.pb)):
+            raise ConfigError("model.kwargs: only for a policy given by import path (model.policy / model.pb); "
+                              "built-in policies take model.hidden_dim / model.n_hidden_layers")
         _positive("model.hidden_dim", self.hidden_dim)
         _positive("model.n_hidden_layers", self.n_hidden_layers)
 
@@ -298,9 +329,13 @@ class EvalConfig:
 
     interval_steps: int = 100  # learner steps between evaluations (0 disables; the last step always evaluates)
     exact: bool = True  # exact L1 / logZ error by enumeration (enumerable envs only)
+    num_samples: int = 1000  # sampled metrics (every env): trajectories drawn from the current P_F; 0 disables
+    top_k: int = 100  # eval/reward_top{k}_mean: mean reward of the k best distinct terminal states sampled
 
     def __post_init__(self) -> None:
         _positive("eval.interval_steps", self.interval_steps, allow_zero=True)
+        _positive("eval.num_samples", self.num_samples, allow_zero=True)
+        _positive("eval.top_k", self.top_k)
 
 
 @dataclass
@@ -377,6 +412,10 @@ class ClusterConfig:
     num_learners: int = 1  # launcher=ray: learner workers forming the DDP group (world size)
     num_cpus_per_learner: float = 1.0  # launcher=ray: Ray CPUs per learner worker (also its torch threads)
     placement_strategy: str = "PACK"  # launcher=ray: learners' placement group (PACK | SPREAD | STRICT_*)
+    # User code on Ray workers (gfn_dist.imports.runtime_env_of -> ray.init(runtime_env=...)):
+    working_dir: Optional[str] = None  # directory (or URI) Ray uploads; workers start in it and import from it
+    py_modules: List[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # further Ray runtime_env fields (env_vars, pip, ...)
 
     def __post_init__(self) -> None:
         _choice("cluster.launcher", self.launcher, LAUNCHERS)
@@ -408,12 +447,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.resume, bool) and self.resume != "auto":
             raise ConfigError(f"resume: must be true, false or auto, got {self.resume!r}")
-        if self.model.policy != "mlp" and self.env.name != "bitseq":
+        if self.model.policy in ("lstm", "gru") and self.env.name in ("hypergrid", "nar_bitseq"):
             raise ConfigError(
                 f"model.policy: a recurrent policy ({self.model.policy}) needs an autoregressive env "
                 f"(env.name=bitseq), got env.name={self.env.name}"
             )
-        if self.model.pb == "none" and self.env.name != "bitseq":
+        if self.model.pb == "none" and self.env.name in ("hypergrid", "nar_bitseq"):
             raise ConfigError(f"model.pb: 'none' (P_B = 1) needs a tree DAG (env.name=bitseq), got {self.env.name}")
         if self.sampler.name == "local_search" and self.model.pb == "none":
             raise ConfigError("sampler.name: local_search needs a backward policy (model.pb learned | uniform)")
@@ -421,7 +460,7 @@ class TrainConfig:
             raise ConfigError(
                 f"model.pb: the relative loss {self.loss.name} does not use P_B; set model.pb=uniform (or none)"
             )
-        if self.model.policy != "mlp" and self.sampler.name == "local_search":
+        if self.model.policy in ("lstm", "gru") and self.sampler.name == "local_search":
             raise ConfigError("sampler.name: local_search is not supported with a recurrent policy (model.policy)")
         if self.cluster.launcher == "ray" and self.learner.batch_size % self.cluster.num_learners != 0:
             raise ConfigError(

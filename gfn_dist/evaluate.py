@@ -12,6 +12,8 @@ holds), loads the saved weights (``weights_only=True``) and measures:
   (``mode_mass_target``). The target is ``R(x)/Z``, or ``prior(x) R(x)^β / Z_β``
   for the relative losses (``builders.target_distribution``), the same as the
   trainer's evaluation.
+* the sampled metrics of training (``eval/reward_mean``, ``eval/logZ_elbo``, ...,
+  ``gfn_dist.sampled_eval``), for every environment, from ``n_samples`` trajectories;
 * sample metrics, from ``n_samples`` on-policy trajectories (no exploration):
   ``mean_log_reward``, ``n_unique``, ``n_modes_found`` out of ``n_modes`` (modes:
   terminal states of maximal reward) and, when enumerable, the empirical
@@ -64,6 +66,7 @@ from gfn_dist.builders import (
 )
 from gfn_dist.checkpoint_files import MANIFEST, load_torch_file, newest_intact, verify_checkpoint
 from gfn_dist.config import TrainConfig, load_config
+from gfn_dist.sampled_eval import ModesTracker, sample_for_eval, sampled_metrics  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +380,10 @@ def evaluate(
         states, log_r = sample_terminal_states(lp, n_samples, seed)
         metrics.update(sample_metrics(lp, states, log_r))
         write_samples(out, states, log_r, step=lp.step, seed=seed)
+        pb = lp.policies["pb"] if "pb" in lp.policies else None
+        tracker = ModesTracker(lp.env) if ModesTracker.supported(lp.env) else None
+        log_z = float(logz_of(lp.gflownet)) if lp.has_logz else None
+        metrics.update(sampled_metrics(lp.env, lp.pf, pb, n_samples, lp.cfg.eval.top_k, log_z, tracker, seed))
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("eval of %s written to %s", lp.weights, out)

@@ -8,6 +8,11 @@ sf is all ``-2``. A trajectory fills every position and then exits.
 Reward: ``log R(x) = -min_m Hamming(x, m) / temperature`` over ``n_modes`` mode
 sequences drawn uniformly at random with ``seed`` (fixed per environment).
 
+Modes found (``mode_hits`` / ``is_mode``): a sample x finds mode m when
+``Hamming(x, m) <= mode_radius`` bits, the count reported for bit sequences in
+arXiv:2201.13259 (Sec. 5.3) and arXiv:2310.12934; ``mode_radius = 0`` asks for the
+mode itself.
+
 * ``BitSequence``: autoregressive, action ``w < n_words`` appends word w; the DAG is
   a tree (``TBGFlowNet(pb=None, constant_pb=True)`` applies).
 * ``NonAutoregressiveBitSequence``: action ``position * n_words + word`` fills an
@@ -54,6 +59,7 @@ class _BitSequenceBase(DiscreteEnv):
         seed: int,
         preprocessor: Optional[Preprocessor],
         device,
+        mode_radius: int = 0,
     ):
         if word_size < 1 or seq_size < 1 or seq_size % word_size != 0:
             raise ValueError(
@@ -63,6 +69,9 @@ class _BitSequenceBase(DiscreteEnv):
             raise ValueError(f"{type(self).__name__}: n_modes must be >= 1, got {n_modes}")
         if temperature <= 0:
             raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
+        if mode_radius < 0:
+            raise ValueError(f"{type(self).__name__}: mode_radius must be >= 0, got {mode_radius}")
+        self.mode_radius = int(mode_radius)
         self.word_size, self.seq_size = int(word_size), int(seq_size)
         self.length = self.seq_size // self.word_size
         self.n_words = 2**self.word_size
@@ -93,12 +102,34 @@ class _BitSequenceBase(DiscreteEnv):
         bits = (x.clamp(min=0).unsqueeze(-1) >> self._bit_shifts) & 1
         return bits.flatten(start_dim=-2)
 
+    def hamming_to_modes(self, x: torch.Tensor) -> torch.Tensor:
+        """Hamming distance in bits of full sequences ``x (N, L)`` to each mode: int64 ``(N, n_modes)``."""
+        return (self.words_to_bits(x).unsqueeze(-2) != self.modes).sum(-1)
+
     def log_reward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        bits = self.words_to_bits(x)  # (N, seq)
-        ham = (bits.unsqueeze(-2) != self.modes).sum(-1)  # (N, n_modes)
-        return -ham.min(-1).values.float() / self.temperature
+        return -self.hamming_to_modes(x).min(-1).values.float() / self.temperature
+
+    def mode_hits(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool ``(N, n_modes)``: full sequence ``x[i]`` lies within ``mode_radius`` bits of mode m."""
+        return self.hamming_to_modes(x) <= self.mode_radius
+
+    def is_mode(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool ``(N,)``: full sequence ``x[i]`` lies within ``mode_radius`` bits of some mode."""
+        return self.mode_hits(x).any(-1)
+
+    #: Enumeration (exact metrics) is refused above this many states: the standard 120-bit
+    #: task has 2**120 sequences; ``NotImplementedError`` makes it a non-enumerable env.
+    max_enumerable_states: int = 1 << 24
+
+    def _check_enumerable(self) -> None:
+        if self.n_states > self.max_enumerable_states:
+            raise NotImplementedError(
+                f"{type(self).__name__} with {self.n_states} states is too large to enumerate "
+                f"(max_enumerable_states={self.max_enumerable_states})"
+            )
 
     def _full_sequences(self) -> torch.Tensor:
+        self._check_enumerable()
         n = self.n_words**self.length
         idx = torch.arange(n, device=self.device)
         powers = self.n_words ** torch.arange(self.length - 1, -1, -1, device=self.device)
@@ -128,6 +159,7 @@ class BitSequence(_BitSequenceBase):
         seed: seed of the modes.
         preprocessor: default ``SequencePreprocessor``.
         device: device of states.
+        mode_radius: Hamming radius in bits within which a sample finds a mode (``mode_hits``).
 
     Raises:
         ValueError: on inconsistent sizes or a non-positive temperature.
@@ -142,10 +174,12 @@ class BitSequence(_BitSequenceBase):
         seed: int = 0,
         preprocessor: Optional[Preprocessor] = None,
         device: str | torch.device = "cpu",
+        mode_radius: int = 0,
     ):
         n_actions = 2**word_size + 1
         self._exit_pattern = torch.arange(n_actions, device=device) == n_actions - 1
-        super().__init__(n_actions, word_size, seq_size, n_modes, temperature, seed, preprocessor, device)
+        super().__init__(n_actions, word_size, seq_size, n_modes, temperature, seed, preprocessor, device,
+                         mode_radius)
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
         # Positions fill left to right: a sequence is full iff its last position is.
@@ -179,6 +213,7 @@ class BitSequence(_BitSequenceBase):
     def all_states(self) -> DiscreteStates:
         """Prefixes ordered by length, then lexicographically."""
         if self._all_states is None:
+            self._check_enumerable()
             rows = []
             for k in range(self.length + 1):
                 n = self.n_words**k
@@ -219,9 +254,11 @@ class NonAutoregressiveBitSequence(_BitSequenceBase):
         seed: int = 0,
         preprocessor: Optional[Preprocessor] = None,
         device: str | torch.device = "cpu",
+        mode_radius: int = 0,
     ):
         L = seq_size // word_size if word_size > 0 else 0
-        super().__init__(L * 2**word_size + 1, word_size, seq_size, n_modes, temperature, seed, preprocessor, device)
+        super().__init__(L * 2**word_size + 1, word_size, seq_size, n_modes, temperature, seed, preprocessor, device,
+                         mode_radius)
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
         empty = x < 0
@@ -251,6 +288,7 @@ class NonAutoregressiveBitSequence(_BitSequenceBase):
     def all_states(self) -> DiscreteStates:
         """Every partial assignment, index = Σ (x_i + 1) (n_words + 1)^(L-1-i)."""
         if self._all_states is None:
+            self._check_enumerable()
             b = self.n_words + 1
             idx = torch.arange(self.n_states, device=self.device)
             powers = b ** torch.arange(self.length - 1, -1, -1, device=self.device)
