@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -162,3 +163,25 @@ def runtime_env_of(cfg) -> Optional[dict]:
                               "cluster.runtime_env.py_modules); keep one")
         env["py_modules"] = [_py_module_entry(str(m)) for m in c.py_modules]
     return env or None
+
+
+def add_user_code_to_path(cfg) -> None:
+    """Makes this process import the user's code from where ``runtime_env_of`` ships it to Ray workers.
+
+    The driver (and an in-driver learner) imports the user's environment and policy
+    too: the local ``cluster.working_dir`` and the parent directories of local
+    ``cluster.py_modules`` packages go to the front of ``sys.path`` (remote URIs and
+    archives are left to Ray). Under torchrun / SLURM the job's own environment
+    (``PYTHONPATH``, an installed package) provides the code.
+    """
+    c = cfg.cluster
+    dirs = []
+    if c.working_dir and "://" not in str(c.working_dir):
+        dirs.append(Path(str(c.working_dir)).expanduser().resolve())
+    for m in c.py_modules or []:
+        p = Path(str(m)).expanduser()
+        if "://" not in str(m) and p.is_dir():
+            dirs.append(p.resolve().parent)
+    for d in reversed(dirs):
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))

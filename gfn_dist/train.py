@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
 from gfn_dist.metrics import DiskFullError
-from gfn_dist.preflight import validate_before_start
 
 logger = logging.getLogger("gfn_dist")
 
@@ -41,7 +40,6 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
-        validate_before_start(cfg)  # NaN / inf, run.dir, memory: one line, exit 2, before Ray (gfn_dist.preflight)
         from gfn_dist.preemption import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
@@ -60,6 +58,11 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
         return 2
     except DiskFullError as err:  # gfn_dist.metrics: the row was skipped; stop with one line
         sys.stderr.write(f"gfn-dist: {err}\n")
+        return 1
+    except RuntimeError as err:
+        if type(err).__name__ != "ReplayStalled":  # gfn_dist.train_loop (imported with the trainer)
+            raise
+        sys.stderr.write(f"gfn-dist: {err}\n")  # a checkpoint was written first
         return 1
     finally:
         if trainer is not None:

@@ -46,6 +46,7 @@ from gfn_dist.distributed.topology import Topology
 from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import cpu_state_dict
 from gfn_dist.preemption import preemption_requested
+from gfn_dist.sampled_eval import ModesTracker, sampled_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +55,53 @@ class ReplayStalled(RuntimeError):
     """The learner got no data from replay for ``replay.timeout_s`` (a checkpoint was written first)."""
 
 
-class ExactEvaluator:
-    """Exact metrics on enumerable environments: ``l1_exact`` and ``logZ_err`` (rank 0).
+class Evaluator:
+    """Rank 0's evaluation at every ``eval.interval_steps``: exact metrics where the environment can be
+    enumerated, sampled metrics everywhere.
 
-    ``l1_exact = Σ_x |P_T(x) - target(x)|`` with the model's exact P_T and the loss's
-    target (``R/Z``, or ``prior · R^β / Z_β`` for relative losses); ``logZ_err =
-    |logZ - log Z_target|`` when the loss learns logZ. Empty when ``eval.exact`` is
-    off or the environment cannot be enumerated.
+    Exact (``eval.exact`` and an enumerable environment): ``l1_exact = Σ_x |P_T(x) - target(x)|``
+    with the model's exact P_T and the loss's target (``R/Z``, or ``prior · R^β / Z_β`` for relative
+    losses); ``logZ_err = |logZ - log Z_target|`` when the loss learns logZ.
+
+    Sampled (``eval.num_samples`` > 0; ``gfn_dist.sampled_eval``): ``eval/reward_mean``,
+    ``eval/reward_top{k}_mean``, ``eval/num_unique``, ``eval/logZ_elbo``, ... from fresh samples of the
+    current P_F (seeded by ``run.seed`` and the step: the training RNG is not touched), and
+    ``eval/modes_found``: distinct modes among every terminal state the learner consumed
+    (``observe``) and sampled here, when the environment defines modes.
     """
 
     def __init__(self, cfg: TrainConfig, env, policies, gflownet) -> None:
         self.cfg, self.env, self.policies, self.gflownet = cfg, env, policies, gflownet
-        self.enabled = cfg.eval.exact and is_enumerable(env)
+        self.exact = cfg.eval.exact and is_enumerable(env)
+        self.modes = ModesTracker(env) if ModesTracker.supported(env) else None
         self._target: Optional[tuple] = None  # (probs, logZ), built on first use
 
+    def observe(self, td) -> None:
+        """Feeds a consumed batch's terminal states to the modes tracker (TensorDict ``(N,)``, replay format)."""
+        if self.modes is not None:
+            states, idx = td["states"], td["terminating_idx"]
+            self.modes.update(states[torch.arange(states.shape[0], device=states.device), idx - 1])
+
     @torch.no_grad()
-    def __call__(self) -> dict:
-        if not self.enabled:
-            return {}
-        if self._target is None:
-            self._target = target_distribution(self.cfg, self.env, getattr(self.gflownet, "prior_pf", None))
-        probs, log_z = self._target
-        p_t = exact_terminating_distribution(self.env, self.policies["pf"])
-        out = {"l1_exact": float((p_t - probs.to(p_t.device)).abs().sum())}
+    def __call__(self, step: int) -> dict:
+        out: dict = {}
         logz = getattr(self.gflownet, "logZ", None)
-        if isinstance(logz, torch.Tensor):
-            out["logZ_err"] = abs(float(logz) - log_z)
+        logz = float(logz) if isinstance(logz, torch.Tensor) else None
+        if self.exact:
+            if self._target is None:
+                self._target = target_distribution(self.cfg, self.env, getattr(self.gflownet, "prior_pf", None))
+            probs, log_z = self._target
+            p_t = exact_terminating_distribution(self.env, self.policies["pf"])
+            out["l1_exact"] = float((p_t - probs.to(p_t.device)).abs().sum())
+            if logz is not None:
+                out["logZ_err"] = abs(logz - log_z)
+        e = self.cfg.eval
+        if e.num_samples > 0:
+            pb = self.policies["pb"] if "pb" in self.policies else None
+            out.update(sampled_metrics(self.env, self.policies["pf"], pb, e.num_samples, e.top_k, log_z=logz,
+                                       modes=self.modes, seed=self.cfg.run.seed + 7919 * step))
+        elif self.modes is not None:
+            out.update(self.modes.metrics())
         return out
 
 
@@ -108,17 +130,20 @@ class LearnerProcess:
         self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
         rollout_step = (SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts)
                         if cfg.rollout.synchronous else None)  # before resuming: its workers seed the RNG
+        self.evaluate = Evaluator(cfg, self.env, self.policies, self.gflownet)
         self.learner = Learner(cfg, self.env, self.policies, self.gflownet, ctx, replay=self.replay,
                                health_check=self.check_actors, rollout_step=rollout_step,
-                               should_stop=lambda: preemption_requested() is not None)
+                               should_stop=lambda: preemption_requested() is not None,
+                               observe=self.evaluate.observe if ctx.is_main and self.evaluate.modes else None)
         self.publisher = topology.publisher() if ctx.is_main else None
         states: dict[str, Any] = {"learner": self.learner}
         if ctx.is_main:
             states["replay"] = self.replay
             if topology.actors:
                 states["actors"] = RolloutActorsRNG(topology.actors)
+            if self.evaluate.modes is not None:
+                states["modes"] = self.evaluate.modes
         self.checkpointer = Checkpointer(cfg, ctx, cfg.run.dir, states)
-        self.evaluate = ExactEvaluator(cfg, self.env, self.policies, self.gflownet)
         self.preempted = False  # stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.last_row: dict = {}
         self.run_refs: list = []  # the rollout actors' pending run() calls at the end
@@ -256,7 +281,7 @@ class LearnerProcess:
             if self.supervisor is not None:
                 row.update(self.supervisor.metrics())  # actors/restarts, replay/items_lost, rollout/rejected_* ...
             if self.is_eval_step():
-                row.update(self.evaluate())
+                row.update(self.evaluate(self.learner.step))
             if self.metrics is not None:
                 self.metrics.log(row)
             if bar is not None:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from gfn_dist.builders import build_rollout_parts
+from gfn_dist.builders import build_rollout_parts, validate_task
 from gfn_dist.checkpoint import check_resumable, resume_run_dir
 from gfn_dist.config import ConfigError, TrainConfig, check_devices, check_world_size, limiter_tolerance, to_dict, to_yaml
 from gfn_dist.distributed import cluster
@@ -42,8 +42,10 @@ from gfn_dist.distributed.learner_group import InProcessLearners, RayTrainLearne
 from gfn_dist.distributed.replay_shard import ReplayShardConfig
 from gfn_dist.distributed.topology import Topology
 from gfn_dist.files import atomic_write_text, ray_temp_dir
+from gfn_dist.imports import add_user_code_to_path, runtime_env_of
 from gfn_dist.metrics import MetricLogger, truncate_metrics_after
 from gfn_dist.preemption import preemption_requested, request_preemption
+from gfn_dist.preflight import validate_before_start
 from gfn_dist.run_lock import RunDirLock
 from gfn_dist.train_loop import LearnerProcess, run_learner
 
@@ -62,11 +64,15 @@ def validate_launch(cfg: TrainConfig, launcher: str) -> None:
         ConfigError: naming the key (the batch does not split over the learners, GPUs asked
             for but absent, an option the launcher does not support).
     """
+    validate_before_start(cfg)  # NaN / inf, run.dir, memory (gfn_dist.preflight)
     if launcher == "ray" and cfg.rollout.synchronous:
         raise ConfigError("rollout.synchronous: not supported with cluster.launcher=ray")
     world_size = cfg.cluster.num_learners if launcher == "ray" else cluster.world_size_of(launcher)
     check_world_size(cfg, world_size)
     check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
+    runtime_env_of(cfg)  # user code for the Ray workers: paths that exist, no key set twice
+    add_user_code_to_path(cfg)  # this process imports the user's task from where Ray ships it from
+    validate_task(cfg)  # env / policies by import path: built once on the CPU, shapes checked
 
 
 def replay_shard_config(cfg: TrainConfig, world_size: int) -> ReplayShardConfig:
@@ -153,7 +159,8 @@ class Trainer:
         self.run_dir, self.resume_step = Path(answer[0]), answer[1]
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
         # An embedded Ray's session directory (its sockets) private to this user (Ray makes its own 0777).
-        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None)
+        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None,
+                                            runtime_env=runtime_env_of(cfg))
         ns = self.ray_ctx.namespace
         world_size = cfg.cluster.num_learners if self.launcher == "ray" else self.ctx.world_size
         if self.owner:

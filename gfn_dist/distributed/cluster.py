@@ -268,7 +268,8 @@ def learners_use_gpu(cfg: TrainConfig) -> bool:
 
 
 
-def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optional[str] = None) -> RayContext:
+def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optional[str] = None,
+              runtime_env: Optional[dict] = None) -> RayContext:
     """Rank 0: connects to ``cluster.address``, or starts an embedded local Ray (or reuses one already up).
 
     Args:
@@ -276,6 +277,7 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optio
         namespace: the run's Ray namespace (default ``gfn_dist_<random>``).
         temp_dir: Ray's temp directory when it starts an embedded cluster (Ray's default if None;
             the run layer passes a directory private to the user).
+        runtime_env: the job's Ray ``runtime_env`` (ships the user's code to every worker), or None.
 
     Raises:
         ConnectionError: if ``cluster.address`` does not answer within ``cluster.connect_timeout_s``.
@@ -284,7 +286,7 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optio
     if ray.is_initialized():
         # Reuse the caller's Ray (tests, notebooks): actors get the namespace explicitly.
         return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
-    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
     if cfg.cluster.address:
         wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)  # ray.init alone may wait for minutes
         ray.init(address=cfg.cluster.address, **common)
@@ -327,11 +329,12 @@ def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -
     return RayContext(address, namespace, owns_ray=False, connected=True, auth_mode=auth_mode)
 
 
-def bring_up_ray(cfg: TrainConfig, ctx: DistContext, temp_dir: Optional[str] = None) -> RayContext:
-    """Rank 0 starts / connects (``temp_dir``: see ``start_ray``); the others receive
+def bring_up_ray(cfg: TrainConfig, ctx: DistContext, temp_dir: Optional[str] = None,
+                 runtime_env: Optional[dict] = None) -> RayContext:
+    """Rank 0 starts / connects (``temp_dir``, ``runtime_env``: see ``start_ray``); the others receive
     ``(address, namespace, auth_mode)`` and connect."""
     if ctx.is_main:
-        ray_ctx = start_ray(cfg, temp_dir=temp_dir)
+        ray_ctx = start_ray(cfg, temp_dir=temp_dir, runtime_env=runtime_env)
         broadcast_object((ray_ctx.address, ray_ctx.namespace, ray_ctx.auth_mode), ctx)
         return ray_ctx
     address, namespace, auth_mode = broadcast_object(None, ctx)

@@ -129,6 +129,8 @@ class Learner:
             failed beyond what the config allows (rank 0's ``ActorSupervisor.check``).
         rollout_step: ``rollout.synchronous``: called with the learner before each
             step's draw (``SynchronousRollout``); None with Ray rollout actors.
+        observe: called with every batch this rank consumed (TensorDict ``(B/W,)``), e.g. rank 0's
+            modes tracker; None: nothing.
         should_stop: polled while waiting on replay; True ends the wait with ``WaitStopped``
             (the run layer passes its preemption flag, so SIGTERM is honoured however long
             replay would have kept the learner waiting).
@@ -145,6 +147,7 @@ class Learner:
         health_check: Optional[Callable[[], None]] = None,
         rollout_step: Optional[Callable[["Learner"], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        observe: Optional[Callable[[object], None]] = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -166,6 +169,7 @@ class Learner:
         self.health_check = health_check or (lambda: None)
         self.rollout_step = rollout_step
         self.should_stop = should_stop or (lambda: False)
+        self.observe = observe
         self.step = 0
         self.timer = PhaseTimer()
         self._prefetch = None  # Future of the next batch (learner.prefetch)
@@ -197,6 +201,8 @@ class Learner:
         with self.timer.phase("time/backward_s"):
             self.optimize(loss)  # backward (DDP all-reduce), clip, Adam
         self.track(td, loss)  # device-side counters, no host sync
+        if self.observe is not None:
+            self.observe(td)
         self.step += 1
 
     def compute_loss(self, td) -> torch.Tensor:
