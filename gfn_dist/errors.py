@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key (one line)."""
+
+
+class ReplayStalled(RuntimeError):
+    """The learner got no data from replay for ``replay.timeout_s``; a checkpoint was written first.
+    ``gfn-dist`` prints it as one line and exits 1."""

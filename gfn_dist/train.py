@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
+from gfn_dist.errors import ReplayStalled
 from gfn_dist.metrics import DiskFullError
 
 logger = logging.getLogger("gfn_dist")
@@ -59,10 +60,8 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     except DiskFullError as err:  # gfn_dist.metrics: the row was skipped; stop with one line
         sys.stderr.write(f"gfn-dist: {err}\n")
         return 1
-    except RuntimeError as err:
-        if type(err).__name__ != "ReplayStalled":  # gfn_dist.train_loop (imported with the trainer)
-            raise
-        sys.stderr.write(f"gfn-dist: {err}\n")  # a checkpoint was written first
+    except ReplayStalled as err:  # a checkpoint was written first
+        sys.stderr.write(f"gfn-dist: {err}\n")
         return 1
     finally:
         if trainer is not None:

@@ -45,14 +45,11 @@ from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
 from gfn_dist.distributed.topology import Topology
 from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import cpu_state_dict
+from gfn_dist.errors import ReplayStalled
 from gfn_dist.preemption import preemption_requested
 from gfn_dist.sampled_eval import ModesTracker, sampled_metrics
 
 logger = logging.getLogger(__name__)
-
-
-class ReplayStalled(RuntimeError):
-    """The learner got no data from replay for ``replay.timeout_s`` (a checkpoint was written first)."""
 
 
 class Evaluator:
