@@ -83,7 +83,7 @@ from gfn_dist.containers.splice import (  # noqa: F401  (re-exported: part of th
     splice_trajectories_loop,
 )
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.samplers import Sampler
+from gfn_dist.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.estimators import DiscretePolicyEstimator, PolicyMixin, RolloutContext
+from gfn_dist.gym.bitsequence import BitSequence, NonAutoregressiveBitSequence
+from gfn_dist.policy import DiscretePolicyEstimator, PolicyMixin, RolloutContext
 from gfn_dist.preprocessors import Preprocessor
 
 Carry = dict  # dict[str, torch.Tensor], batch on dim ``carry_batch_dim``
@@ -135,8 +136,6 @@ def last_action_tokenizer(env) -> StepTokenizer:
     Raises:
         ValueError: for an environment without a built-in tokenizer.
     """
-    from gfn_dist.gym.bitsequence import BitSequence, NonAutoregressiveBitSequence
-
     if isinstance(env, NonAutoregressiveBitSequence):
         return FilledPositionTokenizer(env.length, env.n_words)
     if isinstance(env, BitSequence):

@@ -21,7 +21,8 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
-from gfn_dist.samplers import Sampler
+from gfn_dist.policy import ScalarEstimator
+from gfn_dist.sampling import Sampler
 
 
 def _gather_valid(x_TN: Optional[torch.Tensor], flat_idx: torch.Tensor) -> Optional[torch.Tensor]:
@@ -429,8 +430,6 @@ class LogZMixin:
         Raises:
             ValueError: if logZ is a ``ScalarEstimator`` and the trajectories have no conditions.
         """
-        from gfn_dist.estimators import ScalarEstimator
-
         if isinstance(self.logZ, ScalarEstimator):
             if trajectories.conditions is None:
                 raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")

@@ -34,7 +34,7 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
-from gfn_dist.estimators import ScalarEstimator
+from gfn_dist.policy import ScalarEstimator
 from gfn_dist.gflownet.base import (
     LogZMixin,
     TrajectoryBasedGFlowNet,

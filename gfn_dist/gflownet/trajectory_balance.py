@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.estimators import ScalarEstimator
+from gfn_dist.policy import ScalarEstimator
 from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss, scores_arguments
 
 
