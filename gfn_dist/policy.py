@@ -82,13 +82,14 @@ class MaskedCategorical(Distribution):
         return self.logits.exp()
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        """Int64 samples of shape ``(*sample_shape, *B)``."""
+        """Int64 samples of shape ``(*sample_shape, *B, 1)``: one action index per row with
+        the action dimension kept, as torchgfn's categorical samples (actions of shape ``(1,)``)."""
         raw = self._raw_logits
         if len(sample_shape):
             raw = raw.expand(*sample_shape, *raw.shape)
         # Exp(1) noise E: argmax(logits - log E) is a Gumbel-max draw.
         noise = torch.empty_like(raw).exponential_().log_()
-        return (raw - noise).argmax(-1)
+        return (raw - noise).argmax(-1, keepdim=True)
 
     def sample_with_log_noise(self, log_noise: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Gumbel-max sample with pre-drawn ``log_noise = log(Exp(1))`` of the logits' shape.
@@ -137,6 +138,17 @@ class RolloutContext:
     extras: dict = field(default_factory=dict)
 
 
+def _check_flag(owner: str, name: str, value) -> bool:
+    """``value`` as a bool, refusing non-bools (a positional argument taken for another one).
+
+    Raises:
+        TypeError: if ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 class Estimator(nn.Module):
     """Wraps a module; ``forward(states) = module(preprocessor(states))``.
 
@@ -144,19 +156,29 @@ class Estimator(nn.Module):
         module: maps ``(*B, preprocessor.output_dim)`` to ``(*B, expected_output_dim)``.
         preprocessor: state tensor -> features; default identity with ``module.input_dim``.
         is_backward: whether this estimator defines a backward policy.
+        debug: accepted for torchgfn compatibility; gfn_dist's checks (output size,
+            masks, finiteness) always run, so it changes nothing.
 
     Raises:
+        TypeError: if ``is_backward`` or ``debug`` is not a bool.
         ValueError: (in ``forward``) if the module's output size is not ``expected_output_dim``.
     """
 
-    def __init__(self, module: nn.Module, preprocessor: Optional[Preprocessor] = None, is_backward: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocessor: Optional[Preprocessor] = None,
+        is_backward: bool = False,
+        debug: bool = False,
+    ):
         super().__init__()
         self.module = module
         if preprocessor is None:
             input_dim = getattr(module, "input_dim", None)
             preprocessor = IdentityPreprocessor(output_dim=input_dim or 1)
         self.preprocessor = preprocessor
-        self.is_backward = is_backward
+        self.is_backward = _check_flag(type(self).__name__, "is_backward", is_backward)
+        self.debug = _check_flag(type(self).__name__, "debug", debug)
 
     @property
     def expected_output_dim(self) -> Optional[int]:
@@ -177,12 +199,54 @@ class Estimator(nn.Module):
         return f"{type(self).__name__}(module={self.module}, preprocessor={self.preprocessor})"
 
 
+#: ``ScalarEstimator`` reductions of a module output with several features.
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "prod": torch.prod}
+
+
 class ScalarEstimator(Estimator):
-    """Estimator with output ``(*B, 1)`` (log-state-flow, conditional logZ, ...)."""
+    """Estimator with output ``(*B, 1)`` (log-state-flow, conditional logZ, ...).
+
+    torchgfn's signature: ``ScalarEstimator(module, preprocessor=None, reduction="mean",
+    debug=False)``. A module whose output has ``k > 1`` features is reduced over them
+    with ``reduction``.
+
+    Args:
+        module: maps features ``(*B, d)`` to ``(*B, k)``.
+        preprocessor: state -> features (usually ``env.preprocessor``).
+        reduction: ``mean`` | ``sum`` | ``prod``, applied over the last dimension when ``k > 1``.
+        debug: see ``Estimator``.
+
+    Raises:
+        TypeError: if ``reduction`` is not a str (e.g. a bool meant as gfn_dist's former
+            third positional argument ``is_backward``), or ``debug`` is not a bool.
+        ValueError: on an unknown reduction.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocessor: Optional[Preprocessor] = None,
+        reduction: str = "mean",
+        debug: bool = False,
+    ):
+        if not isinstance(reduction, str):
+            raise TypeError(
+                f"ScalarEstimator: reduction must be one of {sorted(_REDUCTIONS)}, got "
+                f"{type(reduction).__name__} {reduction!r} (the third argument is torchgfn's reduction)"
+            )
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"ScalarEstimator: reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
+        super().__init__(module, preprocessor, False, debug)
+        self.reduction = reduction
 
     @property
     def expected_output_dim(self) -> int:
         return 1
+
+    def _checked_output(self, out: torch.Tensor) -> torch.Tensor:
+        if out.shape[-1] != 1:
+            out = _REDUCTIONS[self.reduction](out, -1, keepdim=True)
+        return out
 
 
 class PolicyMixin:
@@ -213,15 +277,27 @@ class PolicyMixin:
         Args:
             states_active: the states to act on, ``(M, *state_shape)``; with
                 ``step_mask`` (bool ``(N,)``) they are the rows of the batch where it is True.
-            ctx: the rollout context. A tensor in ``ctx.extras["precomputed_estimator_output"]``
-                is used (once) instead of calling the module.
-            save_estimator_outputs: record the raw output (padded to ``(N, ...)`` when masked).
+            ctx: the rollout context. A pre-set ``ctx.current_estimator_output`` (e.g. the
+                trajectories' saved estimator outputs, ``(M, n_out)``) is what the
+                distribution is built from when ``step_mask`` is None (seed 001), instead
+                of calling the module; it is then cleared unless ``save_estimator_outputs``.
+            save_estimator_outputs: record the raw output (padded to ``(N, ...)`` when masked)
+                and keep it in ``ctx.current_estimator_output``.
             **policy_kwargs: forwarded to ``to_probability_distribution``.
 
         Returns:
             ``(Distribution, ctx)``.
+
+        Raises:
+            ValueError: if a pre-set ``ctx.current_estimator_output`` does not have M rows.
         """
-        out = ctx.extras.pop("precomputed_estimator_output", None)
+        out = ctx.current_estimator_output if step_mask is None else None
+        if out is not None and out.shape[0] != len(states_active):
+            raise ValueError(
+                f"ctx.current_estimator_output has {out.shape[0]} rows for {len(states_active)} states: "
+                "clear it (None) when it is not the output for these states"
+            )
+        ctx.current_estimator_output = None
         if out is None:
             cond = ctx.conditions
             if cond is not None and step_mask is not None:
@@ -282,6 +358,10 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         n_actions: the environment's number of actions (exit included).
         preprocessor: state -> features (usually ``env.preprocessor``).
         is_backward: backward policy (masks from ``states.backward_masks``).
+        debug: see ``Estimator``.
+
+    Raises:
+        TypeError: if ``n_actions`` is not an int, or ``is_backward`` / ``debug`` not a bool.
     """
 
     def __init__(
@@ -290,8 +370,11 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         n_actions: int,
         preprocessor: Optional[Preprocessor] = None,
         is_backward: bool = False,
+        debug: bool = False,
     ):
-        super().__init__(module, preprocessor, is_backward)
+        if isinstance(n_actions, bool) or not isinstance(n_actions, int):
+            raise TypeError(f"{type(self).__name__}: n_actions must be an int, got {type(n_actions).__name__}")
+        super().__init__(module, preprocessor, is_backward, debug)
         self.n_actions = int(n_actions)
 
     @property
@@ -302,11 +385,13 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         self,
         states,
         module_output: torch.Tensor,
-        temperature: float = 1.0,
         sf_bias: float = 0.0,
+        temperature: float = 1.0,
         epsilon: float = 0.0,
     ) -> MaskedCategorical:
-        """Masked categorical with exploration.
+        """Masked categorical with exploration (torchgfn's argument order: sf_bias, temperature, epsilon).
+
+        Samples are int64 ``(*B, 1)``; ``log_prob`` takes ``(*B, 1)`` or ``(*B,)``.
 
         ``p = (1 - epsilon) * softmax((logits - sf_bias * e_exit) / temperature over allowed)
         + epsilon * uniform(allowed)``; ``sf_bias`` applies to forward policies only.

@@ -5,7 +5,10 @@ buffers are preallocated to ``env.max_traj_len``, every step runs the policy on
 the whole batch (finished rows hold the sink state and are masked; at small
 batch sizes one dense call is cheaper than gathering the active rows), there is
 one host sync per step (the all-done check), no per-state Python objects, and
-the whole rollout runs under ``torch.no_grad``.
+the rollout runs under ``torch.no_grad`` (the trainer's path). The exception is
+``save_logprobs=True`` under grad mode: then the rollout keeps its autograd
+graph, so that the saved log-probs are differentiable (torchgfn's semantics:
+``loss(..., recalculate_all_logprobs=False)`` trains P_F on-policy).
 
 ``Sampler(estimator, compile=True)`` runs the forward rollout of the stock
 policies (the ``masked_logits_fn`` shortcut: no conditions, no saved log-probs or
@@ -41,6 +44,17 @@ from gfn_dist.states import States
 
 
 _chunk_ids = itertools.count()
+
+
+def _action_indices(a: torch.Tensor, n: int) -> torch.Tensor:
+    """Sampled actions as indices ``(n,)``: a distribution's ``(n, 1)`` samples (torchgfn's
+    categorical shape) or ``(n,)`` ones (e.g. ``torch.distributions.Categorical``)."""
+    return a.reshape(n) if a.dim() == 2 and a.shape[-1] == 1 else a
+
+
+def _keep_graph(save_logprobs: bool) -> bool:
+    """Whether a rollout records autograd: only to return differentiable saved log-probs."""
+    return save_logprobs and torch.is_grad_enabled()
 
 
 def compile_supported(device: str | torch.device = "cpu") -> bool:
@@ -123,9 +137,9 @@ class Sampler:
         est = self.estimator
         if ctx is None:
             ctx = est.init_context(len(states), states.device, conditions)
-        with torch.no_grad():
+        with torch.set_grad_enabled(_keep_graph(save_logprobs)):
             dist, ctx = est.compute_dist(states, ctx, None, save_estimator_outputs, **policy_kwargs)
-            a = dist.sample()
+            a = _action_indices(dist.sample(), len(states))
             lp = None
             if save_logprobs:
                 lp, ctx = est.log_probs(a, dist, ctx, None, vectorized=False)
@@ -151,7 +165,9 @@ class Sampler:
                 estimator, the terminal states to sample back from.
             conditions: optional ``(N, cond_dim)`` for conditional policies.
             save_estimator_outputs: keep raw outputs ``(T, N, n_out)``.
-            save_logprobs: keep the behaviour log-probs ``(T, N)``.
+            save_logprobs: keep the behaviour log-probs ``(T, N)``. Under grad mode they
+                carry the policy's autograd graph (on-policy training without
+                recomputation); under ``torch.no_grad()`` they are plain tensors.
             **policy_kwargs: exploration parameters forwarded to the estimator.
 
         Returns:
@@ -166,15 +182,16 @@ class Sampler:
             raise ValueError("sample_trajectories: give exactly one of n or states")
         if states is None:
             states = env.reset(n)
-        if getattr(self.estimator, "is_backward", False):
-            return self._sample_backward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
-        return self._sample_forward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
+        with torch.set_grad_enabled(_keep_graph(save_logprobs)):
+            if getattr(self.estimator, "is_backward", False):
+                return self._sample_backward(env, states, conditions, save_estimator_outputs, save_logprobs,
+                                             policy_kwargs)
+            return self._sample_forward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
 
     #: Smallest working batch worth compacting: below this, a policy call costs the
     #: same whatever the number of rows (launch-bound), so dropping finished rows saves nothing.
     min_rows_to_compact: int = 32
 
-    @torch.no_grad()
     def _sample_forward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
         est = self.estimator
         x = states.tensor
@@ -218,14 +235,17 @@ class Sampler:
                 # Sampled from logits masked by env.forward_mask: always valid.
                 logits = masked_logits(xw)
                 a = torch.argmax(logits - noise_t[t][:nw], dim=-1, out=actions_t[t] if rows is None else None)
-                lp = logits.log_softmax(-1).gather(-1, a.unsqueeze(-1)).squeeze(-1) if save_logprobs else None
+                # A copy of the index: ``a`` views the action buffer, padded in place later
+                # (autograd keeps the index of a differentiable gather).
+                lp = logits.log_softmax(-1).gather(-1, a.unsqueeze(-1).clone()).squeeze(-1) if save_logprobs else None
             else:
                 st = env.States(xw)
+                ctx.current_estimator_output = None  # this step's output, not the previous one's
                 dist, ctx = est.compute_dist(st, ctx, None, save_estimator_outputs, **policy_kwargs)
                 if isinstance(dist, MaskedCategorical) and dist._raw_logits.shape == (nw, env.n_actions):
                     a = dist.sample_with_log_noise(noise_t[t][:nw], out=actions_t[t] if rows is None else None)
                 else:
-                    a = dist.sample()
+                    a = _action_indices(dist.sample(), nw)
                     if rows is None:
                         actions_buf[t] = a
                 if getattr(dist, "mask", None) is not st.forward_masks:
@@ -423,7 +443,6 @@ class Sampler:
             ctx.conditions = ctx.conditions[keep]
         return rows, xw[keep], done[keep], n_active
 
-    @torch.no_grad()
     def _sample_backward(self, env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs):
         """Backward rollout from ``states`` to s0; computes only on the active rows."""
         est = self.estimator
@@ -444,7 +463,7 @@ class Sampler:
             xa = x[active]
             st = env.States(xa)
             dist, ctx = est.compute_dist(st, ctx, active, save_estimator_outputs, **policy_kwargs)
-            a = dist.sample()
+            a = _action_indices(dist.sample(), len(st))
             valid = st.backward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1)
             if not bool(valid.all()):
                 rows = torch.nonzero(active).flatten()[~valid].tolist()[:20]
