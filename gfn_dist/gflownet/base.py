@@ -351,6 +351,16 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         self.debug = debug
         self.loss_fn = loss_fn or SquaredLoss()
 
+    def pf_pb_parameters(self) -> list[nn.Parameter]:
+        """Parameters of P_F and (unless ``constant_pb``) P_B, without duplicates (shared trunks)."""
+        mods = [self.pf] + ([self.pb] if self.pb is not None and not self.constant_pb else [])
+        seen, out = set(), []
+        for p in (p for m in mods for p in m.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
     def get_pfs_and_pbs(
         self, trajectories: Trajectories, recalculate_all_logprobs: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
