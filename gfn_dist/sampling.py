@@ -128,7 +128,8 @@ class Sampler:
             conditions: optional ``(N, cond_dim)``.
             save_estimator_outputs: also return the raw outputs ``(N, n_out)``.
             save_logprobs: also return log-probs ``(N,)``.
-            ctx: a rollout context to reuse (recurrent policies); a new one otherwise.
+            ctx: a rollout context to reuse (recurrent policies); a new one otherwise. Its
+                ``current_estimator_output`` (the previous step's) is cleared first.
             **policy_kwargs: exploration parameters (temperature, sf_bias, epsilon).
 
         Returns:
@@ -137,6 +138,8 @@ class Sampler:
         est = self.estimator
         if ctx is None:
             ctx = est.init_context(len(states), states.device, conditions)
+        else:  # a reused context holds the previous step's output: not the one for these states
+            ctx.current_estimator_output = None
         with torch.set_grad_enabled(_keep_graph(save_logprobs)):
             dist, ctx = est.compute_dist(states, ctx, None, save_estimator_outputs, **policy_kwargs)
             a = _action_indices(dist.sample(), len(states))

@@ -113,3 +113,13 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
         scores = self.get_scores(trajectories, True, env)
         return self.loss_fn(scores - batch_mean(scores)).mean()
 
+
+
+__all__ = [
+    "LogPartitionVarianceGFlowNet",
+    "RelativeLogPartitionVarianceGFlowNet",
+    "RelativeTBBase",
+    "RelativeTrajectoryBalanceGFlowNet",
+    "TBGFlowNet",
+    "TrustPCLGFlowNet",
+]
