@@ -150,7 +150,8 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Option
         prior: the frozen prior for relative losses (built when None).
 
     Raises:
-        ConfigError: for fm / modified_db with a recurrent policy (they evaluate P_F per state).
+        ConfigError: for fm / modified_db with a recurrent policy (they evaluate P_F per state),
+            or modified_db on an environment whose states cannot all exit.
     """
     from gfn_dist.gflownet import (
         DBGFlowNet,
@@ -174,6 +175,9 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Option
                              log_reward_clip_min=lc.log_reward_clip_min, forward_looking=lc.forward_looking,
                              constant_pb=pb is None)
     if lc.name == "modified_db":
+        if not bool(env.forward_mask(env.s0.unsqueeze(0))[0, -1]):
+            raise ConfigError(f"loss.name: modified_db needs an environment whose states can all exit "
+                              f"(env.name=hypergrid); {cfg.env.name} cannot exit at s0")
         return ModifiedDBGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
     if lc.name == "fm":
         # The edge-flow network is P_F's module (P_F = masked softmax of the edge flows).

@@ -203,3 +203,20 @@ def test_states_extend():
     assert bool(traj_a[2:, :3].is_sink_state.all()) and bool((traj_a.tensor[:, 3] == 1).all())
     with pytest.raises(ValueError, match="batch shapes"):
         a.extend(traj_b)
+
+
+def test_build_gflownet_refuses_unsupported_combinations():
+    from gfn_dist.builders import build_env, build_gflownet, build_policies
+    from gfn_dist.config import ConfigError, load_config
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "bitseq_recurrent_tb.yaml", ["loss.name=fm"])
+    env = build_env(cfg)
+    with pytest.raises(ConfigError, match="loss.name"):
+        build_gflownet(cfg, env, build_policies(cfg, env))
+    cfg = load_config(root / "configs" / "hypergrid_tb.yaml", ["loss.name=subtb", "loss.subtb_lamda=0.5"])
+    env = build_env(cfg)
+    gfn = build_gflownet(cfg, env, build_policies(cfg, env))
+    assert isinstance(gfn, SubTBGFlowNet) and gfn.lamda == 0.5 and gfn.weighting == "geometric_within"
+    with pytest.raises(ConfigError, match="loss.subtb_weighting"):
+        load_config(root / "configs" / "hypergrid_tb.yaml", ["loss.subtb_weighting=bogus"])
