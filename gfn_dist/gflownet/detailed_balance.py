@@ -71,7 +71,8 @@ def per_trajectory_sums(values_TN: torch.Tensor, mask_TN: torch.Tensor) -> torch
 
 def transition_mean(loss_TN: torch.Tensor, mask_TN: torch.Tensor, batch_mean: Callable) -> torch.Tensor:
     """This rank's share of the global mean over masked transitions (module doc)."""
-    return per_trajectory_sums(loss_TN, mask_TN).mean() / batch_mean(mask_TN.sum(0).to(loss_TN.dtype))
+    count = batch_mean(mask_TN.sum(0).to(loss_TN.dtype))
+    return per_trajectory_sums(loss_TN, mask_TN).mean() / count.clamp(min=1e-12)  # no transition: 0
 
 
 class DBGFlowNet(TrajectoryBasedGFlowNet):
