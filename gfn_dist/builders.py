@@ -283,6 +283,17 @@ def build_prior(cfg: TrainConfig, env) -> nn.Module:
 # ---------------------------------------------------------------------------- loss
 
 
+def build_state_flow(cfg: TrainConfig, env) -> nn.Module:
+    """The log-state-flow ``ScalarEstimator`` of DB / SubTB: an MLP of the model's sizes on
+    ``env.preprocessor`` features. It belongs to the loss module (the learner's model,
+    trained and checkpointed with it), not to the policies published to rollout actors."""
+    from gfn_dist.estimators import ScalarEstimator
+    from gfn_dist.modules import MLP
+
+    m = cfg.model
+    return ScalarEstimator(MLP(env.preprocessor.output_dim, 1, m.hidden_dim, m.n_hidden_layers), env.preprocessor)
+
+
 def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Optional[nn.Module] = None):
     """The GFlowNet loss module named by ``cfg.loss.name`` over ``policies``.
 
@@ -291,12 +302,40 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Option
         env: the environment.
         policies: from ``build_policies`` (shared, so training updates them).
         prior: the frozen prior for relative losses (built when None).
+
+    Raises:
+        ConfigError: for fm / modified_db with a recurrent policy (they evaluate P_F per state),
+            or modified_db on an environment whose states cannot all exit.
     """
-    from gfn_dist.gflownet import LogPartitionVarianceGFlowNet, TBGFlowNet
+    from gfn_dist.gflownet import (
+        DBGFlowNet,
+        FMGFlowNet,
+        LogPartitionVarianceGFlowNet,
+        ModifiedDBGFlowNet,
+        SubTBGFlowNet,
+        TBGFlowNet,
+    )
 
     lc = cfg.loss
     pf = policies["pf"]
     pb = policies["pb"] if "pb" in policies else None
+    if lc.name in ("fm", "modified_db") and cfg.model.policy != "mlp":
+        raise ConfigError(f"loss.name: {lc.name} needs a feed-forward policy (model.policy=mlp), got {cfg.model.policy}")
+    if lc.name == "db":
+        return DBGFlowNet(pf, pb, build_state_flow(cfg, env), forward_looking=lc.forward_looking,
+                          constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
+    if lc.name == "subtb":
+        return SubTBGFlowNet(pf, pb, build_state_flow(cfg, env), weighting=lc.subtb_weighting, lamda=lc.subtb_lamda,
+                             log_reward_clip_min=lc.log_reward_clip_min, forward_looking=lc.forward_looking,
+                             constant_pb=pb is None)
+    if lc.name == "modified_db":
+        if not bool(env.forward_mask(env.s0.unsqueeze(0))[0, -1]):
+            raise ConfigError(f"loss.name: modified_db needs an environment whose states can all exit "
+                              f"(env.name=hypergrid); {cfg.env.name} cannot exit at s0")
+        return ModifiedDBGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
+    if lc.name == "fm":
+        # The edge-flow network is P_F's module (P_F = masked softmax of the edge flows).
+        return FMGFlowNet(pf, alpha=lc.fm_alpha)
     if lc.name == "tb":
         return TBGFlowNet(pf, pb, init_logZ=lc.init_logZ, constant_pb=pb is None,
                           log_reward_clip_min=lc.log_reward_clip_min)

@@ -32,7 +32,8 @@ from gfn_dist.errors import ConfigError  # re-exported: every layer raises it
 ENV_NAMES = ("hypergrid", "bitseq", "nar_bitseq")
 POLICY_NAMES = ("mlp", "lstm", "gru")
 PB_NAMES = ("learned", "uniform", "none")
-LOSS_NAMES = ("tb", "lpv", "rtb", "relative_lpv", "trust_pcl")
+LOSS_NAMES = ("tb", "lpv", "rtb", "relative_lpv", "trust_pcl", "db", "modified_db", "subtb", "fm")
+SUBTB_WEIGHTINGS = ("geometric_within", "equal_within", "equal", "TB", "ModifiedDB", "DB")
 SAMPLER_NAMES = ("sampler", "local_search")
 LAUNCHERS = ("auto", "local", "torchrun", "ray")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -162,16 +163,23 @@ class ModelConfig:
 class LossConfig:
     """The GFlowNet objective and its parameters."""
 
-    name: str = "tb"  # tb | lpv | rtb | relative_lpv | trust_pcl
+    name: str = "tb"  # tb | lpv | rtb | relative_lpv | trust_pcl | db | modified_db | subtb | fm
     init_logZ: float = 0.0  # initial learned logZ (tb, rtb, trust_pcl)
     beta: float = 1.0  # reward exponent of the relative losses: target ∝ prior * R ** beta
     alpha: float = 1.0  # Trust-PCL regularisation weight (alpha = 1 / beta)
     log_reward_clip_min: float = -math.inf  # log-rewards are clamped from below to this
     prior_checkpoint: Optional[str] = None  # relative losses: prior P_F from a file saved by a run (policy.pt)
     prior_seed: int = 1234  # relative losses without a checkpoint: prior = the model's P_F initialised with this seed
+    subtb_weighting: str = "geometric_within"  # subtb: sub-trajectory weights (arXiv:2209.12782; torchgfn's names)
+    subtb_lamda: float = 0.9  # subtb: geometric weight λ^(length - 1) of a sub-trajectory (> 0)
+    forward_looking: bool = False  # db / subtb: flows log F(s) + log R(s) (arXiv:2302.01687); learners compute R(s)
+    fm_alpha: float = 1.0  # fm: weight of the reward-matching term (>= 0)
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, LOSS_NAMES)
+        _choice("loss.subtb_weighting", self.subtb_weighting, SUBTB_WEIGHTINGS)
+        _positive("loss.subtb_lamda", self.subtb_lamda)
+        _positive("loss.fm_alpha", self.fm_alpha, allow_zero=True)
         _positive("loss.beta", self.beta)
         _positive("loss.alpha", self.alpha)
         if self.prior_checkpoint and not Path(self.prior_checkpoint).is_file():
@@ -181,6 +189,11 @@ class LossConfig:
     def is_relative(self) -> bool:
         """Whether the loss fine-tunes against a frozen prior policy."""
         return self.name in ("rtb", "relative_lpv", "trust_pcl")
+
+    @property
+    def has_state_flow(self) -> bool:
+        """Whether the loss learns a log-state-flow network (part of the learner's model only)."""
+        return self.name in ("db", "subtb")
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -138,6 +138,32 @@ class DiscreteEnv(Env):
         maker = self.States.make_sink_states if sink else self.States.make_initial_states
         return maker(batch_shape, device=self.device)
 
+    def states_from_batch_shape(
+        self,
+        batch_shape: int | Sequence[int],
+        random: bool = False,
+        sink: bool = False,
+        conditions: Optional[torch.Tensor] = None,
+    ) -> DiscreteStates:
+        """Initial, sink (``sink``) or uniformly random (``random``) states of ``batch_shape``
+        (torchgfn's signature).
+
+        Raises:
+            ValueError: if both ``random`` and ``sink``, or ``conditions`` are given
+                (gfn_dist keeps conditions on the trajectories, not on states).
+            NotImplementedError: ``random`` on an environment that cannot enumerate its states.
+        """
+        if random and sink:
+            raise ValueError("states_from_batch_shape: random and sink are exclusive")
+        if conditions is not None:
+            raise ValueError("states_from_batch_shape: conditions are not stored on states in gfn_dist")
+        if not random:
+            return self.reset(batch_shape, sink=sink)
+        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        all_x = self.all_states.tensor
+        idx = torch.randint(all_x.shape[0], shape, device=all_x.device)
+        return self.States(all_x[idx])
+
     def states_from_tensor(self, tensor: torch.Tensor) -> DiscreteStates:
         return self.States(tensor)
 

@@ -83,7 +83,7 @@ from gfn_dist.containers.splice import (  # noqa: F401  (re-exported: part of th
     splice_trajectories_loop,
 )
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.samplers import Sampler
+from gfn_dist.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ class LocalSearchSampler(Sampler):
         save_logprobs: bool = False,
         back_steps: Optional[int | torch.Tensor] = None,
         back_ratio: Optional[float] = None,
-        use_metropolis_hastings: bool = False,
+        use_metropolis_hastings: bool = True,
         debug: bool = False,
         **policy_kwargs,
     ) -> tuple[Trajectories, torch.Tensor]:
@@ -392,8 +392,9 @@ class LocalSearchSampler(Sampler):
             back_ratio: K = ``ceil(back_ratio * length)``, ``length`` = non-exit
                 transitions of the backward walk (= the input's on graded DAGs).
                 Give exactly one of ``back_steps`` / ``back_ratio``.
-            use_metropolis_hastings: MH acceptance (module doc); otherwise greedy:
-                accept iff ``log R(x') >= log R(x)``.
+            use_metropolis_hastings: MH acceptance (module doc; default True, as torchgfn's
+                ``local_search``; ``sample_trajectories`` defaults to False, as torchgfn's);
+                otherwise greedy: accept iff ``log R(x') >= log R(x)``.
             debug: check the vectorized splice against ``splice_trajectories_loop``
                 and replay the new trajectories (slow).
             **policy_kwargs: exploration parameters for both policies (temperature, epsilon, ...).

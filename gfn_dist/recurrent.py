@@ -9,12 +9,20 @@ forcing: one LSTM / GRU call over the trajectory's whole token sequence.
 
 Input representation (the choice made here)
 -------------------------------------------
+Module protocol (seed 001): ``module(tokens (N, T), carry) -> (logits (N, T, A),
+new_carry)``, batch first, with ``module.init_carry(batch_size, device)``; float
+features ``(N, T, V)`` may replace the tokens. Rollout calls it with T = 1 (one new
+token per step, the carry threaded); teacher-forced recomputation calls it once
+with the whole sequence (T = trajectory length) from the initial carry, or
+``module.forward_sequence(tokens, carry0) -> logits`` when the module has that
+optional fast path (e.g. it skips building the final carry).
+
 Each rollout step feeds the sequence model ONE token, the index of the action
 that led to the current state, against the carry; s0 gets a BOS token equal to
 the exit index ``n_actions - 1`` (exit never leads to a non-sink state, so the
 index is free). The per-step cost is therefore one RNN cell step, whatever the
 trajectory length: the prefix is never re-fed. Tokens are computed from states
-by a ``StepTokenizer`` (the estimator's preprocessor):
+by a ``StepTokenizer`` (the estimator's preprocessor; ``gfn_dist.tokenizers``):
 
 * ``LastWordTokenizer`` (``BitSequence``): the state alone identifies the last
   action, its last filled word.
@@ -42,113 +50,23 @@ from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.estimators import DiscretePolicyEstimator, PolicyMixin, RolloutContext
+from gfn_dist.policy import DiscretePolicyEstimator, PolicyMixin, RolloutContext
 from gfn_dist.preprocessors import Preprocessor
+from gfn_dist.tokenizers import (  # noqa: F401  (re-exported: part of this module's API)
+    FilledPositionTokenizer,
+    LastWordTokenizer,
+    StepTokenizer,
+    last_action_tokenizer,
+)
 
 Carry = dict  # dict[str, torch.Tensor], batch on dim ``carry_batch_dim``
-
-
-# ----------------------------------------------------------------------------
-# Tokenizers: state (and previous state) -> token of the last action
-# ----------------------------------------------------------------------------
-class StepTokenizer(Preprocessor):
-    """Maps each state to the token of the action that led to it (BOS at s0).
-
-    ``output_dim`` is the vocabulary size V (BOS included). Tokens are int64.
-    Rows holding the sink state sf map to some valid token (their outputs are
-    discarded downstream).
-
-    Attributes:
-        bos: the BOS token (s0, or no previous state).
-        uses_previous_state: whether ``step_tokens`` needs the previous states.
-    """
-
-    uses_previous_state: bool = False
-
-    def __init__(self, vocab_size: int, bos: int):
-        super().__init__(vocab_size)
-        self.bos = int(bos)
-
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tokens ``(*B,)`` int64 of states ``x (*B, *state_shape)``; ``prev_x`` same shape or None."""
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def sequence_tokens(self, x_TN: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(T, N)`` of a time-major state sequence ``(T, N, *state_shape)`` starting at s0."""
-        first = torch.full((1, x_TN.shape[1]), self.bos, dtype=torch.long, device=x_TN.device)
-        if x_TN.shape[0] == 1:
-            return first
-        rest = self.step_tokens(x_TN[1:], x_TN[:-1] if self.uses_previous_state else None)
-        return torch.cat([first, rest], dim=0)
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        return self.step_tokens(x, None)
-
-
-class LastWordTokenizer(StepTokenizer):
-    """``BitSequence`` tokens: the last filled word (= the last action), BOS = ``n_words``.
-
-    States are ``(*B, L)`` words with -1 for empty positions (and -2 for sf, which maps to BOS).
-
-    Args:
-        n_words: words per position (``2**word_size``); V = n_words + 1.
-    """
-
-    def __init__(self, n_words: int):
-        super().__init__(n_words + 1, bos=n_words)
-        self.n_words = int(n_words)
-
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        k = (x >= 0).sum(-1, keepdim=True)
-        last = x.gather(-1, (k - 1).clamp(min=0)).squeeze(-1)
-        return torch.where(k.squeeze(-1) > 0, last, self.bos).long()
-
-
-class FilledPositionTokenizer(StepTokenizer):
-    """``NonAutoregressiveBitSequence`` tokens: ``position * n_words + word`` of the position
-    filled between the previous state and this one; BOS = ``L * n_words`` (s0, sf, no change).
-
-    Args:
-        length: positions L.
-        n_words: words per position; V = L * n_words + 1.
-    """
-
-    uses_previous_state = True
-
-    def __init__(self, length: int, n_words: int):
-        super().__init__(length * n_words + 1, bos=length * n_words)
-        self.length, self.n_words = int(length), int(n_words)
-
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if prev_x is None:
-            return torch.full(x.shape[:-1], self.bos, dtype=torch.long, device=x.device)
-        filled = (prev_x < 0) & (x >= 0)
-        pos = filled.to(torch.uint8).argmax(-1, keepdim=True)
-        word = x.gather(-1, pos).clamp(0, self.n_words - 1)
-        tok = (pos * self.n_words + word).squeeze(-1)
-        return torch.where(filled.any(-1), tok, self.bos).long()
-
-
-def last_action_tokenizer(env) -> StepTokenizer:
-    """The ``StepTokenizer`` of a built-in sequence environment.
-
-    Raises:
-        ValueError: for an environment without a built-in tokenizer.
-    """
-    from gfn_dist.gym.bitsequence import BitSequence, NonAutoregressiveBitSequence
-
-    if isinstance(env, NonAutoregressiveBitSequence):
-        return FilledPositionTokenizer(env.length, env.n_words)
-    if isinstance(env, BitSequence):
-        return LastWordTokenizer(env.n_words)
-    raise ValueError(f"last_action_tokenizer: no built-in tokenizer for {type(env).__name__}; write a StepTokenizer")
 
 
 # ----------------------------------------------------------------------------
 # Sequence model
 # ----------------------------------------------------------------------------
 class RecurrentDiscreteSequenceModel(nn.Module):
-    """LSTM / GRU over tokens: ``model(step_input, carry) -> (logits, new_carry)``.
+    """LSTM / GRU over tokens: ``model(tokens (N, T), carry) -> (logits (N, T, output_dim), new_carry)``.
 
     The input projection is a table ``W (V, E)``: an int token t is embedded as
     ``W[t]``; float features ``f (..., V)`` as ``f @ W`` (the same map on one-hot
@@ -222,19 +140,25 @@ class RecurrentDiscreteSequenceModel(nn.Module):
         y, h = self.rnn(emb_NTE, carry["h"])
         return self.head(self.dropout(y)), {"h": h}
 
-    def forward(self, step_input: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
-        """One step.
+    def forward(self, tokens: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        """T steps from ``carry`` (seed 001's protocol; rollouts use T = 1).
 
         Args:
-            step_input: int64 tokens ``(N,)`` or float features ``(N, V)``.
-            carry: from ``init_carry`` or the previous step.
+            tokens: int64 ``(N, T)`` or float features ``(N, T, V)``.
+            carry: from ``init_carry`` or the previous call.
 
         Returns:
-            ``(logits (N, output_dim), new_carry)``.
+            ``(logits (N, T, output_dim), new_carry)``.
+
+        Raises:
+            ValueError: if ``tokens`` is not ``(N, T)`` int64 or ``(N, T, V)`` float.
         """
-        emb = self._embed(step_input).unsqueeze(1)  # (N, 1, E): one time step
-        logits, new_carry = self._run(emb, carry)
-        return logits.squeeze(1), new_carry
+        if tokens.dim() != (3 if tokens.is_floating_point() else 2):
+            raise ValueError(
+                f"RecurrentDiscreteSequenceModel: expected tokens (N, T) or features (N, T, V), "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        return self._run(self._embed(tokens), carry)
 
     def forward_sequence(self, tokens: torch.Tensor, carry0: Carry) -> torch.Tensor:
         """Teacher forcing: one RNN call over whole sequences.
@@ -287,12 +211,15 @@ class RecurrentPolicyMixin(PolicyMixin):
     def init_context(self, batch_size: int, device, conditions: Optional[torch.Tensor] = None) -> RolloutContext:
         """A fresh context whose ``carry`` is ``self.init_carry(batch_size, device)``.
 
+        ``conditions`` ``(N, cond_dim)`` are kept in ``ctx.conditions`` (as torchgfn does);
+        the built-in recurrent estimator does not read them, a subclass's ``compute_dist`` may.
+
         Raises:
-            ValueError: if ``conditions`` are given (conditional recurrent policies are not supported).
+            TypeError: if the estimator has no ``init_carry``.
         """
-        if conditions is not None:
-            raise ValueError(f"{type(self).__name__}: conditions are not supported by recurrent policies")
-        ctx = super().init_context(batch_size, device, None)
+        if not callable(getattr(self, "init_carry", None)):
+            raise TypeError(f"{type(self).__name__}: a recurrent policy needs init_carry(batch_size, device)")
+        ctx = super().init_context(batch_size, device, conditions)
         ctx.carry = self.init_carry(batch_size, ctx.device)
         return ctx
 
@@ -353,14 +280,17 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
     """Forward policy from a sequence model with a carry (e.g. ``RecurrentDiscreteSequenceModel``).
 
     Args:
-        module: ``module(step_input, carry) -> (logits (N, n_actions), new_carry)``, with
-            ``init_carry(batch_size, device)`` and, for teacher forcing,
-            ``forward_sequence(inputs (N, T, ...), carry0) -> (N, T, n_actions)``.
+        module: ``module(tokens (N, T), carry) -> (logits (N, T, n_actions), new_carry)``
+            (seed 001; float features ``(N, T, V)`` when the preprocessor is not a
+            ``StepTokenizer``), with ``init_carry(batch_size, device)``; optionally
+            ``forward_sequence(tokens, carry0) -> logits (N, T, n_actions)``, a fast
+            path for teacher forcing.
         n_actions: the environment's number of actions (exit included).
         preprocessor: a ``StepTokenizer`` (default ``LastWordTokenizer(n_actions - 1)``, right
             for ``BitSequence``; use ``last_action_tokenizer(env)`` for other built-in
             envs), or any ``Preprocessor`` (the model then reads the newest state's features).
         is_backward: must be False (recurrent backward policies are not supported).
+        debug: see ``Estimator``.
 
     Raises:
         ValueError: if ``is_backward``, or the module's ``input_dim`` is smaller than the
@@ -373,6 +303,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
         n_actions: int,
         preprocessor: Optional[Preprocessor] = None,
         is_backward: bool = False,
+        debug: bool = False,
     ):
         if is_backward:
             raise ValueError("RecurrentDiscretePolicyEstimator: is_backward=True is not supported (forward policies only)")
@@ -384,7 +315,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
                 f"RecurrentDiscretePolicyEstimator: module input_dim={in_dim} is smaller than the "
                 f"tokenizer's vocabulary ({preprocessor.output_dim} tokens)"
             )
-        super().__init__(module, n_actions, preprocessor, is_backward)
+        super().__init__(module, n_actions, preprocessor, is_backward, debug)
 
     def init_carry(self, batch_size: int, device) -> Carry:
         """The module's initial carry for ``batch_size`` trajectories."""
@@ -411,7 +342,13 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
                 when the preprocessor ``uses_previous_state``.
         """
         x = states.tensor if hasattr(states, "tensor") else states
-        out, new_carry = self.module(self._step_inputs(x, prev_states), carry)
+        out, new_carry = self.module(self._step_inputs(x, prev_states).unsqueeze(1), carry)  # T = 1
+        if out.dim() != 3 or out.shape[1] != 1:
+            raise ValueError(
+                f"{type(self).__name__}: the module must map tokens (N, 1) to logits (N, 1, {self.n_actions}), "
+                f"got {tuple(out.shape)}"
+            )
+        out = out.squeeze(1)
         self._check_output(out)
         return out, new_carry
 
@@ -429,9 +366,10 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
     def teacher_forced_log_probs(self, trajectories: Trajectories, **policy_kwargs) -> torch.Tensor:
         """log P_F of every action of stored forward trajectories, float ``(T, N)``, 0 on padding.
 
-        One ``module.forward_sequence`` call over all whole input sequences (teacher
-        forcing), masked with the forward masks of ``states[:-1]``. Equal to the
-        per-step rollout's log-probs of the same actions.
+        One module call over all whole input sequences from the initial carry (teacher
+        forcing; ``module.forward_sequence`` when the module has it), masked with the
+        forward masks of ``states[:-1]``. Equal to the per-step rollout's log-probs of
+        the same actions.
 
         Raises:
             ValueError: for backward trajectories, or an action outside its forward mask
@@ -449,7 +387,9 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
             inputs = self.preprocessor.sequence_tokens(x_TN).transpose(0, 1)  # (N, T)
         else:
             inputs = self.preprocessor(x_TN).transpose(0, 1)  # (N, T, V)
-        logits_NTA = self.module.forward_sequence(inputs, self.init_carry(N, trajectories.device))
+        carry0 = self.init_carry(N, trajectories.device)
+        fast = getattr(self.module, "forward_sequence", None)
+        logits_NTA = fast(inputs, carry0) if fast is not None else self.module(inputs, carry0)[0]
         self._check_output(logits_NTA)
         dist = self.to_probability_distribution(env.States(x_TN), logits_NTA.transpose(0, 1), **policy_kwargs)
         valid_TN = actions_TN >= 0

@@ -103,6 +103,36 @@ class States:
     def stack(cls, states: Sequence["States"]) -> "States":
         return cls(torch.stack([s.tensor for s in states], dim=0))
 
+    def extend(self, other: "States") -> None:
+        """Appends ``other`` in place (torchgfn's ``States.extend``).
+
+        Batch shape ``(N,)``: concatenation along dim 0. Batch shape ``(T, N)`` (states of
+        trajectories): both are padded with sf to the longer T, then concatenated along N.
+
+        Raises:
+            ValueError: on other batch ranks, mismatched ranks or devices.
+        """
+        if other.device != self.device:
+            raise ValueError(f"extend: states on {other.device}, expected {self.device}")
+        nb, ob = len(self.batch_shape), len(other.batch_shape)
+        if nb != ob or nb not in (1, 2):
+            raise ValueError(f"extend: batch shapes {self.batch_shape} and {other.batch_shape} (need both 1-D or 2-D)")
+        if nb == 1:
+            self.tensor = torch.cat([self.tensor, other.tensor], dim=0)
+        else:
+            T = max(self.batch_shape[0], other.batch_shape[0])
+            self.tensor = torch.cat([self._padded(self.tensor, T), self._padded(other.tensor, T)], dim=1)
+        self._invalidate()
+
+    def _padded(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        if x.shape[0] == T:
+            return x
+        pad = self.sf.to(x.device).expand(T - x.shape[0], x.shape[1], *self.state_shape)
+        return torch.cat([x, pad.to(x.dtype)], dim=0)
+
+    def _invalidate(self) -> None:
+        """Drops cached values derived from ``tensor`` (none here; masks in ``DiscreteStates``)."""
+
 
 class DiscreteStates(States):
     """States of a discrete environment, with lazily computed action masks.
@@ -154,6 +184,9 @@ class DiscreteStates(States):
 
     def clone(self) -> "DiscreteStates":
         return type(self)(self.tensor.clone())
+
+    def _invalidate(self) -> None:
+        self._forward_masks = self._backward_masks = None
 
     def to(self, device) -> "DiscreteStates":
         return type(self)(self.tensor.to(device))

@@ -82,7 +82,8 @@ def test_gumbel_sampling_frequencies():
     dist = MaskedCategorical(logits)
     n = 20000
     samples = dist.sample((n,))
-    assert samples.shape == (n, 2)
+    assert samples.shape == (n, 2, 1)  # torchgfn's categorical shape: the action dimension is kept
+    samples = samples.squeeze(-1)
     probs = dist.probs
     for row in range(2):
         counts = torch.bincount(samples[:, row], minlength=4).double()

@@ -339,7 +339,7 @@ def test_greedy_never_lowers_reward():
     pf, pb = make_policies(env, scale=2.0)  # random MLP P_B
     s = LocalSearchSampler(pf, pb)
     tr = s.sample_trajectories(env, n=128)
-    out, updated = s.local_search(env, tr, back_ratio=0.5)
+    out, updated = s.local_search(env, tr, back_ratio=0.5, use_metropolis_hastings=False)  # default: MH
     assert (out.log_rewards >= tr.log_rewards).all()
     assert (out.log_rewards > tr.log_rewards).any()  # not vacuous
     # Rejected rows are the input unchanged.

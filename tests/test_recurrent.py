@@ -200,8 +200,10 @@ def test_invalid_uses_raise():
     pf = RecurrentDiscretePolicyEstimator(model, env.n_actions)
     with pytest.raises(NotImplementedError):
         pf.log_prob_table(env.all_states)
-    with pytest.raises(ValueError, match="conditions"):
-        pf.init_context(2, "cpu", conditions=torch.zeros(2, 1))
+    # Conditions are kept in the context (torchgfn's behaviour), not refused.
+    cond = torch.zeros(2, 1)
+    ctx = pf.init_context(2, "cpu", conditions=cond)
+    assert ctx.conditions is cond and ctx.carry["h"].shape == (1, 2, 8)
     traj = tree_trajectories(env)
     traj.actions_tensor = traj.actions_tensor.clone()
     traj.actions_tensor[0, 3, 0] = env.n_actions - 1  # exit from s0: outside the forward mask

@@ -134,7 +134,8 @@ def test_rtb_residual_closed_form():
     torch.testing.assert_close(gfn._compute_rtb_scores(env, traj).double(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(gfn.get_scores(env, traj).double(), expected, atol=1e-5, rtol=0)  # torchgfn order
     per = gfn.loss(env, traj, reduction="none")
-    torch.testing.assert_close(per.double(), (expected + 0.3) ** 2, atol=1e-4, rtol=0)
+    # Default loss_fn: half-squared residuals (torchgfn 2.4.1's HalfSquaredLoss for the RTB family).
+    torch.testing.assert_close(per.double(), 0.5 * (expected + 0.3) ** 2, atol=1e-4, rtol=0)
     torch.testing.assert_close(gfn.loss(env, traj, reduction="sum"), per.sum())
     torch.testing.assert_close(gfn.loss(env, traj), per.mean())
     with pytest.raises(ValueError, match="reduction"):
@@ -185,7 +186,7 @@ def test_relative_lpv_is_rtb_at_batch_optimal_logz():
     per_rtb = rtb.loss(env, traj, reduction="none")
     assert per_lpv.shape == per_rtb.shape == (24,)
     torch.testing.assert_close(per_lpv, per_rtb, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(per_lpv, (scores - scores.mean()) ** 2, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(per_lpv, 0.5 * (scores - scores.mean()) ** 2, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lpv.loss(env, traj), rtb.loss(env, traj), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lpv.loss(env, traj, reduction="sum"), per_lpv.sum())
     # logZ* is a stationary point in logZ, so the policy gradients agree as well.
@@ -196,7 +197,8 @@ def test_relative_lpv_is_rtb_at_batch_optimal_logz():
     # ... and at any other logZ the RTB loss is strictly larger.
     with torch.no_grad():
         rtb.logZ.add_(0.5)
-        assert float(rtb.loss(env, traj)) > float(lpv.loss(env, traj)) + 0.2
+        # The gap is exactly ½ · 0.5² = 0.125 (centred residuals have mean 0).
+        assert float(rtb.loss(env, traj)) > float(lpv.loss(env, traj)) + 0.1
 
 
 @pytest.mark.parametrize("alpha", [0.25, 1.0, 3.0])
@@ -218,11 +220,11 @@ def test_trust_pcl_is_scaled_rtb(alpha):
             torch.testing.assert_close(got, alpha**2 * rtb.loss(env, traj, reduction=reduction, **kw))
 
     # Path consistency of Trust-PCL (arXiv:1707.01891) with terminal reward log R:
-    # (V(s0) - log R(x) + α Σ_t log(π(a|s) / π_ref(a|s)))^2.
+    # ½ (V(s0) - log R(x) + α Σ_t log(π(a|s) / π_ref(a|s)))^2 (= α² · ½ r_RTB², the default half square).
     with torch.no_grad():
         tp.logZ.add_(0.37)
     log_ratio = (get_trajectory_pfs(pf, traj) - get_trajectory_pfs(prior, traj)).sum(0)
-    pcl = (tp.v_soft_s0 - traj.log_rewards + alpha * log_ratio) ** 2
+    pcl = 0.5 * (tp.v_soft_s0 - traj.log_rewards + alpha * log_ratio) ** 2
     torch.testing.assert_close(tp.loss(env, traj, reduction="none"), pcl, atol=1e-4, rtol=1e-4)
 
     # v_soft_s0 is alpha * logZ also after a gradient step.

@@ -21,7 +21,9 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
-from gfn_dist.samplers import Sampler
+from gfn_dist.gflownet.losses import SquaredLoss
+from gfn_dist.policy import ScalarEstimator
+from gfn_dist.sampling import Sampler
 
 
 def _gather_valid(x_TN: Optional[torch.Tensor], flat_idx: torch.Tensor) -> Optional[torch.Tensor]:
@@ -52,8 +54,9 @@ def get_trajectory_pfs(
     """log P_F of every action, float ``(T, N)``, 0 on padding.
 
     With ``recalculate_all_logprobs=False`` the log-probs saved while sampling
-    are returned when present (on-policy), and saved estimator outputs are
-    reused when present.
+    are returned when present (on-policy; differentiable when they were sampled
+    with ``save_logprobs=True`` under grad mode), and saved estimator outputs are
+    reused when present (pre-set as ``ctx.current_estimator_output``).
 
     Raises:
         ValueError: for backward trajectories, or (``check_finite``) if a stored
@@ -65,8 +68,9 @@ def get_trajectory_pfs(
     if not recalculate_all_logprobs and trajectories.log_probs is not None:
         if torch.is_grad_enabled() and not trajectories.log_probs.requires_grad:
             warnings.warn(
-                "recalculate_all_logprobs=False reuses log-probs saved while sampling, which carry no "
-                "gradient (gfn_dist samples under no_grad): P_F gets no gradient from this loss.",
+                "recalculate_all_logprobs=False reuses log-probs saved while sampling, and these carry "
+                "no gradient (sampled under torch.no_grad() or read from replay): P_F gets no gradient "
+                "from this loss. Sample with save_logprobs=True under grad mode, or recalculate.",
                 stacklevel=3,
             )
         return trajectories.log_probs
@@ -84,7 +88,7 @@ def get_trajectory_pfs(
     states_M = env.States(_gather_valid(trajectories.states_tensor[:-1], flat_idx))
     ctx = pf.init_context(flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx))
     if not recalculate_all_logprobs and trajectories.estimator_outputs is not None:
-        ctx.extras["precomputed_estimator_output"] = _gather_valid(trajectories.estimator_outputs, flat_idx)
+        ctx.current_estimator_output = _gather_valid(trajectories.estimator_outputs, flat_idx)
     dist, ctx = pf.compute_dist(states_M, ctx)
     lp_M, ctx = pf.log_probs(_gather_valid(actions_TN, flat_idx), dist, ctx, vectorized=True)
     if check_finite:
@@ -239,18 +243,26 @@ class GFlowNet(nn.Module):
     def loss(self, env, trajectories: Trajectories, **kwargs) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
-        """This rank's share of the global-batch loss (DDP learners; log-probs recomputed).
+    def distributed_loss(
+        self,
+        env,
+        trajectories: Trajectories,
+        batch_mean: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """This rank's loss when a global batch is split over ranks in equal shares.
 
-        Args:
-            env: the environment.
-            trajectories: this rank's ``N`` trajectories.
-            batch_mean: ``(N,) -> ()``: the differentiable mean over the global batch (all ranks).
+        Contract: the average over ranks of the returned scalars (DDP averages their
+        gradients) is the loss of the global batch. ``batch_mean(x)`` maps a per-trajectory
+        tensor ``x (N,)`` of this rank's share to the global-batch mean, a differentiable
+        scalar (an all-reduce across ranks; ``x.mean()`` in one process). Log-probs are
+        always recomputed (learners train from replay).
 
-        Returns:
-            a scalar whose average over ranks (DDP's gradient averaging) is the global-batch loss.
-            Per-trajectory losses return their local mean; losses that centre by the batch mean
-            (LPV-type) override this to centre by ``batch_mean``.
+        The default, ``self.loss(env, trajectories, recalculate_all_logprobs=True)``, is right
+        for every loss that is a mean over trajectories of per-trajectory terms (TB, RTB,
+        Trust-PCL, SubTB's within-trajectory weightings). Losses with a batch-wide
+        statistic override it: LPV and relative LPV centre their scores with ``batch_mean``;
+        DB / modified DB / FM / SubTB (``equal``, ``DB``) average over transitions or
+        states, normalised by their global count ``batch_mean(count per trajectory)``.
         """
         return self.loss(env, trajectories, recalculate_all_logprobs=True)
 
@@ -305,10 +317,6 @@ def scores_arguments(trajectories, recalculate_all_logprobs, env):
     return moved, True, trajectories
 
 
-def _square(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(2)
-
-
 class TrajectoryBasedGFlowNet(GFlowNet):
     """A GFlowNet whose loss is a function of whole trajectories.
 
@@ -318,7 +326,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         constant_pb: P_B is 1 (tree DAG); pb is ignored.
         log_reward_clip_min: log-rewards are clamped from below to this value when finite.
         debug: check scores for NaN / inf and raise.
-        loss_fn: maps residuals ``(N,)`` to per-trajectory losses; default square.
+        loss_fn: maps residuals ``(N,)`` to per-trajectory losses; default ``SquaredLoss()`` (r²).
 
     Raises:
         ValueError: if ``pb`` is None and ``constant_pb`` is False.
@@ -341,7 +349,17 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         self.constant_pb = constant_pb
         self.log_reward_clip_min = float(log_reward_clip_min)
         self.debug = debug
-        self.loss_fn = loss_fn or _square
+        self.loss_fn = loss_fn or SquaredLoss()
+
+    def pf_pb_parameters(self) -> list[nn.Parameter]:
+        """Parameters of P_F and (unless ``constant_pb``) P_B, without duplicates (shared trunks)."""
+        mods = [self.pf] + ([self.pb] if self.pb is not None and not self.constant_pb else [])
+        seen, out = set(), []
+        for p in (p for m in mods for p in m.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
 
     def get_pfs_and_pbs(
         self, trajectories: Trajectories, recalculate_all_logprobs: bool = True
@@ -409,7 +427,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         (finite iff every score is, short of overflow; one host sync and no extra reduction);
         otherwise on the scores, as ``get_scores`` does.
         """
-        fold = self.loss_fn is _square and reduction != "none"
+        fold = getattr(self.loss_fn, "finite_iff_input_finite", False) and reduction != "none"
         scores = self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=not fold, offset=offset)
         loss = reduce_loss(scores_to_loss(scores), reduction)
         if fold and not math.isfinite(float(loss.detach())):
@@ -444,8 +462,6 @@ class LogZMixin:
         Raises:
             ValueError: if logZ is a ``ScalarEstimator`` and the trajectories have no conditions.
         """
-        from gfn_dist.estimators import ScalarEstimator
-
         if isinstance(self.logZ, ScalarEstimator):
             if trajectories.conditions is None:
                 raise ValueError("logZ is a ScalarEstimator but the trajectories have no conditions")

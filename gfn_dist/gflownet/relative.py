@@ -3,7 +3,8 @@
 * ``RelativeTrajectoryBalanceGFlowNet`` (RTB): Venkatraman et al. 2024,
   "Amortizing intractable inference in diffusion models for vision, language,
   and control", arXiv:2405.20971. Per trajectory
-  ``(logZ + Σ log p_post - Σ log p_prior - β log r(x))^2``. At the optimum
+  ``½ (logZ + Σ log p_post - Σ log p_prior - β log r(x))^2`` (the default
+  ``HalfSquaredLoss``; any ``loss_fn`` can replace it). At the optimum
   ``p_post(τ) ∝ p_prior(τ) r(x)^β`` for every trajectory, so the posterior's
   terminal marginal is ``P_T^post(x) ∝ P_T^prior(x) r(x)^β`` (on any DAG: both
   sides are sums over the same trajectories, so no backward policy is needed).
@@ -34,7 +35,8 @@ from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
-from gfn_dist.estimators import ScalarEstimator
+from gfn_dist.policy import ScalarEstimator
+from gfn_dist.gflownet.losses import HalfSquaredLoss
 from gfn_dist.gflownet.base import (
     LogZMixin,
     TrajectoryBasedGFlowNet,
@@ -65,7 +67,9 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         beta: reward exponent β > 0 (the target is ``∝ P_T^prior(x) r(x)^β``).
         log_reward_clip_min: log-rewards are clamped from below to this value when finite.
         debug: check residuals for NaN / inf and raise.
-        loss_fn: maps residuals ``(N,)`` to per-trajectory losses; default square.
+        loss_fn: maps residuals ``(N,)`` to per-trajectory losses; default ``HalfSquaredLoss()``
+            (``½ r²``, torchgfn 2.4.1's default for the whole RTB family: gradients equal the
+            residuals, so learning rates carry over from torchgfn).
 
     Raises:
         ValueError: if ``prior_pf`` has a trainable parameter, is ``pf`` itself,
@@ -83,7 +87,8 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         super().__init__(
-            pf, None, constant_pb=True, log_reward_clip_min=log_reward_clip_min, debug=debug, loss_fn=loss_fn
+            pf, None, constant_pb=True, log_reward_clip_min=log_reward_clip_min, debug=debug,
+            loss_fn=loss_fn or HalfSquaredLoss(),
         )
         if prior_pf is None:
             raise ValueError("prior_pf is None: RTB needs a fixed prior forward policy")
@@ -162,7 +167,7 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
 class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
     """Relative Trajectory Balance (Venkatraman et al. 2024, arXiv:2405.20971).
 
-    Per trajectory ``(logZ + Σ log p_post(τ) - Σ log p_prior(τ) - β log r(x))^2``;
+    Per trajectory ``½ (logZ + Σ log p_post(τ) - Σ log p_prior(τ) - β log r(x))^2``;
     at the optimum ``logZ = log Σ_x P_T^prior(x) r(x)^β`` and the posterior samples
     ``x ∝ P_T^prior(x) r(x)^β``.
 
@@ -221,7 +226,7 @@ class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
 class RelativeLogPartitionVarianceGFlowNet(RelativeTBBase):
     """RTB with logZ eliminated by variance minimization (cf. arXiv:2405.20971, arXiv:2302.05446).
 
-    Per trajectory ``(s - mean(s))^2`` with RTB residuals
+    Per trajectory ``½ (s - mean(s))^2`` with RTB residuals
     ``s = Σ log p_post - Σ log p_prior - β log r(x)``: the RTB loss at the
     batch-optimal ``logZ* = -mean(s)``. No learnable logZ.
 
@@ -241,8 +246,9 @@ class RelativeLogPartitionVarianceGFlowNet(RelativeTBBase):
         scores_N = self._compute_rtb_scores(env, trajectories, log_rewards, recalculate_all_logprobs)
         return reduce_loss(self.loss_fn(scores_N - scores_N.mean()), reduction)
 
-    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
-        """Relative LPV of the global batch: RTB scores centred by their global mean (``batch_mean``)."""
+    def distributed_loss(self, env, trajectories: Trajectories, batch_mean: Callable) -> torch.Tensor:
+        """Relative LPV over the global batch: RTB residuals centred by ``batch_mean``
+        (the global mean), then this rank's mean (see ``GFlowNet.distributed_loss``)."""
         scores_N = self._compute_rtb_scores(env, trajectories, None, True)
         return self.loss_fn(scores_N - batch_mean(scores_N)).mean()
 

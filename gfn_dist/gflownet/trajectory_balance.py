@@ -8,7 +8,8 @@
   ``s = Σ log P_F - Σ log P_B - log R(x)``, per trajectory ``(s - mean(s))^2``:
   TB at the batch-optimal ``logZ = -mean(s)``, with no learned logZ.
 
-The relative losses (RTB, Relative LPV, Trust-PCL) are in ``gfn_dist.gflownet.relative``.
+The relative losses (RTB, Relative LPV, Trust-PCL) are in ``gfn_dist.gflownet.relative``
+and importable from here too (torchgfn's path).
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ import torch
 from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.estimators import ScalarEstimator
+from gfn_dist.policy import ScalarEstimator
 from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss, scores_arguments
+
+# torchgfn documents the relative losses in this module (seed 004); they live in
+# ``gfn_dist.gflownet.relative`` (which does not import this module) and are re-exported here.
+from gfn_dist.gflownet.relative import (  # noqa: F401
+    RelativeLogPartitionVarianceGFlowNet,
+    RelativeTBBase,
+    RelativeTrajectoryBalanceGFlowNet,
+    TrustPCLGFlowNet,
+)
 
 
 class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
@@ -97,7 +107,19 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
         scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
         return reduce_loss(self.loss_fn(scores - scores.mean()), reduction)
 
-    def distributed_loss(self, env, trajectories: Trajectories, batch_mean) -> torch.Tensor:
-        """LPV of the global batch: scores centred by their global mean (``batch_mean``)."""
-        scores_N = self.get_scores(trajectories, True, env)
-        return self.loss_fn(scores_N - batch_mean(scores_N)).mean()
+    def distributed_loss(self, env, trajectories: Trajectories, batch_mean: Callable) -> torch.Tensor:
+        """LPV over the global batch: scores centred by ``batch_mean`` (the global mean),
+        then this rank's mean (see ``GFlowNet.distributed_loss``)."""
+        scores = self.get_scores(trajectories, True, env)
+        return self.loss_fn(scores - batch_mean(scores)).mean()
+
+
+
+__all__ = [
+    "LogPartitionVarianceGFlowNet",
+    "RelativeLogPartitionVarianceGFlowNet",
+    "RelativeTBBase",
+    "RelativeTrajectoryBalanceGFlowNet",
+    "TBGFlowNet",
+    "TrustPCLGFlowNet",
+]

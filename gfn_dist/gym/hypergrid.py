@@ -24,15 +24,27 @@ from gfn_dist.states import DiscreteStates
 class HyperGrid(DiscreteEnv):
     """D-dimensional grid of side H.
 
+    Takes the seeds' spelling (``R0, R1, R2``) and, as keywords, torchgfn 2.4.1's
+    (``reward_fn_str="original"``, ``reward_fn_kwargs={"R0": ..}``, ...).
+
     Args:
         ndim: D, number of dimensions (>= 1).
         height: H, side length (>= 2).
         R0, R1, R2: reward constants of the "original" reward (R0 > 0).
         preprocessor: network input map; default ``KHotPreprocessor(H, D)``.
         device: device of states.
+        reward_fn_str: torchgfn's reward name; only ``"original"`` is implemented.
+        reward_fn_kwargs: torchgfn's reward constants ``{"R0", "R1", "R2"}``; override R0..R2.
+        calculate_partition, store_all_states, debug, mode_stats, mode_stats_samples:
+            accepted for torchgfn compatibility; gfn_dist enumerates states lazily,
+            always checks its inputs and counts modes exactly, so they change nothing.
+        validate_modes: raise if no state reaches the mode reward R0 + R1 + R2.
 
     Raises:
-        ValueError: on ndim < 1, height < 2 or R0 <= 0 (log R would be -inf).
+        TypeError: if R0 is a str (torchgfn's third positional argument is ``reward_fn_str``:
+            pass it by keyword).
+        ValueError: on ndim < 1, height < 2, R0 <= 0 (log R would be -inf), an unknown
+            reward or reward constant, or (``validate_modes``) a grid without modes.
     """
 
     def __init__(
@@ -44,7 +56,25 @@ class HyperGrid(DiscreteEnv):
         R2: float = 2.0,
         preprocessor: Optional[Preprocessor] = None,
         device: str | torch.device = "cpu",
+        *,
+        reward_fn_str: str = "original",
+        reward_fn_kwargs: Optional[dict] = None,
+        calculate_partition: bool = False,
+        store_all_states: bool = False,
+        debug: bool = False,
+        validate_modes: bool = False,
+        mode_stats: str = "none",
+        mode_stats_samples: int = 20000,
     ):
+        if isinstance(R0, str):
+            raise TypeError(f"HyperGrid: R0 must be a number, got {R0!r}; pass torchgfn's reward_fn_str= as a keyword")
+        if reward_fn_str != "original":
+            raise ValueError(f"HyperGrid: reward_fn_str must be 'original' (the only reward implemented), "
+                             f"got {reward_fn_str!r}")
+        unknown = sorted(set(reward_fn_kwargs or {}) - {"R0", "R1", "R2"})
+        if unknown:
+            raise ValueError(f"HyperGrid: reward_fn_kwargs: unknown keys {unknown} (expected R0, R1, R2)")
+        R0, R1, R2 = (float((reward_fn_kwargs or {}).get(k, v)) for k, v in (("R0", R0), ("R1", R1), ("R2", R2)))
         if ndim < 1:
             raise ValueError(f"HyperGrid: ndim must be >= 1, got {ndim}")
         if height < 2:
@@ -67,6 +97,9 @@ class HyperGrid(DiscreteEnv):
         self._powers = self.height ** torch.arange(ndim - 1, -1, -1, device=self.device)
         self._all_states: Optional[DiscreteStates] = None
         self._log_reward_table: Optional[torch.Tensor] = None
+        self.reward_fn_kwargs = {"R0": self.R0, "R1": self.R1, "R2": self.R2}
+        if validate_modes and self.n_modes == 0:
+            raise ValueError(f"HyperGrid: no state has the mode reward R0 + R1 + R2 (ndim={ndim}, height={height})")
 
     # ---- tensor hooks ------------------------------------------------------
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,4 +171,10 @@ class HyperGrid(DiscreteEnv):
 
     @property
     def n_modes(self) -> int:
+        """Number of mode states (exact)."""
         return int(self.mode_mask().sum())
+
+    def modes_found(self, states) -> set[int]:
+        """State indices (``get_states_indices``) of the modes among ``states`` ``(N,)``."""
+        mask = self.mode_mask(states)
+        return set(self.get_states_indices(states)[mask].tolist())
