@@ -88,4 +88,4 @@ def check_optional_dependencies(cfg: TrainConfig) -> None:
 def require_matplotlib(command: str = "gfn-dist plot") -> None:
     """Raises ``ConfigError`` (one line) when matplotlib, which ``command`` draws with, is missing."""
     if not has_module("matplotlib"):
-        raise ConfigError(f"{command}: needs matplotlib, which is not installed; pip install -e '.[plot]'")
+        raise ConfigError(f"{command}: needs matplotlib, which is not installed; pip install 'matplotlib>=3.7'")
