@@ -83,6 +83,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     presets = list_presets()
     if p.suffix not in PRESET_SUFFIXES and len(p.parts) == 1 and p.name in presets:
         return presets[p.name]
+    if not p.is_absolute() and p.parent == Path("configs") and p.stem in presets:
+        # `configs/NAME.yaml` as the docs write it, run from another directory (a Ray job's, a SLURM step's)
+        return presets[p.stem]
     available = ", ".join(presets) or f"none (no configs/ directory in {Path.cwd()})"
     what = "config file not found" if p.suffix in PRESET_SUFFIXES or len(p.parts) > 1 else "unknown preset"
     raise ConfigError(f"config: {what}: {name_or_path!r}; presets: {available} (gfn-dist config lists them)")

@@ -65,6 +65,8 @@ def test_missing_yaml_path(capsys):
 def test_preset_name_resolves_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: the package's own directory
     assert config_docs.resolve_config_path("hypergrid_tb") == ROOT / "configs" / "hypergrid_tb.yaml"
+    # The docs' `configs/NAME.yaml` from another directory (a Ray job's working directory)
+    assert config_docs.resolve_config_path("configs/hypergrid_tb.yaml") == ROOT / "configs" / "hypergrid_tb.yaml"
     (tmp_path / "configs").mkdir()  # the working directory's presets come first
     (tmp_path / "configs" / "hypergrid_tb.yaml").write_text("# mine\nlearner: {max_steps: 3}\n")
     (tmp_path / "configs" / "extra.yaml").write_text("learner: {max_steps: 5}\n")
