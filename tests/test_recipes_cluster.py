@@ -137,8 +137,8 @@ def test_launch_readme_ray_submit_sh(head, tmp_path):
 
 @pytest.mark.parametrize("template", ["ray_cluster.sbatch", "torchrun_multinode.sbatch"])
 def test_slurm_ray_node_stops_with_exit_code_0(template):
-    """The SLURM templates' Ray step (GFN_RAY_NODE_SH): banner in its log file, SIGTERM to every process
-    of the step (what `scancel --signal=TERM JOB.STEP` does) -> Ray stopped, exit code 0 (step COMPLETED)."""
+    """The SLURM templates' Ray step (GFN_RAY_NODE_SH): banner in its log file; SIGURG to every process of
+    the step (what `scancel --signal=URG JOB.STEP` does) -> Ray stopped, exit code 0 (step COMPLETED)."""
     text = (ROOT / "slurm" / template).read_text()
     start = text.index("export GFN_RAY_NODE_SH='") + len("export GFN_RAY_NODE_SH='")
     script = text[start:text.index("'", start)]
@@ -155,7 +155,7 @@ def test_slurm_ray_node_stops_with_exit_code_0(template):
     while "This command will now block forever" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole step, as slurmstepd signals it
+    os.killpg(proc.pid, signal.SIGURG)  # every process of the step, as `scancel --signal=URG` (stop_ray)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, (out, log.read_text()[-2000:])
     assert out == ""  # the banner went to the log file
