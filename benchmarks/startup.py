@@ -91,6 +91,7 @@ def main(argv=None) -> int:
                                                 "(e.g. logging.wandb.mode=disabled)")
     ns = p.parse_args(argv)
     results: dict[str, list[dict]] = {}
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for _ in range(ns.repeats):  # interleaved: every case sees the machine's drift alike
         for name, overrides in CASES.items():
             results.setdefault(name, []).append(run_train(overrides, ns.overrides))
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
                      f"**{_cell([r['overhead_s'] for r in runs])}** |")
     print("\n".join(lines))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{os.cpu_count()} CPUs, load average {load:.1f} at the end; median [min-max] of {ns.repeats} run(s)")
+    print(f"\n{os.cpu_count()} CPUs, load average {load0:.1f} at the start, {load:.1f} at the end; "
+          f"median [min-max] of {ns.repeats} run(s)")
     if ns.out:
         Path(ns.out).write_text(json.dumps({"results": results, "cpus": os.cpu_count(), "load": load}, indent=1))
     return 0
