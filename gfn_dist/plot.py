@@ -4,7 +4,7 @@
   scale), logZ with the true log Z as a dashed line (enumerable environments;
   for the relative losses the tilted target's ``log Z_β``) and the exact L1
   distance between the model's P_T and the target, against trajectories
-  consumed by the learners and against wall time (``elapsed_s``).
+  consumed by the learners and against wall time since the run started (``elapsed_s``).
 * ``throughput.png``: trajectories per second (consumed by the learners and
   produced by the actors), learner steps per second, policy lag (mean / max,
   in learner steps) and the time per learner step of each phase.
@@ -30,6 +30,8 @@ from gfn_dist.metrics import read_jsonl
 
 logger = logging.getLogger(__name__)
 
+# ``elapsed_s`` counts from the start of the run (start-up included), not from the first learner step.
+WALL_TIME_LABEL = "wall time since run start (s)"
 PHASES = ("time/sample_s", "time/loss_s", "time/backward_s", "time/sync_s")
 
 
@@ -80,6 +82,14 @@ def series(rows: Sequence[dict], key: str, xs: Sequence) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _compact_xticks(ax) -> None:
+    """At most 5 x ticks with SI prefixes (``20k``, not ``20000``): long counts ran together on a 5-inch panel."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, min_n_ticks=3))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
@@ -111,14 +121,19 @@ def true_log_z(run_dir: Path) -> Optional[float]:
 
 def plot_training(rows: Sequence[dict], x_key: str, path: Path, log_z_true: Optional[float]) -> Path:
     """Loss, logZ (and true log Z) and exact L1 against ``x_key`` (``trajectories`` or ``elapsed_s``)."""
+    return _save(training_figure(rows, x_key, log_z_true), path)
+
+
+def training_figure(rows: Sequence[dict], x_key: str, log_z_true: Optional[float]):
+    """The figure of ``plot_training`` (a matplotlib ``Figure`` with the three panels)."""
     xs = elapsed_seconds(rows) if x_key == "elapsed_s" else [r.get(x_key) for r in rows]
-    xlabel = "wall time (s)" if x_key == "elapsed_s" else "trajectories consumed"
+    xlabel = WALL_TIME_LABEL if x_key == "elapsed_s" else "trajectories consumed"
     fig, axes = _figure(1, 3)
     ax_loss, ax_z, ax_l1 = axes[0]
     x, y = series(rows, "loss", xs)
     ax_loss.plot(x, y, color="C0")
     _positive_log_scale(ax_loss, y)
-    ax_loss.set_title("loss")
+    ax_loss.set(title="loss", ylabel="loss (per-batch mean)")
     x, y = series(rows, "logZ", xs)
     if y:
         ax_z.plot(x, y, color="C1", label="learned logZ")
@@ -128,7 +143,7 @@ def plot_training(rows: Sequence[dict], x_key: str, path: Path, log_z_true: Opti
         ax_z.axhline(log_z_true, color="k", ls="--", lw=1, label=f"true log Z = {log_z_true:.3f}")
     if y or log_z_true is not None:
         ax_z.legend(loc="best", fontsize=8)
-    ax_z.set_title("logZ")
+    ax_z.set(title="logZ", ylabel="logZ")
     x, y = series(rows, "l1_exact", xs)
     if y:
         ax_l1.plot(x, y, "o-", color="C2", ms=3)
@@ -137,10 +152,12 @@ def plot_training(rows: Sequence[dict], x_key: str, path: Path, log_z_true: Opti
     else:
         _empty(ax_l1, "no exact evaluation")
         ax_l1.set_title("exact L1(P_T, target)")
+    ax_l1.set_ylabel("L1 distance")
     for ax in axes[0]:
         ax.set_xlabel(xlabel)
+        _compact_xticks(ax)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def plot_throughput(rows: Sequence[dict], path: Path) -> Path:
@@ -153,11 +170,11 @@ def plot_throughput(rows: Sequence[dict], path: Path) -> Path:
         x, y = series(rows, key, ts)
         if y:
             ax_tps.plot(x, y, label=label)
-    ax_tps.set(title="trajectories per second", xlabel="wall time (s)", ylabel="traj/s")
+    ax_tps.set(title="trajectories per second", xlabel=WALL_TIME_LABEL, ylabel="traj/s")
     ax_tps.legend(loc="best", fontsize=8)
     x, y = series(rows, "learner_steps_per_s", ts)
     ax_sps.plot(x, y, color="C3")
-    ax_sps.set(title="learner steps per second", xlabel="wall time (s)", ylabel="steps/s")
+    ax_sps.set(title="learner steps per second", xlabel=WALL_TIME_LABEL, ylabel="steps/s")
     for key, label in (("policy_lag_steps_mean", "mean"), ("policy_lag_steps_max", "max")):
         x, y = series(rows, key, traj)
         if y:
@@ -176,6 +193,7 @@ def plot_throughput(rows: Sequence[dict], path: Path) -> Path:
         _empty(ax_phase, "no phase times")
     ax_phase.set(title="time per learner step by phase", xlabel="trajectories consumed", ylabel="ms")
     for ax in axes.flat:
+        _compact_xticks(ax)
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -270,14 +288,6 @@ def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None, distribu
 
 
 # ---------------------------------------------------------------------------- command line
-
-
-def add_plot_arguments(p):
-    """Arguments of ``gfn-dist plot`` on the ``argparse`` parser ``p``."""
-    p.add_argument("run_dir", help="run directory (holds metrics.jsonl, config.yaml, policy.pt / checkpoints)")
-    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
-    p.add_argument("--no-distributions", action="store_true", help="skip the P_T plot (no weights loaded)")
-    return p
 
 
 def run_plot(ns) -> int:

@@ -7,8 +7,9 @@
 #   launch/local.sh configs/hypergrid_tb.yaml learner.max_steps=200 run.dir=/tmp/run
 #   launch/local.sh configs/X.yaml cluster.address=HOST:6379   # an existing Ray instead
 #
-# Same as `gfn-dist train CONFIG [key.sub=value ...]`; metrics in RUN_DIR/metrics.jsonl.
+# Same as `gfn-dist train CONFIG [key.sub=value ...]` (CONFIG: a preset name or a YAML
+# file); metrics in RUN_DIR/metrics.jsonl.
 set -euo pipefail
 config=${1:-configs/hypergrid_tb.yaml}
 [[ $# -gt 0 ]] && shift
-exec "${GFN_PYTHON:-python}" -m gfn_dist.train "$config" cluster.launcher=local "$@"
+exec "${GFN_PYTHON:-python}" -m gfn_dist.cli train "$config" cluster.launcher=local "$@"

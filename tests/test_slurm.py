@@ -211,6 +211,11 @@ def test_torchrun_template_two_nodes(slurm, tmp_path):
     # Printed only once `ray.nodes()` at the head counts both nodes alive.
     assert "Ray cluster up: head " in slurm.job_log(jobid) and "1 worker node(s)" in slurm.job_log(jobid)
     assert not list(Path("/tmp").glob(f"gfnray-{jobid}-*")), "the job's Ray temp dir was left behind"
+    # A clean end: the Ray steps stopped with exit code 0 (no `srun: error: n1: task 0: Killed`,
+    # no `STEP ... CANCELLED`), and `ray start`'s banner went to its own log, not the job's.
+    log = slurm.job_log(jobid)
+    assert not [ln for ln in log.splitlines() if "error" in ln.lower() or "CANCELLED" in ln], log[-4000:]
+    assert "Ray runtime started" not in log and "ray stop" not in log, log[-4000:]
 
 
 @pytest.mark.slow
