@@ -98,22 +98,15 @@ def run_config(ns: argparse.Namespace) -> int:
 
 
 def run_train_command(ns: argparse.Namespace) -> int:
-    """``gfn-dist train``: resolves a preset name, checks optional dependencies, then ``gfn_dist.train.run_train``."""
-    from gfn_dist.config import ConfigError, load_config
+    """``gfn-dist train``: resolves a preset name, then ``gfn_dist.train.run_train`` (which validates)."""
+    from gfn_dist.config import ConfigError
     from gfn_dist.config_docs import resolve_config_path
-    from gfn_dist.extras import check_optional_dependencies
-
-    from gfn_dist.ray_env import set_embedded_ray_auth
 
     try:
         path = resolve_config_path(ns.config)
-        # Before anything starts (the trainer loads the config again; ~50 ms).
-        cfg = load_config(path, ns.overrides)
-        check_optional_dependencies(cfg)
     except ConfigError as err:
         return _config_error("train", err)
-    set_embedded_ray_auth(cfg.cluster.address)  # before `import ray`: no token-auth warning (gfn_dist.ray_env)
-    from gfn_dist.train import run_train  # torch, Ray: only for a valid config
+    from gfn_dist.train import run_train
 
     return run_train(str(path), ns.overrides)
 

@@ -393,18 +393,6 @@ def evaluate(
 # ---------------------------------------------------------------------------- command line
 
 
-def add_eval_arguments(p):
-    """Arguments of ``gfn-dist eval`` on the ``argparse`` parser ``p``."""
-    p.add_argument("path", help="run directory, checkpoint directory (checkpoints/step_N) or weight file (policy.pt)")
-    p.add_argument("--n-samples", type=int, default=10_000, help="terminal states to sample (default 10000; 0: none)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval/step_N)")
-    p.add_argument("--no-exact", action="store_true", help="skip the exact metrics (enumeration)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    return p
-
-
 def run_eval(ns) -> int:
     """``gfn-dist eval``: prints the metrics; exit code 0, or 2 on a bad path / config (one line on stderr)."""
     import sys

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
 from gfn_dist.errors import ReplayStalled
+from gfn_dist.extras import check_optional_dependencies
+from gfn_dist.ray_env import set_embedded_ray_auth
 from gfn_dist.metrics import DiskFullError
 
 logger = logging.getLogger("gfn_dist")
@@ -41,6 +43,8 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
     trainer = None
     try:
         cfg = resolve_on_policy(load_config(config, overrides))
+        check_optional_dependencies(cfg)  # before the heavy imports: seconds, not tens
+        set_embedded_ray_auth(cfg.cluster.address)  # before `import ray`: no token-auth warning (gfn_dist.ray_env)
         from gfn_dist.preemption import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 

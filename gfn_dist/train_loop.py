@@ -26,7 +26,6 @@ import time
 from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from gfn_dist.builders import (
     build_env,
@@ -47,6 +46,7 @@ from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import cpu_state_dict
 from gfn_dist.errors import ReplayStalled
 from gfn_dist.preemption import preemption_requested
+from gfn_dist.progress import Progress
 from gfn_dist.sampled_eval import ModesTracker, sampled_metrics
 
 logger = logging.getLogger(__name__)
@@ -109,16 +109,20 @@ class LearnerProcess:
         cfg: the validated configuration (``run.dir`` resolved).
         ctx: this rank's ``DistContext``.
         topology: the run's actors (created by the owner of the run, or looked up).
-        progress_bar: draw a progress bar on rank 0.
+        show_progress: rank 0 shows progress (``gfn_dist.progress``: a bar on a TTY with
+            ``logging.progress_bar``, else one text line per log step); False in Ray Train
+            workers, whose driver shows it.
+        started_at: ``time.time()`` when the run started (metric ``elapsed_s`` counts from it).
 
     Raises:
         ConfigError: if ``resume`` finds no checkpoint or an incompatible one.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, progress_bar: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, show_progress: bool = False,
+                 started_at: Optional[float] = None) -> None:
         self.cfg, self.ctx, self.topology = cfg, ctx, topology
         self.metrics: Any = None  # rank 0's sink, given to run()
-        self.progress_bar = progress_bar and ctx.is_main
+        self.show_progress = show_progress and ctx.is_main
         torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
         self.env = build_env(cfg, ctx.device)
         self.policies = build_policies(cfg, self.env).to(ctx.device)
@@ -144,7 +148,7 @@ class LearnerProcess:
         self.preempted = False  # stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.last_row: dict = {}
         self.run_refs: list = []  # the rollout actors' pending run() calls at the end
-        self._t_start = time.perf_counter()
+        self.started_at = time.time() if started_at is None else float(started_at)
         self._inserts_prev = 0
         self.checkpointer.resume()  # before the actors start pushing (run)
 
@@ -163,8 +167,8 @@ class LearnerProcess:
         if self.supervisor is not None:
             self.supervisor.start()  # calls every rollout actor's run()
         self.publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
-        bar = tqdm(total=total, initial=learner.step, disable=not self.progress_bar, desc="train", unit="step",
-                   mininterval=1.0, dynamic_ncols=True)
+        bar = Progress(total, initial=learner.step, enabled=self.cfg.logging.progress_bar) if self.show_progress \
+            else None
         try:
             # Synchronous rollouts fill replay before each draw; else wait for every shard's minimum.
             ready = self.cfg.rollout.synchronous or self._until_replay_answers(learner.wait_for_replay)
@@ -179,7 +183,8 @@ class LearnerProcess:
                     self.publish()  # rank 0, every learner.sync_every steps
                 if self.is_log_step():
                     self.log(bar)  # the only host syncs
-                bar.update(1)
+                elif bar is not None:
+                    bar.update(learner.step)
                 if self.checkpointer.preemption_agreed(learner.step):  # every rank stops after the same step
                     if not self.is_log_step():
                         self.log(bar)  # the metrics end at the step the checkpoint holds
@@ -194,7 +199,8 @@ class LearnerProcess:
             elif not self.preempted:
                 self.checkpointer.save(learner.step, reason="end")  # no-op when this step is saved
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             learner.close()
         if self.publisher is not None:
             self.publisher.flush()
@@ -262,12 +268,12 @@ class LearnerProcess:
     def _num_inserts(self) -> int:
         return int(self.replay.stats()["num_inserts"]) if self.ctx.is_main else 0
 
-    def log(self, bar: Optional[tqdm] = None) -> None:
+    def log(self, bar: Optional[Progress] = None) -> None:
         """One metric row (collective reduction; rank 0 adds replay, actor and evaluation metrics and writes it)."""
         row = self.learner.reduce_metrics()
         if self.ctx.is_main:
             self.check_actors()
-            row["elapsed_s"] = time.perf_counter() - self._t_start
+            row["elapsed_s"] = time.time() - self.started_at
             stats = self.replay.stats()
             row["traj_per_s/produced"] = (stats["num_inserts"] - self._inserts_prev) / row["interval_s"]
             self._inserts_prev = stats["num_inserts"]
@@ -282,17 +288,17 @@ class LearnerProcess:
             if self.metrics is not None:
                 self.metrics.log(row)
             if bar is not None:
-                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("trajectories", "loss", "l1_exact") if k in row},
-                                refresh=False)
+                bar.update(self.learner.step, row)
         self.last_row = row
 
 
-def run_learner(config: dict, namespace: str, ctx: DistContext, sink: Any) -> Optional[dict]:
+def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> Optional[dict]:
     """A ``LearnerGroup`` training function: one rank of a run whose topology exists in ``namespace``.
 
     Args:
         config: ``to_dict`` of the validated configuration (``run.dir`` resolved, absolute).
         namespace: the run's Ray namespace.
+        started_at: ``time.time()`` when the run started (metric ``elapsed_s``).
         ctx: this rank's ``DistContext``.
         sink: rank 0's metric sink.
 
@@ -302,7 +308,7 @@ def run_learner(config: dict, namespace: str, ctx: DistContext, sink: Any) -> Op
     cfg = from_dict(config)
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
-    process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace))
+    process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace), started_at=started_at)
     try:
         return process.run(sink)
     finally:

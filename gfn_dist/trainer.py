@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from gfn_dist.builders import build_rollout_parts, validate_task
 from gfn_dist.checkpoint import check_resumable, resume_run_dir
@@ -41,11 +40,13 @@ from gfn_dist.distributed import cluster
 from gfn_dist.distributed.learner_group import InProcessLearners, RayTrainLearners
 from gfn_dist.distributed.replay_shard import ReplayShardConfig
 from gfn_dist.distributed.topology import Topology
+from gfn_dist.extras import check_optional_dependencies
 from gfn_dist.files import atomic_write_text, ray_temp_dir
 from gfn_dist.imports import add_user_code_to_path, runtime_env_of
 from gfn_dist.metrics import MetricLogger, truncate_metrics_after
 from gfn_dist.preemption import preemption_requested, request_preemption
 from gfn_dist.preflight import validate_before_start
+from gfn_dist.progress import Progress
 from gfn_dist.run_lock import RunDirLock
 from gfn_dist.train_loop import LearnerProcess, run_learner
 
@@ -65,6 +66,7 @@ def validate_launch(cfg: TrainConfig, launcher: str) -> None:
             for but absent, an option the launcher does not support).
     """
     validate_before_start(cfg)  # NaN / inf, run.dir, memory (gfn_dist.preflight)
+    check_optional_dependencies(cfg)  # TensorBoard, wandb online login
     if launcher == "ray" and cfg.rollout.synchronous:
         raise ConfigError("rollout.synchronous: not supported with cluster.launcher=ray")
     world_size = cfg.cluster.num_learners if launcher == "ray" else cluster.world_size_of(launcher)
@@ -114,6 +116,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, preset: str = "run") -> None:
         self.cfg = cfg
+        self.started_at = time.time()  # metric elapsed_s counts from here (start-up included)
         self.launcher = cluster.detect_launcher(cfg)
         validate_launch(cfg, self.launcher)  # the one place, for every launcher
         self.ctx: Optional[cluster.DistContext] = None
@@ -176,7 +179,8 @@ class Trainer:
             if self.ctx.device.type == "cpu":
                 torch.set_num_threads(cluster.learner_num_threads(cfg, self.ctx))
             self.group = InProcessLearners(self.ctx)
-            self.process = LearnerProcess(cfg, self.ctx, self.topology, progress_bar=cfg.logging.progress_bar)
+            self.process = LearnerProcess(cfg, self.ctx, self.topology, show_progress=True,
+                                          started_at=self.started_at)
         if self.owner:  # the resume was accepted: now the run's files are written
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             if self.resume_step is not None:  # rows past the checkpoint are logged again
@@ -236,8 +240,9 @@ class Trainer:
     def train(self) -> dict:
         """Runs every learner rank to the budget; returns the last metric row (rank 0 / the driver)."""
         if self.launcher == "ray":
-            train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace)
-            bar = _DriverBar(self.cfg, self.group.world_size)
+            train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace, self.started_at)
+            bar = Progress(self.cfg.learner.total_steps, enabled=self.cfg.logging.progress_bar,
+                           desc=f"train (W={self.group.world_size})")
             try:
                 result = self.group.run(train_fn, on_row=lambda row: self._on_row(row, bar),
                                         on_stop=request_preemption,
@@ -254,10 +259,10 @@ class Trainer:
         cluster.barrier(self.ctx)
         return self.last_row if self.owner else (self.process.last_row if self.process else {})
 
-    def _on_row(self, row: dict, bar: "_DriverBar") -> None:
+    def _on_row(self, row: dict, bar: Progress) -> None:
         self.metrics.log(row)
         self.last_row = row
-        bar.update(row)
+        bar.update(int(row["step"]), row)
 
     def close(self) -> None:
         """Stops the actors, closes the sinks, kills what this process created, shuts Ray down, destroys the group."""
@@ -276,21 +281,6 @@ class Trainer:
             self.topology = None
             if self.lock is not None:
                 self.lock.release()
-
-
-class _DriverBar:
-    """The driver's progress bar of a ``cluster.launcher=ray`` run (rows arrive from rank 0)."""
-
-    def __init__(self, cfg: TrainConfig, world_size: int) -> None:
-        self.bar = tqdm(total=cfg.learner.total_steps, disable=not cfg.logging.progress_bar,
-                        desc=f"train (W={world_size})", unit="step", mininterval=1.0, dynamic_ncols=True)
-
-    def update(self, row: dict) -> None:
-        self.bar.update(int(row["step"]) - self.bar.n)
-        self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "l1_exact") if k in row}, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 #: ``cluster.launcher=ray`` used to have its own driver class; it is the same ``Trainer`` now.
