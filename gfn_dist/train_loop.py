@@ -134,7 +134,10 @@ class LearnerProcess:
         self.evaluate = Evaluator(cfg, self.env, self.policies, self.gflownet)
         self.learner = Learner(cfg, self.env, self.policies, self.gflownet, ctx, replay=self.replay,
                                health_check=self.check_actors, rollout_step=rollout_step,
-                               should_stop=lambda: preemption_requested() is not None,
+                               # One rank: SIGTERM ends a wait on replay at once. Several: they agree at the next
+                               # step boundary (a rank that left its step alone would break the collectives).
+                               should_stop=(lambda: preemption_requested() is not None) if ctx.world_size == 1
+                               else None,
                                observe=self.evaluate.observe if ctx.is_main and self.evaluate.modes else None)
         self.publisher = topology.publisher() if ctx.is_main else None
         states: dict[str, Any] = {"learner": self.learner}
@@ -225,10 +228,12 @@ class LearnerProcess:
             logger.warning("preemption while waiting on replay at step %d: checkpointing", self.learner.step)
             return False
         except TimeoutError as err:
-            self.checkpointer.save(self.learner.step, reason="stalled")
+            if self.ctx.world_size == 1:  # several ranks cannot checkpoint from one rank's wait (collectives)
+                self.checkpointer.save(self.learner.step, reason="stalled")
+            saved = "checkpoint written" if self.ctx.world_size == 1 else "no checkpoint (several ranks)"
             raise ReplayStalled(f"no replay data for replay.timeout_s={self.cfg.replay.timeout_s:g} s at step "
                                 f"{self.learner.step} ({self._waited_for()}): {str(err).splitlines()[0]}; "
-                                f"checkpoint written, continue with resume=true") from err
+                                f"{saved}, continue with resume=true") from err
 
     def _waited_for(self) -> str:
         """Shards alive, actors alive (rank 0's view) for the stall message."""
