@@ -4,7 +4,7 @@ Token authentication (Ray >= 2.5x): a new local Ray (``ray.init()`` without an
 address, what ``gfn-dist train`` does by default) turns token authentication on
 when ``RAY_AUTH_MODE`` is unset, writes ``~/.ray/auth_token`` if missing, and
 logs ``Token authentication is enabled for this Ray cluster. Set
-RAY_AUTH_MODE=disabled to opt out`` (``ray._private.authentication.
+RAY_AUTH_MODE=disabled to opt out`` (Ray's internal ``authentication.
 authentication_token_setup.enable_token_auth_by_default``). Ray documents the
 variable as the switch and stays silent when it is set explicitly, so for an
 embedded Ray we set ``RAY_AUTH_MODE=token``: the same behaviour, minus the

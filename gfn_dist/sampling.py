@@ -21,8 +21,7 @@ policy call: HyperGrid(2, 8) at B=16 samples in about half the time, close to
 the cost of the policy's forwards alone. The first call per (environment, batch
 size, exploration kwargs) compiles (~15-30 s on 2 cores, a few seconds from
 inductor's on-disk cache; needs a C++ compiler); a chunk runs its steps even
-after every row is done (the all-done check is per chunk). On any compile
-error the sampler warns and samples eagerly.
+after every row is done (the all-done check is per chunk). On a compile error it samples eagerly.
 
 ``LocalSearchSampler`` (back-and-forth local search) is in ``gfn_dist.local_search``;
 ``gfn_dist.samplers`` (torchgfn's import path) re-exports both.
