@@ -6,7 +6,8 @@ Discrete actions are int64 tensors of shape ``(*batch_shape, 1)``; the dummy
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -26,7 +27,7 @@ class Actions:
     exit_action: ClassVar[torch.Tensor] = torch.tensor([0])
 
     def __init__(self, tensor: torch.Tensor):
-        if tuple(tensor.shape[tensor.dim() - len(self.action_shape):]) != tuple(self.action_shape):
+        if tuple(tensor.shape[tensor.dim() - len(self.action_shape) :]) != tuple(self.action_shape):
             raise ValueError(
                 f"Actions tensor of shape {tuple(tensor.shape)} does not end with "
                 f"action_shape {tuple(self.action_shape)}"
@@ -43,10 +44,10 @@ class Actions:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(batch_shape={self.batch_shape})"
 
-    def __getitem__(self, index) -> "Actions":
+    def __getitem__(self, index) -> Actions:
         return type(self)(self.tensor[index])
 
-    def clone(self) -> "Actions":
+    def clone(self) -> Actions:
         return type(self)(self.tensor.clone())
 
     def _compare(self, other: torch.Tensor) -> torch.Tensor:
@@ -66,15 +67,15 @@ class Actions:
         return self._compare(self.exit_action)
 
     @classmethod
-    def make_dummy_actions(cls, batch_shape: Sequence[int], device=None) -> "Actions":
+    def make_dummy_actions(cls, batch_shape: Sequence[int], device=None) -> Actions:
         d = cls.dummy_action if device is None else cls.dummy_action.to(device)
         return cls(d.expand(*batch_shape, *cls.action_shape).clone())
 
     @classmethod
-    def make_exit_actions(cls, batch_shape: Sequence[int], device=None) -> "Actions":
+    def make_exit_actions(cls, batch_shape: Sequence[int], device=None) -> Actions:
         e = cls.exit_action if device is None else cls.exit_action.to(device)
         return cls(e.expand(*batch_shape, *cls.action_shape).clone())
 
     @classmethod
-    def stack(cls, actions: Sequence["Actions"]) -> "Actions":
+    def stack(cls, actions: Sequence[Actions]) -> Actions:
         return cls(torch.stack([a.tensor for a in actions], dim=0))

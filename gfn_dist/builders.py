@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -89,8 +88,9 @@ def build_pf(cfg: TrainConfig, env) -> nn.Module:
         return _user_policy(m.policy, "model.policy", env, dict(m.kwargs), is_backward=False)
     if m.policy == "mlp":
         d = env.preprocessor.output_dim
-        return DiscretePolicyEstimator(MLP(d, env.n_actions, m.hidden_dim, m.n_hidden_layers), env.n_actions,
-                                       env.preprocessor)
+        return DiscretePolicyEstimator(
+            MLP(d, env.n_actions, m.hidden_dim, m.n_hidden_layers), env.n_actions, env.preprocessor
+        )
     from gfn_dist.recurrent import RecurrentDiscretePolicyEstimator, RecurrentDiscreteSequenceModel
 
     tokenizer = _recurrent_preprocessor(env)
@@ -110,7 +110,7 @@ def _recurrent_preprocessor(env):
         return env.preprocessor
 
 
-def build_pb(cfg: TrainConfig, env) -> Optional[nn.Module]:
+def build_pb(cfg: TrainConfig, env) -> nn.Module | None:
     """Backward policy estimator (learned MLP, uniform or the user's factory), or None for ``model.pb=none``.
 
     A factory is called as ``factory(env, **model.pb_kwargs)`` (``model.kwargs`` when
@@ -129,8 +129,11 @@ def build_pb(cfg: TrainConfig, env) -> Optional[nn.Module]:
     if m.pb == "none":
         return None
     d = env.preprocessor.output_dim
-    module = MLP(d, env.n_actions - 1, m.hidden_dim, m.n_hidden_layers) if m.pb == "learned" else \
-        DiscreteUniform(env.n_actions - 1, d)
+    module = (
+        MLP(d, env.n_actions - 1, m.hidden_dim, m.n_hidden_layers)
+        if m.pb == "learned"
+        else DiscreteUniform(env.n_actions - 1, d)
+    )
     return DiscretePolicyEstimator(module, env.n_actions, env.preprocessor, is_backward=True)
 
 
@@ -166,7 +169,9 @@ def _user_policy(path: str, key: str, env, kwargs: dict, is_backward: bool) -> n
         if recurrent:
             if is_backward:
                 raise ValueError("a recurrent module (init_carry) is supported for P_F only")
-            est = RecurrentDiscretePolicyEstimator(module, env.n_actions, preprocessor=pre or _recurrent_preprocessor(env))
+            est = RecurrentDiscretePolicyEstimator(
+                module, env.n_actions, preprocessor=pre or _recurrent_preprocessor(env)
+            )
         else:
             est = DiscretePolicyEstimator(module, env.n_actions, pre or env.preprocessor, is_backward=is_backward)
     except ValueError as err:
@@ -191,15 +196,18 @@ def _check_policy_output(est, env, key: str, path: str, recurrent: bool) -> None
                 out = est.module(feats)
         except Exception as err:
             shape = f" of features {tuple(feats.shape)}" if isinstance(feats, torch.Tensor) else ""
-            raise ConfigError(f"{key}: {path}: the module failed on a dummy batch{shape} (2 copies of the "
-                              f"preprocessed s0): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                              ) from err
+            raise ConfigError(
+                f"{key}: {path}: the module failed on a dummy batch{shape} (2 copies of the "
+                f"preprocessed s0): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, expected):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         which = "n_actions - 1 (P_B)" if est.is_backward else "n_actions (P_F)"
         in_shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else "?"
-        raise ConfigError(f"{key}: {path} maps a dummy batch {in_shape} to {got}, expected (2, {expected}) = "
-                          f"(N, {which}) with n_actions={env.n_actions}")
+        raise ConfigError(
+            f"{key}: {path} maps a dummy batch {in_shape} to {got}, expected (2, {expected}) = "
+            f"(N, {which}) with n_actions={env.n_actions}"
+        )
 
 
 def build_policies(cfg: TrainConfig, env, init_from_prior: bool = True) -> nn.ModuleDict:
@@ -250,7 +258,9 @@ def _check_env_hooks(path: str, env) -> None:
             raise ConfigError(f"env.name: {path}.{name}(s0) raised {type(err).__name__}: {err}") from err
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (1, width):
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ConfigError(f"env.name: {path}.{name} of a batch (1, *state_shape) must be bool (1, {width}), got {got}")
+            raise ConfigError(
+                f"env.name: {path}.{name} of a batch (1, *state_shape) must be bool (1, {width}), got {got}"
+            )
 
 
 def build_prior(cfg: TrainConfig, env) -> nn.Module:
@@ -272,7 +282,7 @@ def build_prior(cfg: TrainConfig, env) -> nn.Module:
             raise ConfigError(f"loss.prior_checkpoint: file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         sd = state.get("policies", state)
-        sd = {k[len("pf."):]: v for k, v in sd.items() if k.startswith("pf.")}
+        sd = {k[len("pf.") :]: v for k, v in sd.items() if k.startswith("pf.")}
         try:
             prior.load_state_dict(sd)
         except RuntimeError as err:
@@ -294,7 +304,7 @@ def build_state_flow(cfg: TrainConfig, env) -> nn.Module:
     return ScalarEstimator(MLP(env.preprocessor.output_dim, 1, m.hidden_dim, m.n_hidden_layers), env.preprocessor)
 
 
-def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Optional[nn.Module] = None):
+def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: nn.Module | None = None):
     """The GFlowNet loss module named by ``cfg.loss.name`` over ``policies``.
 
     Args:
@@ -320,25 +330,43 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Option
     pf = policies["pf"]
     pb = policies["pb"] if "pb" in policies else None
     if lc.name in ("fm", "modified_db") and cfg.model.policy != "mlp":
-        raise ConfigError(f"loss.name: {lc.name} needs a feed-forward policy (model.policy=mlp), got {cfg.model.policy}")
+        raise ConfigError(
+            f"loss.name: {lc.name} needs a feed-forward policy (model.policy=mlp), got {cfg.model.policy}"
+        )
     if lc.name == "db":
-        return DBGFlowNet(pf, pb, build_state_flow(cfg, env), forward_looking=lc.forward_looking,
-                          constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
+        return DBGFlowNet(
+            pf,
+            pb,
+            build_state_flow(cfg, env),
+            forward_looking=lc.forward_looking,
+            constant_pb=pb is None,
+            log_reward_clip_min=lc.log_reward_clip_min,
+        )
     if lc.name == "subtb":
-        return SubTBGFlowNet(pf, pb, build_state_flow(cfg, env), weighting=lc.subtb_weighting, lamda=lc.subtb_lamda,
-                             log_reward_clip_min=lc.log_reward_clip_min, forward_looking=lc.forward_looking,
-                             constant_pb=pb is None)
+        return SubTBGFlowNet(
+            pf,
+            pb,
+            build_state_flow(cfg, env),
+            weighting=lc.subtb_weighting,
+            lamda=lc.subtb_lamda,
+            log_reward_clip_min=lc.log_reward_clip_min,
+            forward_looking=lc.forward_looking,
+            constant_pb=pb is None,
+        )
     if lc.name == "modified_db":
         if not bool(env.forward_mask(env.s0.unsqueeze(0))[0, -1]):
-            raise ConfigError(f"loss.name: modified_db needs an environment whose states can all exit "
-                              f"(env.name=hypergrid); {cfg.env.name} cannot exit at s0")
+            raise ConfigError(
+                f"loss.name: modified_db needs an environment whose states can all exit "
+                f"(env.name=hypergrid); {cfg.env.name} cannot exit at s0"
+            )
         return ModifiedDBGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
     if lc.name == "fm":
         # The edge-flow network is P_F's module (P_F = masked softmax of the edge flows).
         return FMGFlowNet(pf, alpha=lc.fm_alpha)
     if lc.name == "tb":
-        return TBGFlowNet(pf, pb, init_logZ=lc.init_logZ, constant_pb=pb is None,
-                          log_reward_clip_min=lc.log_reward_clip_min)
+        return TBGFlowNet(
+            pf, pb, init_logZ=lc.init_logZ, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min
+        )
     if lc.name == "lpv":
         return LogPartitionVarianceGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
     from gfn_dist.gflownet.relative import (
@@ -349,12 +377,14 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: Option
 
     prior = prior if prior is not None else build_prior(cfg, env)
     if lc.name == "rtb":
-        return RelativeTrajectoryBalanceGFlowNet(pf, prior, init_logZ=lc.init_logZ, beta=lc.beta,
-                                                 log_reward_clip_min=lc.log_reward_clip_min)
+        return RelativeTrajectoryBalanceGFlowNet(
+            pf, prior, init_logZ=lc.init_logZ, beta=lc.beta, log_reward_clip_min=lc.log_reward_clip_min
+        )
     if lc.name == "relative_lpv":
         return RelativeLogPartitionVarianceGFlowNet(pf, prior, beta=lc.beta, log_reward_clip_min=lc.log_reward_clip_min)
-    return TrustPCLGFlowNet(pf, prior, alpha=lc.alpha, init_v_soft_s0=lc.alpha * lc.init_logZ,
-                            log_reward_clip_min=lc.log_reward_clip_min)
+    return TrustPCLGFlowNet(
+        pf, prior, alpha=lc.alpha, init_v_soft_s0=lc.alpha * lc.init_logZ, log_reward_clip_min=lc.log_reward_clip_min
+    )
 
 
 def effective_beta(cfg: TrainConfig) -> float:
@@ -362,7 +392,7 @@ def effective_beta(cfg: TrainConfig) -> float:
     return 1.0 / cfg.loss.alpha if cfg.loss.name == "trust_pcl" else cfg.loss.beta
 
 
-def logz_of(gflownet) -> Optional[torch.Tensor]:
+def logz_of(gflownet) -> torch.Tensor | None:
     """The learned scalar logZ of a loss module, or None (LPV-type losses have none)."""
     logz = getattr(gflownet, "logZ", None)
     return logz if isinstance(logz, torch.Tensor) else None
@@ -386,8 +416,11 @@ def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
         return Sampler(policies["pf"], compile=s.compile), kwargs
     from gfn_dist.local_search import LocalSearchSampler
 
-    kwargs.update(n_local_search_loops=s.n_local_search_loops, back_ratio=s.back_ratio,
-                  use_metropolis_hastings=s.use_metropolis_hastings)
+    kwargs.update(
+        n_local_search_loops=s.n_local_search_loops,
+        back_ratio=s.back_ratio,
+        use_metropolis_hastings=s.use_metropolis_hastings,
+    )
     return LocalSearchSampler(policies["pf"], policies["pb"]), kwargs
 
 
@@ -414,7 +447,7 @@ def exact_terminating_distribution(env, pf) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target_distribution(cfg: TrainConfig, env, prior: Optional[nn.Module] = None) -> tuple[torch.Tensor, float]:
+def target_distribution(cfg: TrainConfig, env, prior: nn.Module | None = None) -> tuple[torch.Tensor, float]:
     """The distribution the loss trains towards, and its log-normaliser.
 
     ``R(x)/Z`` and ``log Z`` for TB / LPV; for the relative losses

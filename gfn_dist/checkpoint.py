@@ -71,8 +71,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import ray
 import torch
@@ -111,7 +112,7 @@ COMPAT_KEYS = ("env", "model", "loss.name", "replay.num_shards", "replay.capacit
 # ---------------------------------------------------------------------------- fault injection (test hook)
 
 
-def fault_injection_from_env() -> Optional[tuple[int, int, int]]:
+def fault_injection_from_env() -> tuple[int, int, int] | None:
     """``(rank, step, attempt)`` from ``GFN_DIST_FAULT_INJECT`` (module doc), or None.
 
     Raises:
@@ -135,7 +136,7 @@ def checkpoint_root(cfg: TrainConfig, run_dir: str | Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
 
 
-def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs") -> Optional[str]:
+def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs") -> str | None:
     """The run directory to continue when ``run.dir`` is not given (module doc), else None.
 
     Raises:
@@ -150,15 +151,17 @@ def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs"
             logger.info("resume: continuing the latest %s run with a checkpoint: %s", preset, d)
             return str(d)
     if cfg.resume is True:
-        raise ConfigError(f"resume: true, but run.dir is not set and no {runs_root}/{preset}-*/checkpoints/step_* "
-                          "exists (set run.dir to the run to continue)")
+        raise ConfigError(
+            f"resume: true, but run.dir is not set and no {runs_root}/{preset}-*/checkpoints/step_* "
+            "exists (set run.dir to the run to continue)"
+        )
     return None
 
 
 # ---------------------------------------------------------------------------- compatibility
 
 
-def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> Optional[int]:
+def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> int | None:
     """The step a run in ``run_dir`` resumes from, checked before anything of the run is touched.
 
     Reads only the newest intact checkpoint's ``config.yaml`` (torn newer ones are skipped
@@ -186,7 +189,6 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> Optional[int]:
     if diffs:
         raise ConfigError(f"resume: checkpoint {path} is incompatible with this configuration: " + "; ".join(diffs))
     return step
-
 
 
 def _lookup(tree: dict, dotted: str) -> Any:
@@ -224,13 +226,17 @@ def state_dict_differences(saved: dict, module: torch.nn.Module) -> list[str]:
     current = module.state_dict()
     diffs = [f"gflownet.{k}: missing in the checkpoint" for k in current if k not in saved]
     diffs += [f"gflownet.{k}: not in the model" for k in saved if k not in current]
-    diffs += [f"gflownet.{k}: checkpoint shape {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
-              for k in current if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)]
+    diffs += [
+        f"gflownet.{k}: checkpoint shape {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
+        for k in current
+        if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)
+    ]
     return diffs
 
 
-def check_compatible(ckpt: dict, cfg: TrainConfig, gflownet: Optional[torch.nn.Module] = None,
-                     path: str | Path = "checkpoint") -> None:
+def check_compatible(
+    ckpt: dict, cfg: TrainConfig, gflownet: torch.nn.Module | None = None, path: str | Path = "checkpoint"
+) -> None:
     """Refuses a checkpoint written under an incompatible configuration.
 
     Args:
@@ -261,8 +267,12 @@ def rng_state() -> dict:
     np = sys.modules.get("numpy")
     if np is not None:
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        state["numpy"] = {
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     return state
 
 
@@ -276,8 +286,9 @@ def set_rng_state(state: dict) -> None:
     np = sys.modules.get("numpy")
     if np is not None and "numpy" in state:
         s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
+        np.random.set_state(
+            ("MT19937", s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached_gaussian"])
+        )
 
 
 def _actor_get_rng(worker) -> torch.Tensor:  # runs inside a rollout actor (``ray_compat.call_in_actor``)
@@ -301,7 +312,7 @@ class RolloutActorsRNG:
     def __init__(self, actors: list) -> None:
         self.actors = list(actors)
 
-    def state_dict(self) -> Optional[dict]:
+    def state_dict(self) -> dict | None:
         """``{"rng": [state per actor]}``, or None when an actor cannot answer (a dead actor must not
         cost the checkpoint; its RNG is then not restored)."""
         try:
@@ -336,16 +347,22 @@ class Checkpointer:
         replicated: the entries every rank holds.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx, run_dir: str | Path, states: Mapping[str, Any],
-                 replicated: Sequence[str] = ("learner",)) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx,
+        run_dir: str | Path,
+        states: Mapping[str, Any],
+        replicated: Sequence[str] = ("learner",),
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.root = checkpoint_root(cfg, run_dir)
         self.states = dict(states)
         self.replicated = tuple(replicated)
         self.interval = cfg.checkpoint.interval_steps
-        self.last_saved_step: Optional[int] = None
-        self.resumed_from: Optional[Path] = None
+        self.last_saved_step: int | None = None
+        self.resumed_from: Path | None = None
         self.fault = fault_injection_from_env()
         self._group = None
         if ctx.distributed:  # a CPU group for the flag, so a NCCL run does not sync the GPU every step
@@ -365,8 +382,11 @@ class Checkpointer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
             flag = bool(t.item())
         if flag:
-            logger.warning("preemption (signal %s on some rank): checkpointing at step %d and stopping",
-                           preemption_requested(), step)
+            logger.warning(
+                "preemption (signal %s on some rank): checkpointing at step %d and stopping",
+                preemption_requested(),
+                step,
+            )
         return flag
 
     def is_due(self, step: int) -> bool:
@@ -382,7 +402,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, reason: str = "interval") -> Optional[Path]:
+    def save(self, step: int, reason: str = "interval") -> Path | None:
         """Writes ``step_<step>`` (collective). Returns the path on rank 0, None elsewhere or when
         this step is already saved."""
         if self.last_saved_step == step:
@@ -395,14 +415,18 @@ class Checkpointer:
         files: dict[str, Any] = {name: obj.state_dict() for name, obj in self.states.items()}
         files = {name: state for name, state in files.items() if state is not None}
         files["rng"] = {"ranks": rngs}
-        meta = {"step": step, "world_size": self.ctx.world_size, "reason": reason,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                **{k: files["learner"][k] for k in ("policy_version", "trajectories_seen") if k in files["learner"]}}
+        meta = {
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "reason": reason,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **{k: files["learner"][k] for k in ("policy_version", "trajectories_seen") if k in files["learner"]},
+        }
         path = write_checkpoint(self.root, step, files, to_yaml(self.cfg), meta, self.cfg.checkpoint.keep_last)
         logger.info("checkpoint (%s) at step %d: %s (%.2f s)", reason, step, path, time.perf_counter() - t0)
         return path
 
-    def _gather(self, obj: Any) -> Optional[list]:
+    def _gather(self, obj: Any) -> list | None:
         if not self.ctx.distributed:
             return [obj]
         out = [None] * self.ctx.world_size if self.ctx.is_main else None
@@ -411,7 +435,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ resume
 
-    def resume(self) -> Optional[Path]:
+    def resume(self) -> Path | None:
         """Restores the newest checkpoint when ``resume`` asks for it (collective).
 
         Call before the rollout actors run: rank 0 restores its own entries (replay
@@ -443,14 +467,15 @@ class Checkpointer:
         if self.ctx.rank < len(rngs):
             set_rng_state(rngs[self.ctx.rank])
         else:
-            logger.warning("resume: the checkpoint has no RNG state for rank %d (world size was %d)",
-                           self.ctx.rank, len(rngs))
+            logger.warning(
+                "resume: the checkpoint has no RNG state for rank %d (world size was %d)", self.ctx.rank, len(rngs)
+            )
         self.last_saved_step = int(payload["step"])
         self.resumed_from = Path(payload["path"])
         logger.info("resumed from %s at step %d", self.resumed_from, self.last_saved_step)
         return self.resumed_from
 
-    def _read_for_resume(self) -> Optional[dict]:
+    def _read_for_resume(self) -> dict | None:
         """Rank 0: loads and checks the newest intact checkpoint, restores its own entries."""
         found = load_latest_checkpoint(self.root)  # torn newer ones are skipped with a warning
         if found is None:
@@ -463,5 +488,9 @@ class Checkpointer:
         for name, obj in self.states.items():
             if name not in self.replicated and ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])  # replay before any actor pushes
-        return {"replicated": {name: ckpt[name] for name in self.replicated}, "rngs": ckpt["rng"]["ranks"],
-                "step": int(ckpt["learner"]["step"]), "path": str(path)}
+        return {
+            "replicated": {name: ckpt[name] for name in self.replicated},
+            "rngs": ckpt["rng"]["ranks"],
+            "step": int(ckpt["learner"]["step"]),
+            "path": str(path),
+        }

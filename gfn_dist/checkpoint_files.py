@@ -30,7 +30,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -59,7 +59,7 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in root.iterdir():
-        suffix = p.name[len(STEP_PREFIX):]
+        suffix = p.name[len(STEP_PREFIX) :]
         if p.is_dir() and p.name.startswith(STEP_PREFIX) and suffix.isdigit() and (p / "learner.pt").is_file():
             found.append((int(suffix), p))
     return sorted(found)
@@ -89,7 +89,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> None:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path / MANIFEST}: missing (checkpoint torn or not written by gfn_dist)") from None
+        raise CorruptCheckpointError(
+            f"{path / MANIFEST}: missing (checkpoint torn or not written by gfn_dist)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(f"{path / MANIFEST}: unreadable ({type(err).__name__}: {err})") from None
     for name, want in sorted(files.items()):
@@ -108,7 +110,7 @@ def _has_manifests(candidates: list[tuple[int, Path]]) -> bool:
     return any((p / MANIFEST).is_file() for _, p in candidates)
 
 
-def newest_intact(candidates: list[tuple[int, Path]], checksums: bool = True) -> Optional[tuple[int, Path]]:
+def newest_intact(candidates: list[tuple[int, Path]], checksums: bool = True) -> tuple[int, Path] | None:
     """The newest ``(step, path)`` of ``candidates`` (oldest first) that passes ``verify_checkpoint``.
 
     Each newer one skipped is named in a warning. Without any manifest among
@@ -127,12 +129,12 @@ def newest_intact(candidates: list[tuple[int, Path]], checksums: bool = True) ->
     return None
 
 
-def latest_intact_checkpoint(root: str | Path) -> Optional[tuple[int, Path]]:
+def latest_intact_checkpoint(root: str | Path) -> tuple[int, Path] | None:
     """``(step, path)`` of the newest checkpoint under ``root`` that matches its manifest, or None."""
     return newest_intact(list_checkpoints(root))
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
+def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest intact ``step_N`` under ``root`` (``latest_intact_checkpoint``), or None."""
     found = latest_intact_checkpoint(root)
     return found[1] if found else None
@@ -172,8 +174,10 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
     if verify and (path / MANIFEST).is_file():
         verify_checkpoint(path)
-    out: dict[str, Any] = {k: load_torch_file(path / f"{k}.pt") if (path / f"{k}.pt").is_file() else None
-                           for k in ("learner", "rng", "replay", "actors")}
+    out: dict[str, Any] = {
+        k: load_torch_file(path / f"{k}.pt") if (path / f"{k}.pt").is_file() else None
+        for k in ("learner", "rng", "replay", "actors")
+    }
     try:
         out["config"] = (path / "config.yaml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -181,7 +185,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
     return out
 
 
-def load_latest_checkpoint(root: str | Path) -> Optional[tuple[int, Path, dict]]:
+def load_latest_checkpoint(root: str | Path) -> tuple[int, Path, dict] | None:
     """``(step, path, load_checkpoint(path))`` of the newest checkpoint under ``root`` that verifies
     and loads; each newer one skipped is named in a warning. None if there is none."""
     candidates = list_checkpoints(root)
@@ -239,8 +243,15 @@ def _write_durable(path: Path, fill) -> dict:
     return {"size": w.size, "sha256": w.sha.hexdigest()}
 
 
-def write_checkpoint(root: str | Path, step: int, files: dict[str, Any], config_yaml: str, meta: dict,
-                     keep_last: Optional[int] = None, dir_mode: int = 0o700) -> Path:
+def write_checkpoint(
+    root: str | Path,
+    step: int,
+    files: dict[str, Any],
+    config_yaml: str,
+    meta: dict,
+    keep_last: int | None = None,
+    dir_mode: int = 0o700,
+) -> Path:
     """Writes ``root/step_<step>/`` so that it never tears (module doc) and prunes.
 
     Args:
@@ -293,7 +304,7 @@ def write_checkpoint(root: str | Path, step: int, files: dict[str, Any], config_
     return final
 
 
-def prune_checkpoints(root: str | Path, keep_last: Optional[int]) -> None:
+def prune_checkpoints(root: str | Path, keep_last: int | None) -> None:
     """Deletes all but the newest ``keep_last`` intact checkpoints (None: keeps all) and stale temporaries.
 
     Intact here means the sizes match the manifest (checksums are not read).

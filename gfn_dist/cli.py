@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # Deliberately no gfn_dist.config / torch / Ray import at module level (``--help`` speed, module doc).
 from gfn_dist.config_docs import format_presets, list_presets
@@ -23,8 +23,10 @@ from gfn_dist.config_docs import format_presets, list_presets
 
 def _presets_epilog() -> str:
     names = ", ".join(list_presets()) or "none found (no configs/ directory here)"
-    return (f"presets (a name or a path): {names}\n"
-            "gfn-dist config lists them; gfn-dist config PRESET [key=value ...] prints every key with its doc.")
+    return (
+        f"presets (a name or a path): {names}\n"
+        "gfn-dist config lists them; gfn-dist config PRESET [key=value ...] prints every key with its doc."
+    )
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -61,16 +63,29 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gfn-dist", description="Distributed GFlowNet training.",
-                                     epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gfn-dist",
+        description="Distributed GFlowNet training.",
+        epilog=_presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_arguments(sub.add_parser("train", help="train from a preset (configs/*.yaml) or a YAML file",
-                                       description="Train a GFlowNet: embedded local Ray, torchrun ranks or a "
-                                                   "Ray cluster (cluster.launcher)."))
-    add_config_arguments(sub.add_parser("config", help="list presets, or print a resolved config with each key's doc",
-                                        description="Without arguments: list the presets. With one: print its "
-                                                    "resolved config (schema defaults <- preset <- overrides), "
-                                                    "each key with its doc."))
+    add_train_arguments(
+        sub.add_parser(
+            "train",
+            help="train from a preset (configs/*.yaml) or a YAML file",
+            description="Train a GFlowNet: embedded local Ray, torchrun ranks or a Ray cluster (cluster.launcher).",
+        )
+    )
+    add_config_arguments(
+        sub.add_parser(
+            "config",
+            help="list presets, or print a resolved config with each key's doc",
+            description="Without arguments: list the presets. With one: print its "
+            "resolved config (schema defaults <- preset <- overrides), "
+            "each key with its doc.",
+        )
+    )
     add_plot_arguments(sub.add_parser("plot", help="plot a run's metrics and learned distribution (RUN_DIR/plots)"))
     add_eval_arguments(sub.add_parser("eval", help="evaluate a run's saved policy (exact metrics, samples)"))
     return parser
@@ -125,7 +140,7 @@ def run_plot_command(ns: argparse.Namespace) -> int:
     return run_plot(ns)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "train":
         return run_train_command(ns)

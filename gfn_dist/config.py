@@ -20,46 +20,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gfn_dist.config_sections import (  # noqa: F401  (re-exported: the sections and their names)
-    _choice,
-    is_import_path,
-    _builtin_or_path,
-    _positive,
-    HyperGridConfig,
-    BitSeqConfig,
-    EnvConfig,
-    ModelConfig,
-    LossConfig,
-    PolicyKwargsConfig,
-    SamplerConfig,
-    RolloutConfig,
-    ReplayConfig,
-    LearnerConfig,
-    EvalConfig,
-    RunConfig,
-    CheckpointConfig,
-    WandbConfig,
-    LoggingConfig,
-    ClusterConfig,
-    ENV_NAMES,
-    POLICY_NAMES,
-    PB_NAMES,
-    LOSS_NAMES,
-    SUBTB_WEIGHTINGS,
-    SAMPLER_NAMES,
-    LAUNCHERS,
-    PLACEMENT_STRATEGIES,
     DEVICES,
+    ENV_NAMES,
+    LAUNCHERS,
+    LOSS_NAMES,
+    PB_NAMES,
+    PLACEMENT_STRATEGIES,
+    POLICY_NAMES,
+    SAMPLER_NAMES,
+    SUBTB_WEIGHTINGS,
     WANDB_MODES,
+    BitSeqConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    EnvConfig,
+    EvalConfig,
+    HyperGridConfig,
+    LearnerConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    PolicyKwargsConfig,
+    ReplayConfig,
+    RolloutConfig,
+    RunConfig,
+    SamplerConfig,
+    WandbConfig,
+    _builtin_or_path,
+    _choice,
+    _positive,
+    is_import_path,
 )
 from gfn_dist.errors import ConfigError  # re-exported: every layer raises it
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +78,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    resume: Union[bool, str] = False  # false | true (newest checkpoint, must exist) | auto (if one exists)
+    resume: bool | str = False  # false | true (newest checkpoint, must exist) | auto (if one exists)
 
     def __post_init__(self) -> None:
         if not isinstance(self.resume, bool) and self.resume != "auto":
@@ -113,7 +114,7 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Schema defaults <- YAML preset <- ``key.sub=value`` overrides, validated.
 
     Args:
@@ -139,8 +140,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         except Exception as err:  # a YAML syntax error
             raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(preset, DictConfig):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (env:, learner:, ...), "
-                              f"got a {type(preset).__name__.removesuffix('Config').lower()}")
+            raise ConfigError(
+                f"{p}: the top level must be a mapping of sections (env:, learner:, ...), "
+                f"got a {type(preset).__name__.removesuffix('Config').lower()}"
+            )
         layers.append(preset)
     for o in overrides:
         if "=" not in o:
@@ -167,6 +170,7 @@ def check_finite(cfg: TrainConfig) -> None:
     Raises:
         ConfigError: naming the first key holding NaN or an infinity.
     """
+
     def walk(value, key: str) -> None:
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
@@ -195,7 +199,7 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
-def check_devices(cfg: TrainConfig, num_gpus: Optional[int] = None) -> None:
+def check_devices(cfg: TrainConfig, num_gpus: int | None = None) -> None:
     """Checks that the GPUs the configuration asks for exist (before anything starts).
 
     Rollout GPUs are checked only for an embedded Ray (``cluster.address`` unset):
@@ -213,13 +217,17 @@ def check_devices(cfg: TrainConfig, num_gpus: Optional[int] = None) -> None:
 
         num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cfg.learner.device == "cuda" and num_gpus == 0:
-        raise ConfigError(f"learner.device: 'cuda' requested but no CUDA GPU is visible; use one of "
-                          f"{[d for d in DEVICES if d != 'cuda']}")
+        raise ConfigError(
+            f"learner.device: 'cuda' requested but no CUDA GPU is visible; use one of "
+            f"{[d for d in DEVICES if d != 'cuda']}"
+        )
     need = cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
     if need > 0 and not cfg.cluster.address and need > num_gpus:
-        raise ConfigError(f"rollout.num_gpus_per_actor: {cfg.rollout.num_actors} actors x "
-                          f"{cfg.rollout.num_gpus_per_actor:g} GPUs need {need:g} GPUs but {num_gpus} are visible; "
-                          f"set it to 0 (or at most {num_gpus / cfg.rollout.num_actors:g})")
+        raise ConfigError(
+            f"rollout.num_gpus_per_actor: {cfg.rollout.num_actors} actors x "
+            f"{cfg.rollout.num_gpus_per_actor:g} GPUs need {need:g} GPUs but {num_gpus} are visible; "
+            f"set it to 0 (or at most {num_gpus / cfg.rollout.num_actors:g})"
+        )
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -22,7 +22,7 @@ import inspect
 import io
 import tokenize
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -140,11 +140,11 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def _first_line(doc: Optional[str]) -> str:
+def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs() -> dict[str, str]:
     """``{"learner.batch_size": "global trajectories per learner step ...", ...}`` for every key and section."""
     from gfn_dist.config import TrainConfig
@@ -165,7 +165,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def _dataclass_type(cls: type, f: dataclasses.Field) -> Optional[type]:
+def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         sample = f.default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(sample):
@@ -181,7 +181,7 @@ def _scalar(v: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def format_config(cfg: Any, docs: Optional[dict[str, str]] = None) -> str:
+def format_config(cfg: Any, docs: dict[str, str] | None = None) -> str:
     """The resolved config as YAML, each key followed by ``# its doc`` (``gfn-dist config PRESET``)."""
     docs = field_docs() if docs is None else docs
     lines: list[str] = []

@@ -10,9 +10,10 @@ in learner steps). Each ``__post_init__`` checks its own values and raises
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 from gfn_dist.errors import ConfigError
 
@@ -28,8 +29,6 @@ DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
-
-
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {list(allowed)}, got {value!r}")
@@ -43,7 +42,9 @@ def is_import_path(name: str) -> bool:
 
 def _builtin_or_path(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed and not is_import_path(value):
-        raise ConfigError(f"{key}: must be one of {list(allowed)} or an import path 'package.module:Attr', got {value!r}")
+        raise ConfigError(
+            f"{key}: must be one of {list(allowed)} or an import path 'package.module:Attr', got {value!r}"
+        )
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -106,13 +107,15 @@ class EnvConfig:
     name: str = "hypergrid"  # hypergrid | bitseq | nar_bitseq | package.module:ClassName (a DiscreteEnv subclass)
     hypergrid: HyperGridConfig = field(default_factory=HyperGridConfig)  # used when name = hypergrid
     bitseq: BitSeqConfig = field(default_factory=BitSeqConfig)  # used when name = bitseq | nar_bitseq
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments of an import-path env
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments of an import-path env
 
     def __post_init__(self) -> None:
         _builtin_or_path("env.name", self.name, ENV_NAMES)
         if self.kwargs and not self.is_import_path:
-            raise ConfigError(f"env.kwargs: only for an env given by import path; built-in env.name={self.name} "
-                              f"takes env.{'hypergrid' if self.name == 'hypergrid' else 'bitseq'}.*")
+            raise ConfigError(
+                f"env.kwargs: only for an env given by import path; built-in env.name={self.name} "
+                f"takes env.{'hypergrid' if self.name == 'hypergrid' else 'bitseq'}.*"
+            )
 
     @property
     def is_import_path(self) -> bool:
@@ -133,15 +136,17 @@ class ModelConfig:
     hidden_dim: int = 256  # width of hidden layers / recurrent state (built-in policies)
     n_hidden_layers: int = 2  # hidden layers of the MLP (recurrent: stacked RNN layers) (built-in policies)
     pb: str = "learned"  # learned (MLP) | uniform | none (tree DAG: P_B = 1) | package.module:factory
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the policy factory (import paths)
-    pb_kwargs: Optional[Dict[str, Any]] = None  # keyword arguments of the P_B factory; null = model.kwargs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the policy factory (import paths)
+    pb_kwargs: dict[str, Any] | None = None  # keyword arguments of the P_B factory; null = model.kwargs
 
     def __post_init__(self) -> None:
         _builtin_or_path("model.policy", self.policy, POLICY_NAMES)
         _builtin_or_path("model.pb", self.pb, PB_NAMES)
         if (self.kwargs or self.pb_kwargs) and not (is_import_path(self.policy) or is_import_path(self.pb)):
-            raise ConfigError("model.kwargs: only for a policy given by import path (model.policy / model.pb); "
-                              "built-in policies take model.hidden_dim / model.n_hidden_layers")
+            raise ConfigError(
+                "model.kwargs: only for a policy given by import path (model.policy / model.pb); "
+                "built-in policies take model.hidden_dim / model.n_hidden_layers"
+            )
         _positive("model.hidden_dim", self.hidden_dim)
         _positive("model.n_hidden_layers", self.n_hidden_layers)
 
@@ -155,7 +160,7 @@ class LossConfig:
     beta: float = 1.0  # reward exponent of the relative losses: target ∝ prior * R ** beta
     alpha: float = 1.0  # Trust-PCL regularisation weight (alpha = 1 / beta)
     log_reward_clip_min: float = -math.inf  # log-rewards are clamped from below to this
-    prior_checkpoint: Optional[str] = None  # relative losses: prior P_F from a file saved by a run (policy.pt)
+    prior_checkpoint: str | None = None  # relative losses: prior P_F from a file saved by a run (policy.pt)
     prior_seed: int = 1234  # relative losses without a checkpoint: prior = the model's P_F initialised with this seed
     subtb_weighting: str = "geometric_within"  # subtb: sub-trajectory weights (arXiv:2209.12782; torchgfn's names)
     subtb_lamda: float = 0.9  # subtb: geometric weight λ^(length - 1) of a sub-trajectory (> 0)
@@ -228,11 +233,13 @@ class RolloutConfig:
     # into ceil(trajectories_per_push / sampler_batch_size) calls (the last one smaller when it does not
     # divide), each with the newest weights known (fresher data), while the per-push transport cost
     # (~0.3 ms of Ray call) is paid once.
-    sampler_batch_size: Optional[int] = None
+    sampler_batch_size: int | None = None
     num_cpus_per_actor: float = 1.0  # Ray CPUs reserved per actor (fractional ok)
     num_gpus_per_actor: float = 0.0  # Ray GPUs per actor (fractional ok); > 0 samples on CUDA
     weight_poll_every: int = 1  # batches between checks for newer published weights
-    synchronous: bool = False  # rank 0 samples in-process before each step (deterministic; distributed.synchronous_rollout)
+    synchronous: bool = (
+        False  # rank 0 samples in-process before each step (deterministic; distributed.synchronous_rollout)
+    )
     max_restarts: int = 3  # Ray restarts of a dead actor process (-1: unlimited; gfn_dist.distributed.health)
     max_consecutive_failures: int = 3  # the run fails when one actor fails this many times without pushing between
     # An actor that pushes nothing for this long (hung reward call, stopped process) is reported (metric
@@ -262,8 +269,8 @@ class ReplayConfig:
     prioritized: bool = False  # reward-prioritized sampling, P(i) ∝ R_i ** priority_alpha
     priority_alpha: float = 1.0  # prioritization exponent
     min_size_to_sample: int = 64  # items a shard holds before it serves samples
-    samples_per_insert: Optional[float] = 1.0  # target sampled / inserted items; null disables the limiter
-    samples_per_insert_tolerance: Optional[float] = None  # limiter tolerance in items; null = stall-free minimum
+    samples_per_insert: float | None = 1.0  # target sampled / inserted items; null disables the limiter
+    samples_per_insert_tolerance: float | None = None  # limiter tolerance in items; null = stall-free minimum
     timeout_s: float = 120.0  # learners / actors give up waiting on the rate limiter after this
     max_restarts: int = 3  # Ray restarts of a dead shard, restored from its latest snapshot (-1: unlimited)
     snapshot_every_inserts: int = 0  # snapshot shards to RUN_DIR/replay every this many items (0: checkpoints only)
@@ -292,10 +299,10 @@ class LearnerConfig:
     batch_size: int = 64  # global trajectories per learner step (split evenly over ranks)
     lr: float = 1e-3  # Adam learning rate of the networks
     lr_logz: float = 0.1  # Adam learning rate of logZ
-    grad_clip: Optional[float] = 10.0  # max global gradient norm; null disables clipping
+    grad_clip: float | None = 10.0  # max global gradient norm; null disables clipping
     sync_every: int = 1  # learner steps between weight publications to the actors
-    max_steps: Optional[int] = 1000  # budget in learner steps (the smaller of the two budgets applies)
-    max_trajectories: Optional[int] = None  # budget in consumed trajectories (rounded up to whole steps)
+    max_steps: int | None = 1000  # budget in learner steps (the smaller of the two budgets applies)
+    max_trajectories: int | None = None  # budget in consumed trajectories (rounded up to whole steps)
     on_policy: bool = False  # fresh trajectories only: each used once on average, a few steps old at most
     prefetch: bool = True  # draw the next batch from replay while the current step computes (one step older)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
@@ -342,12 +349,12 @@ class EvalConfig:
 class RunConfig:
     """Output and seeding."""
 
-    dir: Optional[str] = None  # run directory; null = runs/<preset>-<timestamp>
+    dir: str | None = None  # run directory; null = runs/<preset>-<timestamp>
     seed: int = 0  # base seed: learner = seed, rollout actor i = seed + i
     save_policy: bool = True  # write RUN_DIR/policy.pt (pf / pb state dicts) at the end
     # Permission bits of a run directory gfn_dist creates (an existing one keeps its own): 0700 = owner
     # only. Octal in YAML (0750) or a string ('0o750', '750').
-    dir_mode: Union[int, str] = 0o700
+    dir_mode: int | str = 0o700
     skip_memory_check: bool = False  # experts: start even if replay + batch look larger than this machine's memory
 
     def __post_init__(self) -> None:
@@ -355,7 +362,9 @@ class RunConfig:
         try:
             mode = int(mode.removeprefix("0o"), 8) if isinstance(mode, str) else int(mode)
         except ValueError:
-            raise ConfigError(f"run.dir_mode: expected octal permission bits such as 0700, got {self.dir_mode!r}") from None
+            raise ConfigError(
+                f"run.dir_mode: expected octal permission bits such as 0700, got {self.dir_mode!r}"
+            ) from None
         if not 0 <= mode <= 0o777 or not mode & 0o700 == 0o700:
             raise ConfigError(f"run.dir_mode: must be within 0o777 and give the owner rwx (0o7xx), got {mode:#o}")
         self.dir_mode = mode
@@ -366,8 +375,8 @@ class CheckpointConfig:
     """Checkpoints ``step_N/`` (layout, resume and preemption: ``gfn_dist.checkpoint``)."""
 
     interval_steps: int = 500  # learner steps between checkpoints (0: only at the end and on preemption)
-    keep_last: Optional[int] = 3  # newest checkpoints kept; null keeps all
-    dir: Optional[str] = None  # checkpoint directory; null = RUN_DIR/checkpoints
+    keep_last: int | None = 3  # newest checkpoints kept; null keeps all
+    dir: str | None = None  # checkpoint directory; null = RUN_DIR/checkpoints
 
     def __post_init__(self) -> None:
         _positive("checkpoint.interval_steps", self.interval_steps, allow_zero=True)
@@ -381,8 +390,8 @@ class WandbConfig:
 
     mode: str = "offline"  # offline | online | disabled
     project: str = "gfn_dist"  # wandb project
-    entity: Optional[str] = None  # wandb team / user (online); null = the account's default
-    name: Optional[str] = None  # run name; null = the run directory's name
+    entity: str | None = None  # wandb team / user (online); null = the account's default
+    name: str | None = None  # run name; null = the run directory's name
 
     def __post_init__(self) -> None:
         _choice("logging.wandb.mode", self.mode, WANDB_MODES)
@@ -405,17 +414,17 @@ class LoggingConfig:
 class ClusterConfig:
     """Where Ray runs and how learners are launched."""
 
-    address: Optional[str] = None  # Ray address to connect to; null starts an embedded local Ray
+    address: str | None = None  # Ray address to connect to; null starts an embedded local Ray
     launcher: str = "auto"  # auto (torchrun if its env vars are set) | local | torchrun | ray (Ray Train workers)
-    num_cpus: Optional[float] = None  # CPUs of the embedded Ray; null = what the actors (and learners) reserve (>= 1)
+    num_cpus: float | None = None  # CPUs of the embedded Ray; null = what the actors (and learners) reserve (>= 1)
     connect_timeout_s: float = 30.0  # give up on an unreachable cluster.address after this
     num_learners: int = 1  # launcher=ray: learner workers forming the DDP group (world size)
     num_cpus_per_learner: float = 1.0  # launcher=ray: Ray CPUs per learner worker (also its torch threads)
     placement_strategy: str = "PACK"  # launcher=ray: learners' placement group (PACK | SPREAD | STRICT_*)
     # User code on Ray workers (gfn_dist.imports.runtime_env_of -> ray.init(runtime_env=...)):
-    working_dir: Optional[str] = None  # directory (or URI) Ray uploads; workers start in it and import from it
-    py_modules: List[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names
-    runtime_env: Dict[str, Any] = field(default_factory=dict)  # further Ray runtime_env fields (env_vars, pip, ...)
+    working_dir: str | None = None  # directory (or URI) Ray uploads; workers start in it and import from it
+    py_modules: list[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # further Ray runtime_env fields (env_vars, pip, ...)
 
     def __post_init__(self) -> None:
         _choice("cluster.launcher", self.launcher, LAUNCHERS)

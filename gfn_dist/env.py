@@ -27,7 +27,7 @@ Enumerable environments also implement ``n_states``, ``all_states``,
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -66,7 +66,7 @@ class DiscreteEnv(Env):
         s0: torch.Tensor,
         sf: torch.Tensor,
         max_traj_len: int,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         device: str | torch.device = "cpu",
     ):
         if n_actions < 2:
@@ -143,7 +143,7 @@ class DiscreteEnv(Env):
         batch_shape: int | Sequence[int],
         random: bool = False,
         sink: bool = False,
-        conditions: Optional[torch.Tensor] = None,
+        conditions: torch.Tensor | None = None,
     ) -> DiscreteStates:
         """Initial, sink (``sink``) or uniformly random (``random``) states of ``batch_shape``
         (torchgfn's signature).
@@ -204,7 +204,9 @@ class DiscreteEnv(Env):
             )
         sink = states.is_sink_state
         if bool((is_dummy & ~sink).any()):
-            raise ValueError(f"invalid action: dummy action on non-sink states in rows {self._bad_rows(is_dummy & ~sink)}")
+            raise ValueError(
+                f"invalid action: dummy action on non-sink states in rows {self._bad_rows(is_dummy & ~sink)}"
+            )
         valid = states.forward_masks.gather(-1, a.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         bad = ~is_dummy & (~valid | sink)
         if bool(bad.any()):
@@ -212,7 +214,7 @@ class DiscreteEnv(Env):
         return self.States(self._step_fast(x, a))
 
     def _step_fast(
-        self, x: torch.Tensor, a: torch.Tensor, to_sink: Optional[torch.Tensor] = None, out=None
+        self, x: torch.Tensor, a: torch.Tensor, to_sink: torch.Tensor | None = None, out=None
     ) -> torch.Tensor:
         """Unchecked forward step, ``a`` of shape ``(N,)`` in ``[-1, n_actions - 1]``.
 
@@ -240,7 +242,9 @@ class DiscreteEnv(Env):
             )
         valid = states.backward_masks.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         if bool((~valid).any()):
-            raise ValueError(f"invalid backward action: not allowed by the backward mask in rows {self._bad_rows(~valid)}")
+            raise ValueError(
+                f"invalid backward action: not allowed by the backward mask in rows {self._bad_rows(~valid)}"
+            )
         return self.States(self.backward_step_tensor(x, a))
 
     # ---- enumeration (override in enumerable envs) -------------------------

@@ -50,7 +50,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -93,7 +92,7 @@ class LoadedPolicy:
     env: object
     policies: nn.ModuleDict
     gflownet: nn.Module
-    step: Optional[int]
+    step: int | None
     weights: Path
     run_dir: Path
     has_logz: bool = False
@@ -120,7 +119,7 @@ def find_config(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no config.yaml here or in the parent directories (not a gfn-dist run?)")
 
 
-def checkpoint_dirs(run_dir: str | Path, cfg: Optional[TrainConfig] = None) -> list[tuple[int, Path]]:
+def checkpoint_dirs(run_dir: str | Path, cfg: TrainConfig | None = None) -> list[tuple[int, Path]]:
     """``(step, dir)`` of the run's ``step_N/`` checkpoints (``cfg.checkpoint.dir`` or ``RUN_DIR/checkpoints``),
     by increasing step."""
     ckpt_dir = getattr(getattr(cfg, "checkpoint", None), "dir", None)
@@ -136,7 +135,7 @@ def _load(path: Path):
     return load_torch_file(path)
 
 
-def _extract_state(obj, depth: int = 0) -> Optional[dict]:
+def _extract_state(obj, depth: int = 0) -> dict | None:
     """The dict holding ``"gflownet"`` or ``"policies"`` state, searched up to two levels down."""
     if not isinstance(obj, dict):
         return None
@@ -151,12 +150,12 @@ def _extract_state(obj, depth: int = 0) -> Optional[dict]:
     return None
 
 
-def _state_step(state: dict, fallback: Optional[int]) -> Optional[int]:
+def _state_step(state: dict, fallback: int | None) -> int | None:
     step = state.get("step", fallback)
     return int(step) if isinstance(step, (int, torch.Tensor)) else fallback
 
 
-def _load_weight_dir(d: Path, step: Optional[int]) -> tuple[dict, Path]:
+def _load_weight_dir(d: Path, step: int | None) -> tuple[dict, Path]:
     """The model state of a checkpoint directory (searched over its ``*.pt`` files), verified
     against its manifest when it has one."""
     if (d / MANIFEST).is_file():
@@ -170,7 +169,7 @@ def _load_weight_dir(d: Path, step: Optional[int]) -> tuple[dict, Path]:
     raise FileNotFoundError(f"{d}: no model weights (a .pt file with 'gflownet' or 'policies' state)")
 
 
-def load_weights(path: str | Path, cfg: Optional[TrainConfig] = None) -> tuple[dict, Path, Optional[int]]:
+def load_weights(path: str | Path, cfg: TrainConfig | None = None) -> tuple[dict, Path, int | None]:
     """The model state to evaluate at ``path`` (module doc: "Which weights"); ``cfg`` locates the checkpoints.
 
     Returns:
@@ -285,8 +284,9 @@ def mode_mask(env, states=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_terminal_states(lp: LoadedPolicy, n_samples: int, seed: int = 0,
-                           batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_terminal_states(
+    lp: LoadedPolicy, n_samples: int, seed: int = 0, batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_samples`` terminal states from the learned P_F (on-policy, no exploration).
 
     Returns:
@@ -347,7 +347,7 @@ def evaluate(
     path: str | Path,
     n_samples: int = 10_000,
     seed: int = 0,
-    out_dir: Optional[str | Path] = None,
+    out_dir: str | Path | None = None,
     exact: bool = True,
     device: str | torch.device = "cpu",
 ) -> tuple[dict, Path]:
@@ -373,8 +373,11 @@ def evaluate(
     metrics: dict = {"step": lp.step, "weights": str(lp.weights), "env": lp.cfg.env.name, "loss": lp.cfg.loss.name}
     if exact:
         metrics.update(exact_metrics(lp))
-    out = Path(out_dir) if out_dir is not None else lp.run_dir / "eval" / (
-        f"step_{lp.step}" if lp.step is not None else "latest")
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else lp.run_dir / "eval" / (f"step_{lp.step}" if lp.step is not None else "latest")
+    )
     out.mkdir(parents=True, exist_ok=True)
     if n_samples > 0:
         states, log_r = sample_terminal_states(lp, n_samples, seed)
@@ -413,7 +416,9 @@ def run_eval(ns) -> int:
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
         lines.append(f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
-    lines.append(f"written: {out / 'metrics.json'}" + (f", {out / 'samples.pt'}, {out / 'samples.csv'}"
-                                                      if ns.n_samples > 0 else ""))
+    lines.append(
+        f"written: {out / 'metrics.json'}"
+        + (f", {out / 'samples.pt'}, {out / 'samples.csv'}" if ns.n_samples > 0 else "")
+    )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -16,7 +16,6 @@ import importlib.util
 import netrc
 import os
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlsplit
 
 from gfn_dist.config import ConfigError, TrainConfig
@@ -40,7 +39,7 @@ def _netrc_path() -> Path:
     return windows if windows.exists() and not unix.exists() else unix
 
 
-def wandb_credentials_source() -> Optional[str]:
+def wandb_credentials_source() -> str | None:
     """Where wandb would find an API key for ``WANDB_BASE_URL``, or None.
 
     The places wandb documents for a non-interactive login: the

@@ -24,7 +24,6 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -169,12 +168,13 @@ def _private_user_dir(base: Path) -> Path:
             os.chmod(path, 0o700)
         return path
     fresh = Path(tempfile.mkdtemp(prefix=f"ray-{os.getuid()}-", dir=base))
-    logger.warning("%s is not a directory owned by this user (uid %d): using %s for Ray instead",
-                   path, os.getuid(), fresh)
+    logger.warning(
+        "%s is not a directory owned by this user (uid %d): using %s for Ray instead", path, os.getuid(), fresh
+    )
     return fresh
 
 
-def ray_temp_dir(base: Optional[str | Path] = None) -> str:
+def ray_temp_dir(base: str | Path | None = None) -> str:
     """A temp directory for the embedded Ray that only this user can reach.
 
     Returns ``<base>/ray-<uid>/ray`` (``base``: the system temp directory,

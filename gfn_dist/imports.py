@@ -23,13 +23,13 @@ import inspect
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from gfn_dist.config import ConfigError, is_import_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_import_path", "resolve", "call_user", "accepts_kwarg", "runtime_env_of"]
+__all__ = ["accepts_kwarg", "call_user", "is_import_path", "resolve", "runtime_env_of"]
 
 
 def _first_line(err: BaseException) -> str:
@@ -116,7 +116,7 @@ def _py_module_entry(entry: str) -> str:
     raise ConfigError(f"cluster.py_modules: {entry!r} is neither an existing path, a URI, nor an importable package")
 
 
-def runtime_env_of(cfg) -> Optional[dict]:
+def runtime_env_of(cfg) -> dict | None:
     """Ray's ``runtime_env`` that ships the user's code to every Ray worker of the run, or None.
 
     Built from ``cluster.runtime_env`` (any of Ray's fields: ``env_vars``, ``pip``,
@@ -148,8 +148,10 @@ def runtime_env_of(cfg) -> Optional[dict]:
         env["env_vars"] = {str(k): str(v) for k, v in env["env_vars"].items()}
     if c.working_dir:
         if "working_dir" in env:
-            raise ConfigError("cluster.runtime_env: working_dir is set twice (cluster.working_dir and "
-                              "cluster.runtime_env.working_dir); keep one")
+            raise ConfigError(
+                "cluster.runtime_env: working_dir is set twice (cluster.working_dir and "
+                "cluster.runtime_env.working_dir); keep one"
+            )
         wd = str(c.working_dir)
         if "://" not in wd:
             p = Path(wd).expanduser()
@@ -159,8 +161,10 @@ def runtime_env_of(cfg) -> Optional[dict]:
         env["working_dir"] = wd
     if c.py_modules:
         if "py_modules" in env:
-            raise ConfigError("cluster.runtime_env: py_modules is set twice (cluster.py_modules and "
-                              "cluster.runtime_env.py_modules); keep one")
+            raise ConfigError(
+                "cluster.runtime_env: py_modules is set twice (cluster.py_modules and "
+                "cluster.runtime_env.py_modules); keep one"
+            )
         env["py_modules"] = [_py_module_entry(str(m)) for m in c.py_modules]
     return env or None
 

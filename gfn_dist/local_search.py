@@ -70,11 +70,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from gfn_dist.containers.splice import (  # noqa: F401  (re-exported: part of this module's API)
+from gfn_dist.containers.splice import (
     Spliced,
     _merge_rows,
     check_forward_trajectories,
@@ -94,7 +93,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_back_steps(
-    back_steps: Optional[int | torch.Tensor], back_ratio: Optional[float], lengths: torch.Tensor
+    back_steps: int | torch.Tensor | None, back_ratio: float | None, lengths: torch.Tensor
 ) -> torch.Tensor:
     """Number of backward steps K of each trajectory, int64 ``(N,)``, clamped to ``lengths``.
 
@@ -142,8 +141,8 @@ def resolve_back_steps(
 # ---------------------------------------------------------------------------
 def _eval_log_probs(
     estimator, env, states_TN: torch.Tensor, actions_TN: torch.Tensor, mask_TN: torch.Tensor,
-    conditions: Optional[torch.Tensor], want_outputs: bool, policy_kwargs: dict,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+    conditions: torch.Tensor | None, want_outputs: bool, policy_kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log-probs of ``actions_TN`` at ``states_TN`` where ``mask_TN``, one batched call.
 
     Returns ``(log_probs (T, N), raw outputs (T, N, n_out) | None)``, 0 outside the mask.
@@ -204,12 +203,12 @@ class LocalSearchProposal:
     new_trajectories: Trajectories
     n_prev: torch.Tensor
     back_steps: torch.Tensor
-    prev_segment_log_pf: Optional[torch.Tensor] = None
-    prev_segment_log_pb: Optional[torch.Tensor] = None
-    new_segment_log_pf: Optional[torch.Tensor] = None
-    new_segment_log_pb: Optional[torch.Tensor] = None
-    reversible: Optional[torch.Tensor] = None
-    log_accept_ratio: Optional[torch.Tensor] = None
+    prev_segment_log_pf: torch.Tensor | None = None
+    prev_segment_log_pb: torch.Tensor | None = None
+    new_segment_log_pf: torch.Tensor | None = None
+    new_segment_log_pb: torch.Tensor | None = None
+    reversible: torch.Tensor | None = None
+    log_accept_ratio: torch.Tensor | None = None
 
 
 class LocalSearchSampler(Sampler):
@@ -242,8 +241,8 @@ class LocalSearchSampler(Sampler):
         trajectories: Trajectories,
         save_estimator_outputs: bool = False,
         save_logprobs: bool = False,
-        back_steps: Optional[int | torch.Tensor] = None,
-        back_ratio: Optional[float] = None,
+        back_steps: int | torch.Tensor | None = None,
+        back_ratio: float | None = None,
         use_metropolis_hastings: bool = False,
         debug: bool = False,
         **policy_kwargs,
@@ -373,8 +372,8 @@ class LocalSearchSampler(Sampler):
         trajectories: Trajectories,
         save_estimator_outputs: bool = False,
         save_logprobs: bool = False,
-        back_steps: Optional[int | torch.Tensor] = None,
-        back_ratio: Optional[float] = None,
+        back_steps: int | torch.Tensor | None = None,
+        back_ratio: float | None = None,
         use_metropolis_hastings: bool = True,
         debug: bool = False,
         **policy_kwargs,
@@ -443,14 +442,14 @@ class LocalSearchSampler(Sampler):
     def sample_trajectories(
         self,
         env,
-        n: Optional[int] = None,
+        n: int | None = None,
         states=None,
-        conditions: Optional[torch.Tensor] = None,
+        conditions: torch.Tensor | None = None,
         save_estimator_outputs: bool = False,
         save_logprobs: bool = False,
         n_local_search_loops: int = 0,
-        back_steps: Optional[int | torch.Tensor] = None,
-        back_ratio: Optional[float] = None,
+        back_steps: int | torch.Tensor | None = None,
+        back_ratio: float | None = None,
         use_metropolis_hastings: bool = False,
         **policy_kwargs,
     ) -> Trajectories:

@@ -27,10 +27,11 @@ import logging
 import math
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-from gfn_dist.files import DISK_FULL_ERRNOS, DiskFullError, atomic_write_bytes  # noqa: F401 (re-exported)
+from gfn_dist.files import DISK_FULL_ERRNOS, DiskFullError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ class WandbSink:
         run_dir: str | Path,
         mode: str,
         project: str,
-        config: Optional[dict] = None,
-        entity: Optional[str] = None,
-        name: Optional[str] = None,
+        config: dict | None = None,
+        entity: str | None = None,
+        name: str | None = None,
     ) -> None:
         if mode not in ("offline", "online"):
             raise ValueError(f"logging.wandb.mode: WandbSink needs offline | online, got {mode!r}")
@@ -162,8 +163,16 @@ class WandbSink:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self._run = wandb.init(
-            project=project, entity=entity, name=name or run_dir.name, id=run_id, resume="allow", mode=mode,
-            dir=str(run_dir), config=config, reinit="create_new", settings=wandb.Settings(silent=True),
+            project=project,
+            entity=entity,
+            name=name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            config=config,
+            reinit="create_new",
+            settings=wandb.Settings(silent=True),
         )
 
     @property
@@ -203,7 +212,7 @@ class MetricLogger:
         sinks: objects with ``write(row)`` and ``close()``.
     """
 
-    def __init__(self, sinks: Optional[list] = None) -> None:
+    def __init__(self, sinks: list | None = None) -> None:
         self.sinks = list(sinks or [])
         self.last_row: dict = {}
 
@@ -215,10 +224,10 @@ class MetricLogger:
         wandb_mode: str = "disabled",
         tensorboard: bool = False,
         project: str = "gfn_dist",
-        config: Optional[dict] = None,
-        wandb_entity: Optional[str] = None,
-        wandb_name: Optional[str] = None,
-    ) -> "MetricLogger":
+        config: dict | None = None,
+        wandb_entity: str | None = None,
+        wandb_name: str | None = None,
+    ) -> MetricLogger:
         """Rank 0: JSONL (+ optional wandb / TensorBoard); other ranks: no sinks."""
         if rank != 0:
             return cls([])
@@ -235,13 +244,21 @@ class MetricLogger:
         return out
 
     @classmethod
-    def from_config(cls, cfg, run_dir: str | Path, rank: int = 0) -> "MetricLogger":
+    def from_config(cls, cfg, run_dir: str | Path, rank: int = 0) -> MetricLogger:
         """The sinks ``cfg.logging`` (of a ``TrainConfig``) asks for; no sinks on ranks > 0."""
         from gfn_dist.config import to_dict
 
         w = cfg.logging.wandb
-        return cls.for_rank(rank, run_dir, w.mode, cfg.logging.tensorboard, w.project,
-                            to_dict(cfg) if rank == 0 else None, w.entity, w.name)
+        return cls.for_rank(
+            rank,
+            run_dir,
+            w.mode,
+            cfg.logging.tensorboard,
+            w.project,
+            to_dict(cfg) if rank == 0 else None,
+            w.entity,
+            w.name,
+        )
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Writes ``row`` (must hold ``step``) to every sink.

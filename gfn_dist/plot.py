@@ -21,8 +21,8 @@ Drawn with matplotlib's Agg canvas (no display, no pyplot global state).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -44,8 +44,14 @@ def _figure(nrows: int, ncols: int, width: float = 5.0, height: float = 3.6):
     fig = Figure(figsize=(width * ncols, height * nrows))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=0.7 / (width * ncols), right=1 - 0.25 / (width * ncols), bottom=0.55 / (height * nrows),
-                        top=1 - 0.4 / (height * nrows), wspace=0.3, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.7 / (width * ncols),
+        right=1 - 0.25 / (width * ncols),
+        bottom=0.55 / (height * nrows),
+        top=1 - 0.4 / (height * nrows),
+        wspace=0.3,
+        hspace=0.45,
+    )
     return fig, axes
 
 
@@ -54,12 +60,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def elapsed_seconds(rows: Sequence[dict]) -> list[Optional[float]]:
+def elapsed_seconds(rows: Sequence[dict]) -> list[float | None]:
     """Wall time of each row: ``elapsed_s``, else rebuilt from ``learner_steps_per_s`` (older runs).
 
     A resumed run restarts its clock; its rows are shifted to continue the curve.
     """
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     t, prev_step, offset = 0.0, 0, 0.0
     for r in rows:
         if "elapsed_s" in r:
@@ -100,7 +106,7 @@ def _positive_log_scale(ax, ys) -> None:
         ax.set_yscale("log")
 
 
-def true_log_z(run_dir: Path) -> Optional[float]:
+def true_log_z(run_dir: Path) -> float | None:
     """log Z of the run's target (``builders.target_distribution``), None if not enumerable / no config."""
     from gfn_dist.builders import build_env, is_enumerable, target_distribution
     from gfn_dist.config import load_config
@@ -119,12 +125,12 @@ def true_log_z(run_dir: Path) -> Optional[float]:
         return None
 
 
-def plot_training(rows: Sequence[dict], x_key: str, path: Path, log_z_true: Optional[float]) -> Path:
+def plot_training(rows: Sequence[dict], x_key: str, path: Path, log_z_true: float | None) -> Path:
     """Loss, logZ (and true log Z) and exact L1 against ``x_key`` (``trajectories`` or ``elapsed_s``)."""
     return _save(training_figure(rows, x_key, log_z_true), path)
 
 
-def training_figure(rows: Sequence[dict], x_key: str, log_z_true: Optional[float]):
+def training_figure(rows: Sequence[dict], x_key: str, log_z_true: float | None):
     """The figure of ``plot_training`` (a matplotlib ``Figure`` with the three panels)."""
     xs = elapsed_seconds(rows) if x_key == "elapsed_s" else [r.get(x_key) for r in rows]
     xlabel = WALL_TIME_LABEL if x_key == "elapsed_s" else "trajectories consumed"
@@ -209,9 +215,9 @@ def distributions(run_dir: Path):
     return lp, exact_terminating_distribution(lp.env, lp.pf).cpu(), target.cpu()
 
 
-def plot_distributions(run_dir: Path, out_dir: Path) -> Optional[Path]:
+def plot_distributions(run_dir: Path, out_dir: Path) -> Path | None:
     """``p_t_heatmap.png`` (2-D HyperGrid) or ``p_t_vs_target.png`` (other enumerable envs); None if impossible."""
-    from gfn_dist.builders import is_enumerable, build_env
+    from gfn_dist.builders import build_env, is_enumerable
     from gfn_dist.config import load_config
 
     try:
@@ -243,14 +249,18 @@ def plot_distributions(run_dir: Path, out_dir: Path) -> Optional[Path]:
     ax = axes[0, 0]
     ax.plot(target[order].numpy(), color="k", lw=1.5, label="target")
     ax.plot(p_t[order].numpy(), color="C0", lw=1, alpha=0.8, label=f"learned P_T ({step})")
-    ax.set(title=f"{lp.cfg.env.name}: P_T vs target, L1 = {l1:.4f}", xlabel="terminal states, by target probability",
-           ylabel="probability", yscale="log")
+    ax.set(
+        title=f"{lp.cfg.env.name}: P_T vs target, L1 = {l1:.4f}",
+        xlabel="terminal states, by target probability",
+        ylabel="probability",
+        yscale="log",
+    )
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out_dir / "p_t_vs_target.png")
 
 
-def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None, distributions_plot: bool = True) -> list[Path]:
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, distributions_plot: bool = True) -> list[Path]:
     """Writes the run's PNGs (module doc) and returns their paths.
 
     Args:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributions import Distribution
 
 from gfn_dist.actions import Actions
-from gfn_dist.utils.modules import call_module, no_hooks
 from gfn_dist.preprocessors import IdentityPreprocessor, Preprocessor
-
+from gfn_dist.utils.modules import call_module, no_hooks
 
 _NEG_INF: dict = {}
 
@@ -60,7 +59,7 @@ class MaskedCategorical(Distribution):
     arg_constraints: dict = {}
     has_enumerate_support = True
 
-    def __init__(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None, normalized: bool = False):
+    def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, normalized: bool = False):
         self._raw_logits = logits
         self._logits = logits if normalized else None
         self.mask = mask
@@ -91,7 +90,7 @@ class MaskedCategorical(Distribution):
         noise = torch.empty_like(raw).exponential_().log_()
         return (raw - noise).argmax(-1, keepdim=True)
 
-    def sample_with_log_noise(self, log_noise: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_with_log_noise(self, log_noise: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Gumbel-max sample with pre-drawn ``log_noise = log(Exp(1))`` of the logits' shape.
 
         Lets a sampler draw the noise of a whole rollout in one kernel.
@@ -130,11 +129,11 @@ class RolloutContext:
 
     batch_size: int
     device: torch.device
-    conditions: Optional[torch.Tensor] = None
+    conditions: torch.Tensor | None = None
     carry: Any = None
     trajectory_log_probs: list = field(default_factory=list)
     trajectory_estimator_outputs: list = field(default_factory=list)
-    current_estimator_output: Optional[torch.Tensor] = None
+    current_estimator_output: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -167,7 +166,7 @@ class Estimator(nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         is_backward: bool = False,
         debug: bool = False,
     ):
@@ -181,7 +180,7 @@ class Estimator(nn.Module):
         self.debug = _check_flag(type(self).__name__, "debug", debug)
 
     @property
-    def expected_output_dim(self) -> Optional[int]:
+    def expected_output_dim(self) -> int | None:
         return None
 
     def forward(self, states) -> torch.Tensor:
@@ -190,9 +189,7 @@ class Estimator(nn.Module):
     def _checked_output(self, out: torch.Tensor) -> torch.Tensor:
         exp = self.expected_output_dim
         if exp is not None and out.shape[-1] != exp:
-            raise ValueError(
-                f"{type(self).__name__}: module output has last dimension {out.shape[-1]}, expected {exp}"
-            )
+            raise ValueError(f"{type(self).__name__}: module output has last dimension {out.shape[-1]}, expected {exp}")
         return out
 
     def __repr__(self) -> str:
@@ -225,7 +222,7 @@ class ScalarEstimator(Estimator):
     def __init__(
         self,
         module: nn.Module,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         reduction: str = "mean",
         debug: bool = False,
     ):
@@ -257,7 +254,7 @@ class PolicyMixin:
 
     is_vectorized: bool = True
 
-    def init_context(self, batch_size: int, device, conditions: Optional[torch.Tensor] = None) -> RolloutContext:
+    def init_context(self, batch_size: int, device, conditions: torch.Tensor | None = None) -> RolloutContext:
         """A fresh ``RolloutContext`` for ``batch_size`` trajectories."""
         return RolloutContext(batch_size=batch_size, device=torch.device(device), conditions=conditions)
 
@@ -268,7 +265,7 @@ class PolicyMixin:
         self,
         states_active,
         ctx: RolloutContext,
-        step_mask: Optional[torch.Tensor] = None,
+        step_mask: torch.Tensor | None = None,
         save_estimator_outputs: bool = False,
         **policy_kwargs,
     ) -> tuple[Distribution, RolloutContext]:
@@ -319,7 +316,7 @@ class PolicyMixin:
         actions_active,
         dist: Distribution,
         ctx: RolloutContext,
-        step_mask: Optional[torch.Tensor] = None,
+        step_mask: torch.Tensor | None = None,
         vectorized: bool = False,
         save_logprobs: bool = False,
     ) -> tuple[torch.Tensor, RolloutContext]:
@@ -346,7 +343,7 @@ class PolicyMixin:
             ctx.trajectory_log_probs.append(lp)
         return lp, ctx
 
-    def get_current_estimator_output(self, ctx: RolloutContext) -> Optional[torch.Tensor]:
+    def get_current_estimator_output(self, ctx: RolloutContext) -> torch.Tensor | None:
         return ctx.current_estimator_output
 
 
@@ -368,7 +365,7 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         self,
         module: nn.Module,
         n_actions: int,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         is_backward: bool = False,
         debug: bool = False,
     ):
@@ -426,7 +423,7 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         logp = torch.logaddexp(masked.log_softmax(-1) + math.log1p(-epsilon), log_uniform + math.log(epsilon))
         return MaskedCategorical(logp, mask=masks, normalized=True)
 
-    def masked_logits_fn(self, env, policy_kwargs: Optional[dict] = None):
+    def masked_logits_fn(self, env, policy_kwargs: dict | None = None):
         """A tensor-level shortcut of ``to_probability_distribution(states, self(states))``, or None.
 
         Returns ``f(x) -> masked logits`` for state tensors ``x (M, *state_shape)``:
@@ -461,7 +458,7 @@ class DiscretePolicyEstimator(PolicyMixin, Estimator):
         mask_fn = env.backward_mask if self.is_backward else env.forward_mask
         ninf = None
 
-        def masked_logits(x: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def masked_logits(x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
             """``features``: optional ``self.preprocessor(x)``, already computed (skips it)."""
             nonlocal ninf
             if features is not None and no_hooks(self):

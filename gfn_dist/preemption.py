@@ -10,11 +10,10 @@ SIGTERM; under ``cluster.launcher=ray`` the driver forwards it to learner rank 0
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 
 class _Preemption:
-    signum: Optional[int] = None
+    signum: int | None = None
     previous: dict = {}
 
 
@@ -50,6 +49,6 @@ def clear_preemption() -> None:
     _Preemption.signum = None
 
 
-def preemption_requested() -> Optional[int]:
+def preemption_requested() -> int | None:
     """The signal number received on this process, or None."""
     return _Preemption.signum

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 from gfn_dist.config import ConfigError, TrainConfig, check_finite
 
@@ -41,7 +40,7 @@ BACKWARD_FACTOR = 3
 # ---------------------------------------------------------------------------- run directory
 
 
-def check_run_dir(path: Optional[str | Path], key: str = "run.dir") -> None:
+def check_run_dir(path: str | Path | None, key: str = "run.dir") -> None:
     """Checks that ``path`` is, or can be created as, a directory this user can write.
 
     Args:
@@ -75,7 +74,7 @@ def _size(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
 
 
-def _cgroup_limit_bytes() -> Optional[int]:
+def _cgroup_limit_bytes() -> int | None:
     """Memory left under this process's cgroup limit (SLURM jobs, containers), or None if unlimited."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
@@ -154,7 +153,7 @@ def memory_estimate(cfg: TrainConfig, env=None) -> dict[str, int]:
     }
 
 
-def check_memory(cfg: TrainConfig, env=None, available: Optional[int] = None) -> None:
+def check_memory(cfg: TrainConfig, env=None, available: int | None = None) -> None:
     """Refuses a run whose replay + batches cannot fit this machine's memory (``memory_estimate``).
 
     With ``cluster.address`` (an existing cluster) the shards and actors run on other
@@ -182,17 +181,22 @@ def check_memory(cfg: TrainConfig, env=None, available: Optional[int] = None) ->
     r = cfg.replay
     if replay >= est["batch"] + rollout:
         key = "replay.capacity_per_shard"
-        detail = (f"replay needs ~{_size(replay)} ({REPLAY_COPIES} copies x replay.num_shards={r.num_shards} x "
-                  f"replay.capacity_per_shard={r.capacity_per_shard} x {est['bytes_per_trajectory']} bytes per "
-                  f"trajectory)")
+        detail = (
+            f"replay needs ~{_size(replay)} ({REPLAY_COPIES} copies x replay.num_shards={r.num_shards} x "
+            f"replay.capacity_per_shard={r.capacity_per_shard} x {est['bytes_per_trajectory']} bytes per "
+            f"trajectory)"
+        )
         fix = "lower replay.capacity_per_shard or replay.num_shards"
     else:
         key = "learner.batch_size"
-        detail = (f"learner.batch_size={cfg.learner.batch_size} and the actors' batches need "
-                  f"~{_size(est['batch'] + rollout)}")
+        detail = (
+            f"learner.batch_size={cfg.learner.batch_size} and the actors' batches need ~{_size(est['batch'] + rollout)}"
+        )
         fix = "lower learner.batch_size or rollout.trajectories_per_push"
-    raise ConfigError(f"{key}: {detail}, {_size(need)} in all, but {_size(available)} of memory is "
-                      f"available; {fix}, or set run.skip_memory_check=true")
+    raise ConfigError(
+        f"{key}: {detail}, {_size(need)} in all, but {_size(available)} of memory is "
+        f"available; {fix}, or set run.skip_memory_check=true"
+    )
 
 
 # ---------------------------------------------------------------------------- all of them

@@ -8,7 +8,7 @@ downstream.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -83,7 +83,7 @@ class KHotPreprocessor(Preprocessor):
         super().__init__(height * ndim)
         self.height = int(height)
         self.ndim = int(ndim)
-        self._table: Optional[torch.Tensor] = None
+        self._table: torch.Tensor | None = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         # One embedding lookup (a few times faster than advanced indexing on large

@@ -28,7 +28,8 @@ import logging
 import math
 import os
 import sys
-from typing import Mapping, Optional, TextIO
+from collections.abc import Mapping
+from typing import TextIO
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -39,7 +40,7 @@ logger = logging.getLogger("gfn_dist.progress")
 SAMPLED_KEYS = ("eval/reward_mean", "eval/num_unique", "eval/modes_found", "eval/logZ_elbo")
 
 
-def bar_wanted(enabled: bool = True, stream: Optional[TextIO] = None) -> bool:
+def bar_wanted(enabled: bool = True, stream: TextIO | None = None) -> bool:
     """Whether to draw a bar: asked for, ``stream`` (stderr) a terminal, and not a SLURM job's log."""
     stream = sys.stderr if stream is None else stream
     try:
@@ -87,8 +88,10 @@ def _console_loggers() -> list[logging.Logger]:
     """
     out = [logging.root]
     ray_logger = logging.getLogger("ray")
-    if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
-           for h in ray_logger.handlers):
+    if any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+        for h in ray_logger.handlers
+    ):
         out.append(ray_logger)
     return out
 
@@ -104,18 +107,26 @@ class Progress:
         stream: where the bar goes (default stderr); its TTY-ness decides bar or text.
     """
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train",
-                 stream: Optional[TextIO] = None):
+    def __init__(
+        self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", stream: TextIO | None = None
+    ):
         self.total, self.step, self.desc = int(total), int(initial), desc
         self.use_bar = bar_wanted(enabled, stream)
-        self._bar: Optional[tqdm] = None
+        self._bar: tqdm | None = None
         self._redirect = contextlib.ExitStack()
         if self.use_bar:
             self._redirect.enter_context(logging_redirect_tqdm(loggers=_console_loggers()))
-            self._bar = tqdm(total=self.total, initial=self.step, desc=desc, unit="step", mininterval=1.0,
-                             dynamic_ncols=True, file=stream if stream is not None else sys.stderr)
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.step,
+                desc=desc,
+                unit="step",
+                mininterval=1.0,
+                dynamic_ncols=True,
+                file=stream if stream is not None else sys.stderr,
+            )
 
-    def update(self, step: int, row: Optional[Mapping] = None) -> None:
+    def update(self, step: int, row: Mapping | None = None) -> None:
         """Moves to learner step ``step``; ``row``: the metric row of a log step (None between log steps)."""
         step = int(step)
         if self._bar is not None:
@@ -135,7 +146,7 @@ class Progress:
             self._bar = None
         self._redirect.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

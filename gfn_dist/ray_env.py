@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
 
 
-def set_embedded_ray_auth(address: Optional[str]) -> bool:
+def set_embedded_ray_auth(address: str | None) -> bool:
     """Sets ``RAY_AUTH_MODE=token`` for an embedded Ray (``address`` None) when unset; returns whether it did.
 
     Call before anything imports ``ray`` (``gfn_dist.cli`` does, before importing the trainer).

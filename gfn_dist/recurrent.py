@@ -43,8 +43,6 @@ arXiv:2201.13259) train autoregressive sequence policies on bit sequences.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.distributions import Distribution
@@ -94,15 +92,19 @@ class RecurrentDiscreteSequenceModel(nn.Module):
         hidden_dim: int,
         rnn_type: str = "lstm",
         num_layers: int = 1,
-        embedding_dim: Optional[int] = None,
+        embedding_dim: int | None = None,
         dropout: float = 0.0,
     ):
         super().__init__()
         rnn_type = rnn_type.lower()
         if rnn_type not in ("lstm", "gru"):
             raise ValueError(f"RecurrentDiscreteSequenceModel: rnn_type must be 'lstm' or 'gru', got {rnn_type!r}")
-        for name, v in (("input_dim", input_dim), ("output_dim", output_dim), ("hidden_dim", hidden_dim),
-                        ("num_layers", num_layers)):
+        for name, v in (
+            ("input_dim", input_dim),
+            ("output_dim", output_dim),
+            ("hidden_dim", hidden_dim),
+            ("num_layers", num_layers),
+        ):
             if int(v) < 1:
                 raise ValueError(f"RecurrentDiscreteSequenceModel: {name} must be >= 1, got {v}")
         self.input_dim, self.output_dim, self.hidden_dim = int(input_dim), int(output_dim), int(hidden_dim)
@@ -208,7 +210,7 @@ class RecurrentPolicyMixin(PolicyMixin):
     def _uses_previous_state(self) -> bool:
         return bool(getattr(getattr(self, "preprocessor", None), "uses_previous_state", False))
 
-    def init_context(self, batch_size: int, device, conditions: Optional[torch.Tensor] = None) -> RolloutContext:
+    def init_context(self, batch_size: int, device, conditions: torch.Tensor | None = None) -> RolloutContext:
         """A fresh context whose ``carry`` is ``self.init_carry(batch_size, device)``.
 
         ``conditions`` ``(N, cond_dim)`` are kept in ``ctx.conditions`` (as torchgfn does);
@@ -227,7 +229,7 @@ class RecurrentPolicyMixin(PolicyMixin):
         self,
         states_active,
         ctx: RolloutContext,
-        step_mask: Optional[torch.Tensor] = None,
+        step_mask: torch.Tensor | None = None,
         save_estimator_outputs: bool = False,
         **policy_kwargs,
     ) -> tuple[Distribution, RolloutContext]:
@@ -301,12 +303,14 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
         self,
         module: nn.Module,
         n_actions: int,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         is_backward: bool = False,
         debug: bool = False,
     ):
         if is_backward:
-            raise ValueError("RecurrentDiscretePolicyEstimator: is_backward=True is not supported (forward policies only)")
+            raise ValueError(
+                "RecurrentDiscretePolicyEstimator: is_backward=True is not supported (forward policies only)"
+            )
         if preprocessor is None:
             preprocessor = LastWordTokenizer(int(n_actions) - 1)
         in_dim = getattr(module, "input_dim", None)
@@ -321,7 +325,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
         """The module's initial carry for ``batch_size`` trajectories."""
         return self.module.init_carry(batch_size, device)
 
-    def _step_inputs(self, x: torch.Tensor, prev_x: Optional[torch.Tensor]) -> torch.Tensor:
+    def _step_inputs(self, x: torch.Tensor, prev_x: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.preprocessor, StepTokenizer):
             return self.preprocessor.step_tokens(x, prev_x)
         return self.preprocessor(x)
@@ -332,7 +336,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
                 f"{type(self).__name__}: module output has last dimension {out.shape[-1]}, expected {self.n_actions}"
             )
 
-    def forward(self, states, carry: Carry, prev_states: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Carry]:
+    def forward(self, states, carry: Carry, prev_states: torch.Tensor | None = None) -> tuple[torch.Tensor, Carry]:
         """One step: ``(logits (N, n_actions), new_carry)``.
 
         Args:
@@ -443,7 +447,7 @@ def tree_trajectories(env) -> Trajectories:
     k = torch.arange(K, device=dev)
     j = (n_steps.unsqueeze(0) - t).clamp(0, D)  # forward step t is backward index n - t
     states = B[j, k]
-    sink = (t > n_steps.unsqueeze(0))  # after the exit
+    sink = t > n_steps.unsqueeze(0)  # after the exit
     states[sink] = env.sf
     actions = torch.full((T, K), -1, dtype=torch.long, device=dev)
     if back_actions:

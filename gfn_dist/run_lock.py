@@ -50,7 +50,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
 
 from gfn_dist.config import ConfigError
 from gfn_dist.files import private_dir
@@ -75,8 +74,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return (f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, "
-            f"started {holder.get('started', '?')}")
+    return f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, started {holder.get('started', '?')}"
 
 
 class RunDirLock:
@@ -91,14 +89,14 @@ class RunDirLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.dir_mode = dir_mode
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         """Whether this object holds the lock."""
         return self._fd is not None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         """Takes the lock without waiting.
 
         Returns:
@@ -136,20 +134,29 @@ class RunDirLock:
                 holder = self._read_holder(fd)
             raise RunDirLockedError(
                 f"run.dir: {self.run_dir} is in use by another run ({_describe(holder)}); "
-                f"wait for it, stop it, or choose another run.dir (lock file {self.path})") from None
+                f"wait for it, stop it, or choose another run.dir (lock file {self.path})"
+            ) from None
         except OSError as err:  # ENOLCK, EOPNOTSUPP, EINVAL: no flock on this filesystem (Lustre noflock, ...)
-            logger.warning("run.dir: flock is not supported on the filesystem of %s (%s); only a holder on "
-                           "this host can be detected", self.path, err.strerror)
+            logger.warning(
+                "run.dir: flock is not supported on the filesystem of %s (%s); only a holder on "
+                "this host can be detected",
+                self.path,
+                err.strerror,
+            )
             holder = self._read_holder(fd)
             if self._live_here(holder):
-                raise RunDirLockedError(f"run.dir: {self.run_dir} is in use by another run ({_describe(holder)}) "
-                                        f"(lock file {self.path})") from None
+                raise RunDirLockedError(
+                    f"run.dir: {self.run_dir} is in use by another run ({_describe(holder)}) (lock file {self.path})"
+                ) from None
         previous = self._read_holder(fd)
         if previous:
             note = ""
             if previous.get("host") == socket.gethostname():
-                note = "; that process is gone" if not self._live_here(previous) else \
-                    "; that PID now belongs to another process"
+                note = (
+                    "; that process is gone"
+                    if not self._live_here(previous)
+                    else "; that PID now belongs to another process"
+                )
             logger.warning("run.dir: took over the stale lock %s left by %s%s", self.path, _describe(previous), note)
 
     @staticmethod
@@ -174,8 +181,12 @@ class RunDirLock:
             return {"raw": raw[:80].decode("utf-8", "replace")}
 
     def _write_holder(self) -> None:
-        holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "run_dir": str(self.run_dir.resolve())}
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "run_dir": str(self.run_dir.resolve()),
+        }
         data = (json.dumps(holder) + "\n").encode("utf-8")
         try:
             os.ftruncate(self._fd, 0)
@@ -206,7 +217,7 @@ class RunDirLock:
                 pass
             os.close(fd)
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -25,7 +25,6 @@ It is a ``Stateful`` (``state_dict`` / ``load_state_dict``) for checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ class ModesTracker:
     def __init__(self, env):
         self.env = env
         self._hits = getattr(env, "mode_hits", None)
-        self._found_mask: Optional[torch.Tensor] = None  # bool (n_modes,), with mode_hits
+        self._found_mask: torch.Tensor | None = None  # bool (n_modes,), with mode_hits
         self._found_states = torch.empty((0, *env.state_shape), dtype=env.s0.dtype)  # without: distinct modes
 
     @staticmethod
@@ -126,9 +125,9 @@ def sampled_metrics(
     pb,
     num_samples: int,
     top_k: int = 100,
-    log_z: Optional[float] = None,
-    modes: Optional[ModesTracker] = None,
-    seed: Optional[int] = None,
+    log_z: float | None = None,
+    modes: ModesTracker | None = None,
+    seed: int | None = None,
     batch_size: int = 4096,
 ) -> dict:
     """The sampled metrics of the module doc, from ``num_samples`` trajectories of ``pf``.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,7 +40,6 @@ from gfn_dist.actions import Actions
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.policy import MaskedCategorical
 from gfn_dist.states import States
-
 
 _chunk_ids = itertools.count()
 
@@ -113,12 +112,12 @@ class Sampler:
         self,
         env,
         states: States,
-        conditions: Optional[torch.Tensor] = None,
+        conditions: torch.Tensor | None = None,
         save_estimator_outputs: bool = False,
         save_logprobs: bool = False,
         ctx: Any = None,
         **policy_kwargs,
-    ) -> tuple[Actions, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> tuple[Actions, torch.Tensor | None, torch.Tensor | None]:
         """Samples one action per state.
 
         Args:
@@ -151,9 +150,9 @@ class Sampler:
     def sample_trajectories(
         self,
         env,
-        n: Optional[int] = None,
-        states: Optional[States] = None,
-        conditions: Optional[torch.Tensor] = None,
+        n: int | None = None,
+        states: States | None = None,
+        conditions: torch.Tensor | None = None,
         save_estimator_outputs: bool = False,
         save_logprobs: bool = False,
         **policy_kwargs,
@@ -186,8 +185,9 @@ class Sampler:
             states = env.reset(n)
         with torch.set_grad_enabled(_keep_graph(save_logprobs)):
             if getattr(self.estimator, "is_backward", False):
-                return self._sample_backward(env, states, conditions, save_estimator_outputs, save_logprobs,
-                                             policy_kwargs)
+                return self._sample_backward(
+                    env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs
+                )
             return self._sample_forward(env, states, conditions, save_estimator_outputs, save_logprobs, policy_kwargs)
 
     #: Smallest working batch worth compacting: below this, a policy call costs the
@@ -228,7 +228,7 @@ class Sampler:
         # Per-step views made once (a Python list index is cheaper than a tensor select).
         noise_t, states_t, actions_t = log_noise.unbind(0), states_buf.unbind(0), actions_buf.unbind(0)
         exit_t = env.Actions.exit_action[0].to(dev)  # 0-dim: compares cheaper than a Python int
-        small = not can_compact or N < self.min_rows_to_compact  # never compacted: all-done check only
+        small = not can_compact or self.min_rows_to_compact > N  # never compacted: all-done check only
         done_v = done.view(N, *state_dims)  # done is updated in place until compaction: the view stays current
         T, n_active = 0, N
         for t in range(T_max):
@@ -284,8 +284,10 @@ class Sampler:
             if n_active == 0:
                 break
             if can_compact and nw >= self.min_rows_to_compact and 2 * n_active <= nw:
-                rows, xw, done, nw = self._compact(rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx)
-        if T == T_max and n_active:
+                rows, xw, done, nw = self._compact(
+                    rows, t, done, xw, n_active, states_buf, actions_buf, lp_buf, sf, ctx
+                )
+        if T_max == T and n_active:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
         est_out = None
         if save_estimator_outputs:
@@ -366,14 +368,18 @@ class Sampler:
         code = chunk.__code__.replace(co_name=f"chunk_{next(_chunk_ids)}")
         chunk = types.FunctionType(code, chunk.__globals__, code.co_name, None, chunk.__closure__)
         options = self.compile_options if x.device.type == "cpu" else self.compile_options_accelerator
-        entry = _Chunk(torch.compile(chunk, dynamic=False, options=dict(options)), n_chunks,
-                       -(-T_max // n_chunks), with_rewards)
+        entry = _Chunk(
+            torch.compile(chunk, dynamic=False, options=dict(options)), n_chunks, -(-T_max // n_chunks), with_rewards
+        )
         self._chunks[key] = (env, entry)  # the env is kept: its id stays unique while cached
         return entry
 
     def _compile_failed(self, err: Exception) -> None:
-        warnings.warn(f"Sampler(compile=True): torch.compile failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); sampling eagerly", stacklevel=5)
+        warnings.warn(
+            f"Sampler(compile=True): torch.compile failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); sampling eagerly",
+            stacklevel=5,
+        )
         self.compile, self._chunks = False, {}
 
     def _sample_forward_compiled(self, env, x, policy_kwargs):
@@ -398,20 +404,20 @@ class Sampler:
             args = (x, term, last, self._step_index(c * K, dev), log_noise[c * K : (c + 1) * K])
             try:
                 xs, acts, term, last, log_rewards = entry.fn(*args)
-            except Exception as err:  # noqa: BLE001 - compilation problems of any kind
+            except Exception as err:
                 if not entry.with_rewards:
                     return self._compile_failed(err)
                 # Retry with the rewards computed eagerly (same noise: same trajectories).
                 entry = self._chunk_fn(env, x, policy_kwargs, key, with_rewards=False)
                 try:
                     xs, acts, term, last, log_rewards = entry.fn(*args)
-                except Exception as err2:  # noqa: BLE001
+                except Exception as err2:
                     return self._compile_failed(err2)
             states.append(xs if c == 0 else xs[1:])
             actions.append(acts)
             x = xs[-1]
             T = int(term.max()) if N else 0  # the one host sync per chunk
-            if T <= T_max:
+            if T_max >= T:
                 break
         else:
             raise RuntimeError(f"trajectories did not exit within env.max_traj_len={T_max} steps")
@@ -419,8 +425,17 @@ class Sampler:
             log_rewards = env.log_reward_tensor(last)
         states_t = states[0] if len(states) == 1 else torch.cat(states)
         actions_t = actions[0] if len(actions) == 1 else torch.cat(actions)
-        return Trajectories(env, states_t[: T + 1], actions_t[:T].unsqueeze(-1), term, log_rewards, None, None,
-                            is_backward=False, conditions=None)
+        return Trajectories(
+            env,
+            states_t[: T + 1],
+            actions_t[:T].unsqueeze(-1),
+            term,
+            log_rewards,
+            None,
+            None,
+            is_backward=False,
+            conditions=None,
+        )
 
     def _step_index(self, t: int, dev) -> torch.Tensor:
         """A cached 0-dim long tensor holding ``t`` (an input of the compiled chunks)."""
@@ -488,9 +503,7 @@ class Sampler:
         T = len(actions_list)
         states_t = torch.stack(states_list, 0)
         actions_t = (
-            torch.stack(actions_list, 0).unsqueeze(-1)
-            if T
-            else torch.empty((0, N, 1), dtype=torch.long, device=dev)
+            torch.stack(actions_list, 0).unsqueeze(-1) if T else torch.empty((0, N, 1), dtype=torch.long, device=dev)
         )
         log_probs = (torch.stack(lp_list, 0) if T else torch.zeros(0, N, device=dev)) if save_logprobs else None
         est_out = torch.stack(ctx.trajectory_estimator_outputs, 0) if save_estimator_outputs and T else None

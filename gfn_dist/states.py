@@ -13,7 +13,8 @@ until a mask is read.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -34,10 +35,9 @@ class States:
     sf: ClassVar[torch.Tensor]
 
     def __init__(self, tensor: torch.Tensor):
-        if tuple(tensor.shape[tensor.dim() - len(self.state_shape):]) != tuple(self.state_shape):
+        if tuple(tensor.shape[tensor.dim() - len(self.state_shape) :]) != tuple(self.state_shape):
             raise ValueError(
-                f"States tensor of shape {tuple(tensor.shape)} does not end with "
-                f"state_shape {tuple(self.state_shape)}"
+                f"States tensor of shape {tuple(tensor.shape)} does not end with state_shape {tuple(self.state_shape)}"
             )
         self.tensor = tensor
 
@@ -56,19 +56,19 @@ class States:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(batch_shape={self.batch_shape}, state_shape={self.state_shape})"
 
-    def __getitem__(self, index) -> "States":
+    def __getitem__(self, index) -> States:
         return type(self)(self.tensor[index])
 
-    def __setitem__(self, index, value: "States") -> None:
+    def __setitem__(self, index, value: States) -> None:
         self.tensor[index] = value.tensor
 
-    def clone(self) -> "States":
+    def clone(self) -> States:
         return type(self)(self.tensor.clone())
 
-    def to(self, device) -> "States":
+    def to(self, device) -> States:
         return type(self)(self.tensor.to(device))
 
-    def flatten(self) -> "States":
+    def flatten(self) -> States:
         """All batch dimensions merged into one."""
         return type(self)(self.tensor.reshape(-1, *self.state_shape))
 
@@ -90,20 +90,20 @@ class States:
         return self._compare(self.sf)
 
     @classmethod
-    def make_initial_states(cls, batch_shape: Sequence[int], device=None) -> "States":
+    def make_initial_states(cls, batch_shape: Sequence[int], device=None) -> States:
         s0 = cls.s0 if device is None else cls.s0.to(device)
         return cls(s0.expand(*batch_shape, *cls.state_shape).clone())
 
     @classmethod
-    def make_sink_states(cls, batch_shape: Sequence[int], device=None) -> "States":
+    def make_sink_states(cls, batch_shape: Sequence[int], device=None) -> States:
         sf = cls.sf if device is None else cls.sf.to(device)
         return cls(sf.expand(*batch_shape, *cls.state_shape).clone())
 
     @classmethod
-    def stack(cls, states: Sequence["States"]) -> "States":
+    def stack(cls, states: Sequence[States]) -> States:
         return cls(torch.stack([s.tensor for s in states], dim=0))
 
-    def extend(self, other: "States") -> None:
+    def extend(self, other: States) -> None:
         """Appends ``other`` in place (torchgfn's ``States.extend``).
 
         Batch shape ``(N,)``: concatenation along dim 0. Batch shape ``(T, N)`` (states of
@@ -144,14 +144,14 @@ class DiscreteStates(States):
     """
 
     n_actions: ClassVar[int] = 0
-    _forward_mask_fn: ClassVar[Optional[Callable[[torch.Tensor], torch.Tensor]]] = None
-    _backward_mask_fn: ClassVar[Optional[Callable[[torch.Tensor], torch.Tensor]]] = None
+    _forward_mask_fn: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
+    _backward_mask_fn: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
 
     def __init__(
         self,
         tensor: torch.Tensor,
-        forward_masks: Optional[torch.Tensor] = None,
-        backward_masks: Optional[torch.Tensor] = None,
+        forward_masks: torch.Tensor | None = None,
+        backward_masks: torch.Tensor | None = None,
     ):
         super().__init__(tensor)
         self._forward_masks = forward_masks
@@ -177,16 +177,16 @@ class DiscreteStates(States):
     def backward_masks(self, value: torch.Tensor) -> None:
         self._backward_masks = value
 
-    def __getitem__(self, index) -> "DiscreteStates":
+    def __getitem__(self, index) -> DiscreteStates:
         fm = None if self._forward_masks is None else self._forward_masks[index]
         bm = None if self._backward_masks is None else self._backward_masks[index]
         return type(self)(self.tensor[index], fm, bm)
 
-    def clone(self) -> "DiscreteStates":
+    def clone(self) -> DiscreteStates:
         return type(self)(self.tensor.clone())
 
     def _invalidate(self) -> None:
         self._forward_masks = self._backward_masks = None
 
-    def to(self, device) -> "DiscreteStates":
+    def to(self, device) -> DiscreteStates:
         return type(self)(self.tensor.to(device))

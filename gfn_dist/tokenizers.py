@@ -12,8 +12,6 @@ rollout step: the index of the action that led to the current state, BOS at s0.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from gfn_dist.gym.bitsequence import BitSequence, NonAutoregressiveBitSequence
@@ -38,7 +36,7 @@ class StepTokenizer(Preprocessor):
         super().__init__(vocab_size)
         self.bos = int(bos)
 
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step_tokens(self, x: torch.Tensor, prev_x: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ``(*B,)`` int64 of states ``x (*B, *state_shape)``; ``prev_x`` same shape or None."""
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -67,7 +65,7 @@ class LastWordTokenizer(StepTokenizer):
         super().__init__(n_words + 1, bos=n_words)
         self.n_words = int(n_words)
 
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step_tokens(self, x: torch.Tensor, prev_x: torch.Tensor | None = None) -> torch.Tensor:
         k = (x >= 0).sum(-1, keepdim=True)
         last = x.gather(-1, (k - 1).clamp(min=0)).squeeze(-1)
         return torch.where(k.squeeze(-1) > 0, last, self.bos).long()
@@ -88,7 +86,7 @@ class FilledPositionTokenizer(StepTokenizer):
         super().__init__(length * n_words + 1, bos=length * n_words)
         self.length, self.n_words = int(length), int(n_words)
 
-    def step_tokens(self, x: torch.Tensor, prev_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step_tokens(self, x: torch.Tensor, prev_x: torch.Tensor | None = None) -> torch.Tensor:
         if prev_x is None:
             return torch.full(x.shape[:-1], self.bos, dtype=torch.long, device=x.device)
         filled = (prev_x < 0) & (x >= 0)

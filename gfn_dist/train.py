@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from gfn_dist.config import ConfigError, load_config, resolve_on_policy
 from gfn_dist.errors import ReplayStalled
 from gfn_dist.extras import check_optional_dependencies
-from gfn_dist.ray_env import set_embedded_ray_auth
 from gfn_dist.metrics import DiskFullError
+from gfn_dist.ray_env import set_embedded_ray_auth
 
 logger = logging.getLogger("gfn_dist")
 
@@ -53,8 +53,11 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
         row = trainer.train()
         learner = getattr(trainer, "learner", None)
         if getattr(learner, "preempted", False):
-            logger.warning("stopped by signal %s at step %d after a checkpoint; continue with resume=true",
-                           preemption_requested(), learner.step)
+            logger.warning(
+                "stopped by signal %s at step %d after a checkpoint; continue with resume=true",
+                preemption_requested(),
+                learner.step,
+            )
         logger.info("done: %s", {k: row[k] for k in ("step", "loss", "l1_exact", "logZ_err") if k in row})
         logger.info("run directory: %s", trainer.run_dir)
         return 0
@@ -75,9 +78,12 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
             uninstall_preemption_handlers()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = add_train_arguments(argparse.ArgumentParser(prog="python -m gfn_dist.train", description=__doc__,
-                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+def main(argv: Sequence[str] | None = None) -> int:
+    args = add_train_arguments(
+        argparse.ArgumentParser(
+            prog="python -m gfn_dist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     ns = args.parse_args(argv)
     return run_train(ns.config, ns.overrides)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -71,7 +71,7 @@ class Evaluator:
         self.cfg, self.env, self.policies, self.gflownet = cfg, env, policies, gflownet
         self.exact = cfg.eval.exact and is_enumerable(env)
         self.modes = ModesTracker(env) if ModesTracker.supported(env) else None
-        self._target: Optional[tuple] = None  # (probs, logZ), built on first use
+        self._target: tuple | None = None  # (probs, logZ), built on first use
 
     def observe(self, td) -> None:
         """Feeds a consumed batch's terminal states to the modes tracker (TensorDict ``(N,)``, replay format)."""
@@ -95,8 +95,18 @@ class Evaluator:
         e = self.cfg.eval
         if e.num_samples > 0:
             pb = self.policies["pb"] if "pb" in self.policies else None
-            out.update(sampled_metrics(self.env, self.policies["pf"], pb, e.num_samples, e.top_k, log_z=logz,
-                                       modes=self.modes, seed=self.cfg.run.seed + 7919 * step))
+            out.update(
+                sampled_metrics(
+                    self.env,
+                    self.policies["pf"],
+                    pb,
+                    e.num_samples,
+                    e.top_k,
+                    log_z=logz,
+                    modes=self.modes,
+                    seed=self.cfg.run.seed + 7919 * step,
+                )
+            )
         elif self.modes is not None:
             out.update(self.modes.metrics())
         return out
@@ -118,8 +128,14 @@ class LearnerProcess:
         ConfigError: if ``resume`` finds no checkpoint or an incompatible one.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, topology: Topology, show_progress: bool = False,
-                 started_at: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        topology: Topology,
+        show_progress: bool = False,
+        started_at: float | None = None,
+    ) -> None:
         self.cfg, self.ctx, self.topology = cfg, ctx, topology
         self.metrics: Any = None  # rank 0's sink, given to run()
         self.show_progress = show_progress and ctx.is_main
@@ -129,16 +145,24 @@ class LearnerProcess:
         self.gflownet = build_gflownet(cfg, self.env, self.policies)
         self.replay = topology.replay_client()
         self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
-        rollout_step = (SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts)
-                        if cfg.rollout.synchronous else None)  # before resuming: its workers seed the RNG
+        rollout_step = (
+            SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts) if cfg.rollout.synchronous else None
+        )  # before resuming: its workers seed the RNG
         self.evaluate = Evaluator(cfg, self.env, self.policies, self.gflownet)
-        self.learner = Learner(cfg, self.env, self.policies, self.gflownet, ctx, replay=self.replay,
-                               health_check=self.check_actors, rollout_step=rollout_step,
-                               # One rank: SIGTERM ends a wait on replay at once. Several: they agree at the next
-                               # step boundary (a rank that left its step alone would break the collectives).
-                               should_stop=(lambda: preemption_requested() is not None) if ctx.world_size == 1
-                               else None,
-                               observe=self.evaluate.observe if ctx.is_main and self.evaluate.modes else None)
+        self.learner = Learner(
+            cfg,
+            self.env,
+            self.policies,
+            self.gflownet,
+            ctx,
+            replay=self.replay,
+            health_check=self.check_actors,
+            rollout_step=rollout_step,
+            # One rank: SIGTERM ends a wait on replay at once. Several: they agree at the next
+            # step boundary (a rank that left its step alone would break the collectives).
+            should_stop=(lambda: preemption_requested() is not None) if ctx.world_size == 1 else None,
+            observe=self.evaluate.observe if ctx.is_main and self.evaluate.modes else None,
+        )
         self.publisher = topology.publisher() if ctx.is_main else None
         states: dict[str, Any] = {"learner": self.learner}
         if ctx.is_main:
@@ -157,7 +181,7 @@ class LearnerProcess:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, metrics: Any = None) -> Optional[dict]:
+    def run(self, metrics: Any = None) -> dict | None:
         """Trains to ``learner.total_steps`` (or a preemption); returns rank 0's result:
         ``row`` (last metric row), ``step``, ``preempted``, ``policies`` (CPU state dict).
 
@@ -170,8 +194,9 @@ class LearnerProcess:
         if self.supervisor is not None:
             self.supervisor.start()  # calls every rollout actor's run()
         self.publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
-        bar = Progress(total, initial=learner.step, enabled=self.cfg.logging.progress_bar) if self.show_progress \
-            else None
+        bar = (
+            Progress(total, initial=learner.step, enabled=self.cfg.logging.progress_bar) if self.show_progress else None
+        )
         try:
             # Synchronous rollouts fill replay before each draw; else wait for every shard's minimum.
             ready = self.cfg.rollout.synchronous or self._until_replay_answers(learner.wait_for_replay)
@@ -209,8 +234,12 @@ class LearnerProcess:
             self.publisher.flush()
         if not self.ctx.is_main:
             return None
-        return {"row": self.last_row, "step": learner.step, "preempted": self.preempted,
-                "policies": cpu_state_dict(self.policies)}
+        return {
+            "row": self.last_row,
+            "step": learner.step,
+            "preempted": self.preempted,
+            "policies": cpu_state_dict(self.policies),
+        }
 
     def _until_replay_answers(self, wait_on_replay) -> bool:
         """Runs a phase that waits on replay; False if a preemption request ended the wait.
@@ -231,9 +260,11 @@ class LearnerProcess:
             if self.ctx.world_size == 1:  # several ranks cannot checkpoint from one rank's wait (collectives)
                 self.checkpointer.save(self.learner.step, reason="stalled")
             saved = "checkpoint written" if self.ctx.world_size == 1 else "no checkpoint (several ranks)"
-            raise ReplayStalled(f"no replay data for replay.timeout_s={self.cfg.replay.timeout_s:g} s at step "
-                                f"{self.learner.step} ({self._waited_for()}): {str(err).splitlines()[0]}; "
-                                f"{saved}, continue with resume=true") from err
+            raise ReplayStalled(
+                f"no replay data for replay.timeout_s={self.cfg.replay.timeout_s:g} s at step "
+                f"{self.learner.step} ({self._waited_for()}): {str(err).splitlines()[0]}; "
+                f"{saved}, continue with resume=true"
+            ) from err
 
     def _waited_for(self) -> str:
         """Shards alive, actors alive (rank 0's view) for the stall message."""
@@ -273,7 +304,7 @@ class LearnerProcess:
     def _num_inserts(self) -> int:
         return int(self.replay.stats()["num_inserts"]) if self.ctx.is_main else 0
 
-    def log(self, bar: Optional[Progress] = None) -> None:
+    def log(self, bar: Progress | None = None) -> None:
         """One metric row (collective reduction; rank 0 adds replay, actor and evaluation metrics and writes it)."""
         row = self.learner.reduce_metrics()
         if self.ctx.is_main:
@@ -297,7 +328,7 @@ class LearnerProcess:
         self.last_row = row
 
 
-def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> Optional[dict]:
+def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> dict | None:
     """A ``LearnerGroup`` training function: one rank of a run whose topology exists in ``namespace``.
 
     Args:

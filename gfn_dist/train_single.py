@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -52,9 +51,9 @@ def train_single(
     lr: float = 1e-3,
     lr_logz: float = 0.1,
     eval_every: int = 100,
-    target_l1: Optional[float] = None,
+    target_l1: float | None = None,
     sampler=None,
-    sample_kwargs: Optional[dict] = None,
+    sample_kwargs: dict | None = None,
     **policy_kwargs,
 ) -> TrainHistory:
     """On-policy training; stops early once exact L1 <= ``target_l1`` (if given).
@@ -78,9 +77,7 @@ def train_single(
     hist = TrainHistory()
     t0 = time.perf_counter()
     for it in range(1, n_iterations + 1):
-        traj = sampler.sample_trajectories(
-            env, n=batch_size, **(sample_kwargs or {}), **policy_kwargs
-        )
+        traj = sampler.sample_trajectories(env, n=batch_size, **(sample_kwargs or {}), **policy_kwargs)
         # Sampling runs under no_grad; log P_F is recomputed in one batched forward.
         loss = gflownet.loss(env, traj, recalculate_all_logprobs=True)
         opt.zero_grad(set_to_none=True)

@@ -29,13 +29,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from gfn_dist.builders import build_rollout_parts, validate_task
 from gfn_dist.checkpoint import check_resumable, resume_run_dir
-from gfn_dist.config import ConfigError, TrainConfig, check_devices, check_world_size, limiter_tolerance, to_dict, to_yaml
+from gfn_dist.config import (
+    ConfigError,
+    TrainConfig,
+    check_devices,
+    check_world_size,
+    limiter_tolerance,
+    to_dict,
+    to_yaml,
+)
 from gfn_dist.distributed import cluster
 from gfn_dist.distributed.learner_group import InProcessLearners, RayTrainLearners
 from gfn_dist.distributed.replay_shard import ReplayShardConfig
@@ -119,13 +127,13 @@ class Trainer:
         self.started_at = time.time()  # metric elapsed_s counts from here (start-up included)
         self.launcher = cluster.detect_launcher(cfg)
         validate_launch(cfg, self.launcher)  # the one place, for every launcher
-        self.ctx: Optional[cluster.DistContext] = None
-        self.ray_ctx: Optional[cluster.RayContext] = None
-        self.topology: Optional[Topology] = None
+        self.ctx: cluster.DistContext | None = None
+        self.ray_ctx: cluster.RayContext | None = None
+        self.topology: Topology | None = None
         self.group: Any = None
-        self.process: Optional[LearnerProcess] = None
+        self.process: LearnerProcess | None = None
         self.metrics: Any = MetricLogger([])
-        self.lock: Optional[RunDirLock] = None
+        self.lock: RunDirLock | None = None
         self.last_row: dict = {}
         try:
             self._setup(preset)
@@ -162,8 +170,9 @@ class Trainer:
         self.run_dir, self.resume_step = Path(answer[0]), answer[1]
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
         # An embedded Ray's session directory (its sockets) private to this user (Ray makes its own 0777).
-        self.ray_ctx = cluster.bring_up_ray(cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None,
-                                            runtime_env=runtime_env_of(cfg))
+        self.ray_ctx = cluster.bring_up_ray(
+            cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None, runtime_env=runtime_env_of(cfg)
+        )
         ns = self.ray_ctx.namespace
         world_size = cfg.cluster.num_learners if self.launcher == "ray" else self.ctx.world_size
         if self.owner:
@@ -173,14 +182,20 @@ class Trainer:
             self.topology = Topology.lookup(cfg, ns)
         if self.launcher == "ray":
             c = cfg.cluster
-            self.group = RayTrainLearners(c.num_learners, c.num_cpus_per_learner, cluster.learners_use_gpu(cfg),
-                                          c.placement_strategy, f"{ns}_learners", str(self.run_dir / "ray_train"), ns)
+            self.group = RayTrainLearners(
+                c.num_learners,
+                c.num_cpus_per_learner,
+                cluster.learners_use_gpu(cfg),
+                c.placement_strategy,
+                f"{ns}_learners",
+                str(self.run_dir / "ray_train"),
+                ns,
+            )
         else:
             if self.ctx.device.type == "cpu":
                 torch.set_num_threads(cluster.learner_num_threads(cfg, self.ctx))
             self.group = InProcessLearners(self.ctx)
-            self.process = LearnerProcess(cfg, self.ctx, self.topology, show_progress=True,
-                                          started_at=self.started_at)
+            self.process = LearnerProcess(cfg, self.ctx, self.topology, show_progress=True, started_at=self.started_at)
         if self.owner:  # the resume was accepted: now the run's files are written
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             if self.resume_step is not None:  # rows past the checkpoint are logged again
@@ -199,7 +214,8 @@ class Trainer:
     @property
     def preempted(self) -> bool:
         return bool(getattr(self.learner, "preempted", False)) or bool(
-            self.process is not None and self.process.preempted)
+            self.process is not None and self.process.preempted
+        )
 
     @property
     def gflownet(self):
@@ -227,7 +243,7 @@ class Trainer:
         return getattr(self.group, "nodes", [])
 
     @property
-    def learner_backend(self) -> Optional[str]:
+    def learner_backend(self) -> str | None:
         """The process-group backend of the learners."""
         return getattr(self.group, "backend", None) if self.launcher == "ray" else self.ctx.backend
 
@@ -241,12 +257,18 @@ class Trainer:
         """Runs every learner rank to the budget; returns the last metric row (rank 0 / the driver)."""
         if self.launcher == "ray":
             train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace, self.started_at)
-            bar = Progress(self.cfg.learner.total_steps, enabled=self.cfg.logging.progress_bar,
-                           desc=f"train (W={self.group.world_size})")
+            bar = Progress(
+                self.cfg.learner.total_steps,
+                enabled=self.cfg.logging.progress_bar,
+                desc=f"train (W={self.group.world_size})",
+            )
             try:
-                result = self.group.run(train_fn, on_row=lambda row: self._on_row(row, bar),
-                                        on_stop=request_preemption,
-                                        stop_requested=lambda: preemption_requested() is not None)
+                result = self.group.run(
+                    train_fn,
+                    on_row=lambda row: self._on_row(row, bar),
+                    on_stop=request_preemption,
+                    stop_requested=lambda: preemption_requested() is not None,
+                )
             finally:
                 bar.close()
             self._summary = LearnerSummary(result["step"], result["preempted"])
@@ -275,8 +297,10 @@ class Trainer:
         finally:
             if self.process is not None:
                 self.process.learner.release_ddp()  # before the process group goes
-            handles = [*(self.topology.handles if self.topology else []),
-                       *(self.group.handles if isinstance(self.group, RayTrainLearners) else [])]
+            handles = [
+                *(self.topology.handles if self.topology else []),
+                *(self.group.handles if isinstance(self.group, RayTrainLearners) else []),
+            ]
             cluster.teardown(self.ctx, self.ray_ctx, handles)
             self.topology = None
             if self.lock is not None:

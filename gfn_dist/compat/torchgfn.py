@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -83,9 +83,9 @@ class TorchgfnEnv(DiscreteEnv):
     def __init__(
         self,
         env: Any,
-        kwargs: Optional[dict] = None,
+        kwargs: dict | None = None,
         preprocessor: str = "identity",
-        max_traj_len: Optional[int] = None,
+        max_traj_len: int | None = None,
         device: str | torch.device = "cpu",
     ):
         base = _torchgfn_env_base()

@@ -35,7 +35,7 @@ stored item has it, in which case sampling falls back to uniform.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from tensordict import TensorDict
@@ -49,7 +49,7 @@ REQUIRED_KEYS = ("states", "actions", "terminating_idx", "log_rewards", "policy_
 OPTIONAL_KEYS = ("log_probs",)
 
 #: Expected dtype of each known field; other fields keep the dtype of the first batch.
-DEFAULT_FIELD_DTYPES: Dict[str, torch.dtype] = {
+DEFAULT_FIELD_DTYPES: dict[str, torch.dtype] = {
     "states": torch.int64,
     "actions": torch.int64,
     "terminating_idx": torch.int64,
@@ -86,7 +86,7 @@ class ReplayBuffer:
         prioritized: bool = False,
         alpha: float = 1.0,
         device: str | torch.device = "cpu",
-        field_dtypes: Optional[Mapping[str, torch.dtype]] = None,
+        field_dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         if int(capacity) < 1:
             raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}")
@@ -100,12 +100,12 @@ class ReplayBuffer:
         self.field_dtypes = dict(DEFAULT_FIELD_DTYPES)
         if field_dtypes is not None:
             self.field_dtypes.update(field_dtypes)
-        self._storage: Optional[TensorDict] = None
+        self._storage: TensorDict | None = None
         self._size = 0
         self._write_pos = 0  # next slot to write; the oldest item is at (write_pos - size) % capacity
         self.num_inserts = 0  # items ever inserted (including ones evicted since)
         self.num_samples = 0  # items ever sampled (with replacement, so can exceed num_inserts)
-        self._cdf: Optional[torch.Tensor] = None  # cached prioritized CDF, float64 (size,)
+        self._cdf: torch.Tensor | None = None  # cached prioritized CDF, float64 (size,)
 
     # ------------------------------------------------------------------ properties
 
@@ -118,7 +118,7 @@ class ReplayBuffer:
         return self._size
 
     @property
-    def storage(self) -> Optional[TensorDict]:
+    def storage(self) -> TensorDict | None:
         """The raw ring storage ``(capacity,)`` (None before the first insert); slots >= len are garbage."""
         return self._storage
 
@@ -156,7 +156,9 @@ class ReplayBuffer:
                 raise ValueError(f"ReplayBuffer.add: missing field '{k}'")
         for k in keys:
             if not isinstance(k, str) or not isinstance(td.get(k), torch.Tensor):
-                raise ValueError(f"ReplayBuffer.add: field '{k}' must be a plain tensor (nested fields are not supported)")
+                raise ValueError(
+                    f"ReplayBuffer.add: field '{k}' must be a plain tensor (nested fields are not supported)"
+                )
         if self._storage is not None:
             stored = set(self._storage.keys())
             for k in sorted(stored - keys):
@@ -289,7 +291,7 @@ class ReplayBuffer:
             self._cdf = torch.cumsum(weights, dim=0)
         return self._cdf
 
-    def sample_indices(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_indices(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws ``n`` storage slots with replacement (uniform or prioritized); no counters change.
 
         Args:
@@ -323,7 +325,7 @@ class ReplayBuffer:
         fields = {k: v.index_select(0, indices) for k, v in self._storage.items()}
         return TensorDict(fields, batch_size=[indices.shape[0]], device=self.device)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> TensorDict:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> TensorDict:
         """Samples ``n`` trajectories with replacement (see module doc for the distribution).
 
         Args:
@@ -350,13 +352,13 @@ class ReplayBuffer:
         oldest = (self._write_pos - self._size) % self._capacity
         return (torch.arange(self._size, device=self.device) + oldest) % self._capacity
 
-    def contents(self) -> Optional[TensorDict]:
+    def contents(self) -> TensorDict | None:
         """A copy of the held items ``(len,)``, oldest first; None before the first insert."""
         if self._storage is None:
             return None
         return self.gather(self._ordered_slots())
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         """Contents and counters as plain tensors (loadable with ``torch.load(weights_only=True)``).
 
         Returns:
@@ -365,7 +367,7 @@ class ReplayBuffer:
             tensor ``(len, *trailing_shape)`` of storage slots ``0 .. len-1``
             (empty dict before the first insert).
         """
-        storage: Dict[str, torch.Tensor] = {}
+        storage: dict[str, torch.Tensor] = {}
         if self._storage is not None:
             storage = {k: v[: self._size].clone() for k, v in self._storage.items()}
         return {

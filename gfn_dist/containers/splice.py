@@ -11,8 +11,8 @@ Shape legend: N = trajectories, T = time (actions), S = ``state_shape``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -222,7 +222,7 @@ def _merge_rows(env, updated: torch.Tensor, new: Trajectories, old: Trajectories
     T = int(term.max()) if term.numel() else 0
     Tm = max(new.max_length, old.max_length)
 
-    def pick(a: Optional[torch.Tensor], b: Optional[torch.Tensor], length: int, pad):
+    def pick(a: torch.Tensor | None, b: torch.Tensor | None, length: int, pad):
         if a is None or b is None:
             return None
         a, b = _pad_time(a, length, pad), _pad_time(b, length, pad)

@@ -25,7 +25,7 @@ On the wire (``to_tensordict``) the layout is batch-major: a
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from tensordict import TensorDict
@@ -76,11 +76,11 @@ class Trajectories:
         states,
         actions,
         terminating_idx: torch.Tensor,
-        log_rewards: Optional[torch.Tensor] = None,
-        log_probs: Optional[torch.Tensor] = None,
-        estimator_outputs: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
+        log_probs: torch.Tensor | None = None,
+        estimator_outputs: torch.Tensor | None = None,
         is_backward: bool = False,
-        conditions: Optional[torch.Tensor] = None,
+        conditions: torch.Tensor | None = None,
     ):
         self.env = env
         st = states.tensor if isinstance(states, States) else states
@@ -147,14 +147,14 @@ class Trajectories:
         return self._log_rewards
 
     @log_rewards.setter
-    def log_rewards(self, value: Optional[torch.Tensor]) -> None:
+    def log_rewards(self, value: torch.Tensor | None) -> None:
         self._log_rewards = value
 
     def __repr__(self) -> str:
         return f"Trajectories(n={self.n_trajectories}, max_length={self.max_length}, backward={self.is_backward})"
 
     # ---- selection and concatenation ---------------------------------------
-    def __getitem__(self, index) -> "Trajectories":
+    def __getitem__(self, index) -> Trajectories:
         """Selects trajectories (int, slice, index or bool tensor); trims T to the selection."""
         if isinstance(index, int):
             index = [index]
@@ -176,7 +176,7 @@ class Trajectories:
             cond,
         )
 
-    def extend(self, other: "Trajectories") -> None:
+    def extend(self, other: Trajectories) -> None:
         """Appends ``other`` in place, padding both to the longer T."""
         if other.is_backward != self.is_backward:
             raise ValueError("extend: cannot mix forward and backward trajectories")
@@ -207,7 +207,7 @@ class Trajectories:
             self.conditions = None
 
     @classmethod
-    def cat(cls, trajectories: Sequence["Trajectories"]) -> "Trajectories":
+    def cat(cls, trajectories: Sequence[Trajectories]) -> Trajectories:
         """A new batch holding all of ``trajectories`` in order."""
         first = trajectories[0]
         out = first[torch.arange(first.n_trajectories, device=first.device)]
@@ -216,7 +216,7 @@ class Trajectories:
         return out
 
     # ---- wire format --------------------------------------------------------
-    def batch_fields(self, max_length: Optional[int] = None, log_probs: bool = True) -> dict[str, torch.Tensor]:
+    def batch_fields(self, max_length: int | None = None, log_probs: bool = True) -> dict[str, torch.Tensor]:
         """The fields of ``to_tensordict`` as a plain dict of tensors (no TensorDict built).
 
         Args:
@@ -227,7 +227,7 @@ class Trajectories:
             ValueError: if ``max_length`` is shorter than a trajectory.
         """
         T = self.max_length if max_length is None else int(max_length)
-        if T < self.max_length and bool((self.terminating_idx > T).any()):
+        if self.max_length > T and bool((self.terminating_idx > T).any()):
             raise ValueError(f"to_tensordict: max_length={T} is shorter than a trajectory")
         fields = {
             "states": _pad_time(self.states_tensor, T + 1, self.env.sf).transpose(0, 1),
@@ -239,7 +239,7 @@ class Trajectories:
             fields["log_probs"] = _pad_time(self.log_probs, T, 0.0).transpose(0, 1)
         return fields
 
-    def to_tensordict(self, max_length: Optional[int] = None) -> TensorDict:
+    def to_tensordict(self, max_length: int | None = None) -> TensorDict:
         """Batch-major TensorDict of batch size ``(N,)``, time padded to ``max_length`` (default T).
 
         Keys: ``states (N, T+1, *state_shape)``, ``actions (N, T, 1)``,
@@ -252,7 +252,7 @@ class Trajectories:
         return TensorDict(self.batch_fields(max_length), batch_size=[self.n_trajectories], device=self.device)
 
     @classmethod
-    def from_tensordict(cls, env, td: TensorDict, trim: bool = True) -> "Trajectories":
+    def from_tensordict(cls, env, td: TensorDict, trim: bool = True) -> Trajectories:
         """Inverse of ``to_tensordict``; ``trim`` cuts the time dimension to the longest trajectory.
 
         Raises:

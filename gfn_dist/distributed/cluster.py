@@ -29,7 +29,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -52,7 +52,7 @@ RAY_AUTH_MODE = "RAY_AUTH_MODE"
 # ---------------------------------------------------------------------------- network exposure
 
 
-def is_loopback_address(address: Optional[str]) -> bool:
+def is_loopback_address(address: str | None) -> bool:
     """Whether a ``host:port`` Ray address is on this machine's loopback interface."""
     host = (address or "").rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
@@ -63,7 +63,6 @@ def single_node_launch() -> bool:
     world = os.environ.get("WORLD_SIZE")
     local = os.environ.get("LOCAL_WORLD_SIZE", world)
     return world is None or int(local) >= int(world)
-
 
 
 @dataclass
@@ -82,7 +81,7 @@ class DistContext:
     local_rank: int
     launcher: str
     device: torch.device
-    backend: Optional[str]
+    backend: str | None
 
     @property
     def is_main(self) -> bool:
@@ -110,7 +109,7 @@ class RayContext:
     namespace: str
     owns_ray: bool
     connected: bool
-    auth_mode: Optional[str] = None
+    auth_mode: str | None = None
 
 
 def detect_launcher(cfg: TrainConfig) -> str:
@@ -129,8 +128,10 @@ def world_size_of(launcher: str) -> int:
     if launcher == "local":
         return 1
     if launcher == "ray":
-        raise ValueError("cluster.launcher: ray runs the learners as Ray Train workers "
-                         "(gfn_dist.distributed.learner_group.RayTrainLearners), not in this process")
+        raise ValueError(
+            "cluster.launcher: ray runs the learners as Ray Train workers "
+            "(gfn_dist.distributed.learner_group.RayTrainLearners), not in this process"
+        )
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise ValueError(f"cluster.launcher: torchrun requested but {missing} are not set (run under torchrun)")
@@ -267,9 +268,9 @@ def learners_use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0.0) >= cfg.cluster.num_learners
 
 
-
-def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optional[str] = None,
-              runtime_env: Optional[dict] = None) -> RayContext:
+def start_ray(
+    cfg: TrainConfig, namespace: str | None = None, temp_dir: str | None = None, runtime_env: dict | None = None
+) -> RayContext:
     """Rank 0: connects to ``cluster.address``, or starts an embedded local Ray (or reuses one already up).
 
     Args:
@@ -298,8 +299,9 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optio
         # One node: every Ray server binds 127.0.0.1 only, and no dashboard (health.loopback_only_ray);
         # torchrun across nodes without cluster.address needs the node's routable address instead.
         with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
-            ray.init(address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False,
-                     _temp_dir=temp_dir, **common)
+            ray.init(
+                address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, _temp_dir=temp_dir, **common
+            )
         owns = True
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
@@ -308,7 +310,7 @@ def start_ray(cfg: TrainConfig, namespace: Optional[str] = None, temp_dir: Optio
     return RayContext(address, namespace, owns_ray=owns, connected=True, auth_mode=os.environ.get(RAY_AUTH_MODE))
 
 
-def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -> RayContext:
+def connect_ray(address: str, namespace: str, auth_mode: str | None = None) -> RayContext:
     """Ranks > 0: connects to rank 0's Ray (reuses a connection already up).
 
     Args:
@@ -329,8 +331,9 @@ def connect_ray(address: str, namespace: str, auth_mode: Optional[str] = None) -
     return RayContext(address, namespace, owns_ray=False, connected=True, auth_mode=auth_mode)
 
 
-def bring_up_ray(cfg: TrainConfig, ctx: DistContext, temp_dir: Optional[str] = None,
-                 runtime_env: Optional[dict] = None) -> RayContext:
+def bring_up_ray(
+    cfg: TrainConfig, ctx: DistContext, temp_dir: str | None = None, runtime_env: dict | None = None
+) -> RayContext:
     """Rank 0 starts / connects (``temp_dir``, ``runtime_env``: see ``start_ray``); the others receive
     ``(address, namespace, auth_mode)`` and connect."""
     if ctx.is_main:
@@ -341,7 +344,7 @@ def bring_up_ray(cfg: TrainConfig, ctx: DistContext, temp_dir: Optional[str] = N
     return connect_ray(address, namespace, auth_mode)
 
 
-def teardown(ctx: Optional[DistContext], ray_ctx: Optional[RayContext], actors: list) -> None:
+def teardown(ctx: DistContext | None, ray_ctx: RayContext | None, actors: list) -> None:
     """Kills ``actors`` (rank 0), disconnects / shuts down Ray, destroys the process group.
 
     Every step runs even if an earlier one fails; errors are logged, not raised.

@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -40,8 +41,13 @@ from gfn_dist.distributed.ray_compat import actor_info, actor_state, was_restart
 from gfn_dist.distributed.shard_persistence import ShardPersistence
 from gfn_dist.distributed.waiting import Deadline, WaitStopped
 
-__all__ = ["ActorFailure", "ActorSupervisor", "FailureEvent", "ShardPersistence",
-           "was_restarted_by_ray"]  # ShardPersistence and was_restarted_by_ray: re-exported
+__all__ = [
+    "ActorFailure",
+    "ActorSupervisor",
+    "FailureEvent",
+    "ShardPersistence",
+    "was_restarted_by_ray",
+]  # ShardPersistence and was_restarted_by_ray: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +73,9 @@ class FailureEvent:
     kind: str
     error: str
     step_failed: int
-    step_recovered: Optional[int] = None
+    step_recovered: int | None = None
     time_failed: float = 0.0
-    time_recovered: Optional[float] = None
+    time_recovered: float | None = None
 
 
 class ActorFailure(RuntimeError):
@@ -109,8 +115,8 @@ class ActorSupervisor:
         poll_interval_s: float = 0.2,
         stats_interval_s: float = 1.0,
         restart_timeout_s: float = 300.0,
-        step_fn: Optional[Callable[[], int]] = None,
-        stall_timeout_s: Optional[float] = None,
+        step_fn: Callable[[], int] | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         n = len(actors)
         self.actors = list(actors)
@@ -123,23 +129,23 @@ class ActorSupervisor:
         self.restart_timeout_s = float(restart_timeout_s)
         self._step = 0  # the learner's step, as last reported through check()
         self._step_fn = step_fn
-        self.events: List[FailureEvent] = []
+        self.events: list[FailureEvent] = []
         self.restarts = [0] * n  # process deaths (each one a Ray restart)
         self.failures = [0] * n
         self.consecutive = [0] * n
-        self._runs: Dict[int, Any] = {}  # actor -> pending run() reference
-        self._outages: Dict[int, Dict[str, Any]] = {}  # actor whose process died -> since, Ray restarts before, error
+        self._runs: dict[int, Any] = {}  # actor -> pending run() reference
+        self._outages: dict[int, dict[str, Any]] = {}  # actor whose process died -> since, Ray restarts before, error
         self._ray_restarts = [0] * n  # Ray's restart count of each actor, as last seen
-        self._down: Dict[int, int] = {}  # actor -> num_batches it must exceed to count as up again
-        self._stats: List[dict] = [{} for _ in range(n)]  # latest stats() of each actor's current process
-        self._carried: List[Dict[str, int]] = [{} for _ in range(n)]  # counters of its earlier processes
-        self._stats_refs: Dict[int, Any] = {}
+        self._down: dict[int, int] = {}  # actor -> num_batches it must exceed to count as up again
+        self._stats: list[dict] = [{} for _ in range(n)]  # latest stats() of each actor's current process
+        self._carried: list[dict[str, int]] = [{} for _ in range(n)]  # counters of its earlier processes
+        self._stats_refs: dict[int, Any] = {}
         self._next_stats = 0.0
         self._hinted: set[str] = set()
-        self._fatal: Optional[str] = None
+        self._fatal: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.stall_timeout_s = stall_timeout_s
         self.stalls = [0] * n  # stalled processes killed
         self._progress = [(-1, time.monotonic()) for _ in range(n)]  # (num_batches, when it last grew)
@@ -162,7 +168,7 @@ class ActorSupervisor:
         """The pending ``run`` references (current processes)."""
         return list(self._runs.values())
 
-    def check(self, step: Optional[int] = None) -> None:
+    def check(self, step: int | None = None) -> None:
         """Records the learner step; raises ``ActorFailure`` if the run must stop (called by the learner)."""
         if step is not None:
             self._step = int(step)
@@ -175,7 +181,7 @@ class ActorSupervisor:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped``, ``replay/*``."""
         with self._lock:
             totals = self._totals()
@@ -273,8 +279,10 @@ class ActorSupervisor:
                 if self._record_failure(k, "died", outage["error"]):
                     return
             if state == "DEAD":
-                self._fatal = (f"rollout actor {k} died and Ray did not restart it (rollout.max_restarts="
-                               f"{self.max_restarts}); last failure: {outage['error']}")
+                self._fatal = (
+                    f"rollout actor {k} died and Ray did not restart it (rollout.max_restarts="
+                    f"{self.max_restarts}); last failure: {outage['error']}"
+                )
                 return
             if state == "ALIVE" or (info is None and now > outage["since"] + 2.0):
                 if self._ray_restarts[k] == outage["restarts_before"] and info is not None:
@@ -285,8 +293,10 @@ class ActorSupervisor:
                 del self._outages[k]
                 self._runs[k] = self.actors[k].run.remote()
             elif now > outage["since"] + self.restart_timeout_s:
-                self._fatal = (f"rollout actor {k} was not restarted within {self.restart_timeout_s:g} s "
-                               f"(Ray reports it {state}); last failure: {outage['error']}")
+                self._fatal = (
+                    f"rollout actor {k} was not restarted within {self.restart_timeout_s:g} s "
+                    f"(Ray reports it {state}); last failure: {outage['error']}"
+                )
                 return
 
     def _record_failure(self, k: int, kind: str, error: str) -> bool:
@@ -297,15 +307,25 @@ class ActorSupervisor:
             self.events.append(FailureEvent(k, kind, error, self.step, time_failed=time.monotonic()))
             if kind == "died":
                 self.restarts[k] += 1
-        logger.warning("rollout actor %d %s (failure %d in a row, %d in all): %s",
-                       k, kind, self.consecutive[k], self.failures[k], error)
+        logger.warning(
+            "rollout actor %d %s (failure %d in a row, %d in all): %s",
+            k,
+            kind,
+            self.consecutive[k],
+            self.failures[k],
+            error,
+        )
         if self.consecutive[k] >= self.max_consecutive_failures:
-            self._fatal = (f"rollout actor {k} failed {self.consecutive[k]} times in a row without pushing a batch "
-                           f"in between (rollout.max_consecutive_failures={self.max_consecutive_failures}); "
-                           f"last failure ({kind}): {error}")
+            self._fatal = (
+                f"rollout actor {k} failed {self.consecutive[k]} times in a row without pushing a batch "
+                f"in between (rollout.max_consecutive_failures={self.max_consecutive_failures}); "
+                f"last failure ({kind}): {error}"
+            )
         elif kind == "died" and 0 <= self.max_restarts < self.restarts[k]:
-            self._fatal = (f"rollout actor {k} died {self.restarts[k]} times; Ray's restart budget "
-                           f"(rollout.max_restarts={self.max_restarts}) is spent; last failure: {error}")
+            self._fatal = (
+                f"rollout actor {k} died {self.restarts[k]} times; Ray's restart budget "
+                f"(rollout.max_restarts={self.max_restarts}) is spent; last failure: {error}"
+            )
         return self._fatal is not None
 
     def _poll_stats(self) -> None:
@@ -341,8 +361,9 @@ class ActorSupervisor:
                     for event in self.events:
                         if event.actor_id == k and event.step_recovered is None:
                             event.step_recovered, event.time_recovered = self.step, time.monotonic()
-                    logger.warning("rollout actor %d is back: pushing again with policy version %s",
-                                   k, stats.get("policy_version"))
+                    logger.warning(
+                        "rollout actor %d is back: pushing again with policy version %s", k, stats.get("policy_version")
+                    )
         self._hint_rejections()
 
     def _kill_stalled(self) -> None:
@@ -356,8 +377,14 @@ class ActorSupervisor:
                 continue
             info = actor_info(actor) or {}
             node = (info.get("Address") or {}).get("NodeID", "unknown node")
-            logger.warning("rollout actor %d (node %s) produced nothing for %.0f s (rollout.stall_timeout_s=%g): "
-                           "killing it; Ray restarts it", k, node, now - self._progress[k][1], self.stall_timeout_s)
+            logger.warning(
+                "rollout actor %d (node %s) produced nothing for %.0f s (rollout.stall_timeout_s=%g): "
+                "killing it; Ray restarts it",
+                k,
+                node,
+                now - self._progress[k][1],
+                self.stall_timeout_s,
+            )
             with self._lock:
                 self.stalls[k] += 1
             self._progress[k] = (self._progress[k][0], now)  # one kill per stall
@@ -368,16 +395,22 @@ class ActorSupervisor:
             totals = self._totals()
         if totals.get("rejected_neginf", 0) and "neginf" not in self._hinted:
             self._hinted.add("neginf")
-            logger.warning("rollout actors rejected trajectories with log-reward -inf (zero reward); set "
-                           "loss.log_reward_clip_min (e.g. -100) to train on them (metric rollout/rejected_neginf)")
+            logger.warning(
+                "rollout actors rejected trajectories with log-reward -inf (zero reward); set "
+                "loss.log_reward_clip_min (e.g. -100) to train on them (metric rollout/rejected_neginf)"
+            )
         for key in ("rejected_nan", "rejected_posinf"):
             if totals.get(key, 0) and key not in self._hinted:
                 self._hinted.add(key)
-                logger.warning("rollout actors rejected trajectories with %s log-reward (metric rollout/%s): "
-                               "check the reward function", "NaN" if key == "rejected_nan" else "+inf", key)
+                logger.warning(
+                    "rollout actors rejected trajectories with %s log-reward (metric rollout/%s): "
+                    "check the reward function",
+                    "NaN" if key == "rejected_nan" else "+inf",
+                    key,
+                )
 
-    def _totals(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
+    def _totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
         for stats, carried in zip(self._stats, self._carried):
             for src in (stats, carried):
                 for key, value in src.items():
@@ -391,7 +424,7 @@ class ActorSupervisor:
             return
         with self._lock:
             down = set(self._down)
-        producers: Dict[int, List[int]] = {}
+        producers: dict[int, list[int]] = {}
         for k in range(len(self.actors)):
             producers.setdefault(k % self.num_shards, []).append(k)
         starved = frozenset(s for s, ks in producers.items() if all(k in down for k in ks))
@@ -412,8 +445,9 @@ def wait_until_alive(handle, timeout_s: float, should_stop=None, interval_s: flo
         ``ALIVE``, ``DEAD``, ``TIMEOUT`` or ``STOPPED`` (``ALIVE`` after one
         interval when Ray cannot tell).
     """
-    wait = Deadline(max(timeout_s, 1e-9), initial_backoff_s=interval_s, max_backoff_s=interval_s,
-                    should_stop=should_stop)
+    wait = Deadline(
+        max(timeout_s, 1e-9), initial_backoff_s=interval_s, max_backoff_s=interval_s, should_stop=should_stop
+    )
     while True:
         state = actor_state(handle)
         if state is None:

@@ -38,9 +38,10 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -144,10 +145,10 @@ class Learner:
         gflownet: nn.Module,
         ctx: DistContext,
         replay=None,
-        health_check: Optional[Callable[[], None]] = None,
-        rollout_step: Optional[Callable[["Learner"], None]] = None,
-        should_stop: Optional[Callable[[], bool]] = None,
-        observe: Optional[Callable[[object], None]] = None,
+        health_check: Callable[[], None] | None = None,
+        rollout_step: Callable[[Learner], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        observe: Callable[[object], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -245,8 +246,12 @@ class Learner:
             TimeoutError: if replay refused for ``replay.timeout_s`` (naming the limiter condition).
             WaitStopped: if training ended while this draw waited.
         """
-        return self.replay.sample(self.local_batch_size, timeout_s=self.cfg.replay.timeout_s,
-                                  should_stop=self._stop_waiting, on_pause=self.health_check)
+        return self.replay.sample(
+            self.local_batch_size,
+            timeout_s=self.cfg.replay.timeout_s,
+            should_stop=self._stop_waiting,
+            on_pause=self.health_check,
+        )
 
     def _stop_waiting(self) -> bool:
         return self._closing or self.should_stop()
@@ -263,8 +268,13 @@ class Learner:
             WaitStopped: if ``should_stop`` said so while waiting.
         """
         need = self.cfg.replay.min_size_to_sample
-        wait = Deadline(self.cfg.replay.timeout_s, initial_backoff_s=0.02, max_backoff_s=0.02,
-                        on_pause=self.health_check, should_stop=self._stop_waiting)
+        wait = Deadline(
+            self.cfg.replay.timeout_s,
+            initial_backoff_s=0.02,
+            max_backoff_s=0.02,
+            on_pause=self.health_check,
+            should_stop=self._stop_waiting,
+        )
         while min(self.replay.sizes()) < need:
             if wait.expired:
                 raise TimeoutError(
@@ -339,9 +349,14 @@ class Learner:
     def state_dict(self) -> dict:
         """Model (policies + logZ), optimizer, step; ``policy_version`` (= step), ``trajectories_seen``
         and ``world_size`` for readers of the checkpoint."""
-        return {"gflownet": self.gflownet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "policy_version": self.step, "trajectories_seen": self.step * self.cfg.learner.batch_size,
-                "world_size": self.ctx.world_size}
+        return {
+            "gflownet": self.gflownet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "policy_version": self.step,
+            "trajectories_seen": self.step * self.cfg.learner.batch_size,
+            "world_size": self.ctx.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.gflownet.load_state_dict(state["gflownet"])

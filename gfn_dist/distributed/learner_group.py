@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import ray
 import ray.train
@@ -40,7 +41,7 @@ from gfn_dist.distributed.cluster import DistContext
 
 logger = logging.getLogger(__name__)
 
-TrainFn = Callable[[DistContext, Any], Optional[dict]]
+TrainFn = Callable[[DistContext, Any], dict | None]
 
 
 class InProcessLearners:
@@ -54,7 +55,7 @@ class InProcessLearners:
         self.ctx = ctx
         self.world_size = ctx.world_size
 
-    def run(self, train_fn: TrainFn, sink: Any) -> Optional[dict]:
+    def run(self, train_fn: TrainFn, sink: Any) -> dict | None:
         """Runs ``train_fn`` here; returns its result (rank 0) or None."""
         return train_fn(self.ctx, sink)
 
@@ -150,23 +151,37 @@ class RayTrainLearners:
         namespace: the run's Ray namespace (the channel actor is created there).
     """
 
-    def __init__(self, num_workers: int, cpus_per_worker: float, use_gpu: bool, placement_strategy: str,
-                 name: str, storage_path: str, namespace: str) -> None:
+    def __init__(
+        self,
+        num_workers: int,
+        cpus_per_worker: float,
+        use_gpu: bool,
+        placement_strategy: str,
+        name: str,
+        storage_path: str,
+        namespace: str,
+    ) -> None:
         self.world_size = int(num_workers)
         self.cpus_per_worker = float(cpus_per_worker)
         self.use_gpu = bool(use_gpu)
         self.placement_strategy = placement_strategy
         self.name = name
         self.storage_path = storage_path
-        self.channel = ray.remote(DriverChannel).options(num_cpus=0, name=f"{namespace}_driver",
-                                                         namespace=namespace).remote()
+        self.channel = (
+            ray.remote(DriverChannel).options(num_cpus=0, name=f"{namespace}_driver", namespace=namespace).remote()
+        )
         self.nodes: list[str] = []  # Ray node id of each rank
-        self.backend: Optional[str] = None  # the torch.distributed backend Ray Train chose
-        self._final: Optional[dict] = None
+        self.backend: str | None = None  # the torch.distributed backend Ray Train chose
+        self._final: dict | None = None
         self._t_fit = time.perf_counter()
 
-    def run(self, train_fn: TrainFn, on_row: Callable[[dict], None], on_stop: Callable[[], None],
-            stop_requested: Callable[[], bool]) -> dict:
+    def run(
+        self,
+        train_fn: TrainFn,
+        on_row: Callable[[dict], None],
+        on_stop: Callable[[], None],
+        stop_requested: Callable[[], bool],
+    ) -> dict:
         """Runs ``train_fn`` on the W workers; returns rank 0's result.
 
         Args:
@@ -185,14 +200,20 @@ class RayTrainLearners:
         trainer = TorchTrainer(
             _ray_train_worker,
             train_loop_config={"train_fn": train_fn, "on_stop": on_stop, "channel": self.channel},
-            scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=self.use_gpu,
-                                         resources_per_worker=resources, placement_strategy=self.placement_strategy),
-            run_config=RunConfig(name=self.name, storage_path=self.storage_path,
-                                 failure_config=FailureConfig(max_failures=0)),  # a failed learner fails the run
+            scaling_config=ScalingConfig(
+                num_workers=self.world_size,
+                use_gpu=self.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=self.placement_strategy,
+            ),
+            run_config=RunConfig(
+                name=self.name, storage_path=self.storage_path, failure_config=FailureConfig(max_failures=0)
+            ),  # a failed learner fails the run
         )
         stop = threading.Event()
-        drainer = threading.Thread(target=self._drain, args=(stop, on_row, stop_requested), name="driver-channel",
-                                   daemon=True)
+        drainer = threading.Thread(
+            target=self._drain, args=(stop, on_row, stop_requested), name="driver-channel", daemon=True
+        )
         drainer.start()
         self._t_fit = time.perf_counter()
         try:
@@ -225,9 +246,14 @@ class RayTrainLearners:
                 on_row(payload)
             elif kind == "placement":
                 self.nodes, self.backend = payload["nodes"], payload["backend"]
-                logger.info("%d learner workers (%s, %s) on %d node(s), up %.1f s after launch", len(self.nodes),
-                            payload["backend"], payload["device"], len(set(self.nodes)),
-                            time.perf_counter() - self._t_fit)
+                logger.info(
+                    "%d learner workers (%s, %s) on %d node(s), up %.1f s after launch",
+                    len(self.nodes),
+                    payload["backend"],
+                    payload["device"],
+                    len(set(self.nodes)),
+                    time.perf_counter() - self._t_fit,
+                )
             elif kind == "final":
                 self._final = payload
 
@@ -235,4 +261,3 @@ class RayTrainLearners:
     def handles(self) -> list:
         """The actors this group created (killed at teardown)."""
         return [self.channel]
-

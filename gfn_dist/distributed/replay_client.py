@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 import torch
@@ -51,7 +52,7 @@ def shard_for_actor(actor_id: int, num_shards: int) -> int:
     return int(actor_id) % int(num_shards)
 
 
-def allocate_proportional(n: int, sizes: Sequence[int]) -> List[int]:
+def allocate_proportional(n: int, sizes: Sequence[int]) -> list[int]:
     """Splits ``n`` draws over shards in proportion to ``sizes`` (largest-remainder method).
 
     Shard i first gets ``floor(n * sizes[i] / sum(sizes))``; the draws left over
@@ -125,11 +126,11 @@ class ReplayClient:
         self.max_backoff_s = float(max_backoff_s)
         self.check_down_after_s = float(check_down_after_s)
         self.starved: frozenset = frozenset()  # shards fed only by down actors (set by the actor supervisor)
-        self.last_stats: Optional[Dict[str, Any]] = None  # the latest stats() (down shards: their last answer)
-        self._down: Dict[int, Any] = {}  # shard -> pending probe call (None: restarting); skipped until it answers
-        self._next_look: Dict[int, float] = {}  # shard -> when to look at Ray's actor table again
+        self.last_stats: dict[str, Any] | None = None  # the latest stats() (down shards: their last answer)
+        self._down: dict[int, Any] = {}  # shard -> pending probe call (None: restarting); skipped until it answers
+        self._next_look: dict[int, float] = {}  # shard -> when to look at Ray's actor table again
         self._gone: set = set()  # shards that will not come back (Ray's restart budget spent)
-        self._shard_stats: List[Optional[Dict[str, Any]]] = [None] * len(self.shards)
+        self._shard_stats: list[dict[str, Any] | None] = [None] * len(self.shards)
         self._lock = threading.RLock()  # the learner's prefetch thread and main thread share the client
 
     def __getstate__(self) -> dict:  # shipped to actors: handles and numbers only, no pending probes
@@ -153,12 +154,12 @@ class ReplayClient:
 
     # ------------------------------------------------------------------ shard failures
 
-    def available(self) -> List[int]:
+    def available(self) -> list[int]:
         """Indices of the shards not known to be down (a down shard is up again once its probe answers)."""
         with self._lock:
             return self._available()
 
-    def _available(self) -> List[int]:
+    def _available(self) -> list[int]:
         now = time.monotonic()
         for i, probe in list(self._down.items()):
             if probe is None:  # restarting (calls fail meanwhile): look at Ray's actor table now and then
@@ -203,15 +204,18 @@ class ReplayClient:
             if index in self._down or index in self._gone:
                 return
             self._down[index] = probe
-        logger.warning("ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until "
-                       "it is back", index, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        logger.warning(
+            "ReplayClient: replay shard %d is unavailable (%s); sampling from the other shards until it is back",
+            index,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
 
-    def _eligible(self) -> List[int]:
+    def _eligible(self) -> list[int]:
         """Live shards to sample from: those not starved, or every live one if all are starved."""
         live = self.available()
         return [i for i in live if i not in self.starved] or live
 
-    def _gather(self, refs: Dict[int, Any]) -> Dict[int, Any]:
+    def _gather(self, refs: dict[int, Any]) -> dict[int, Any]:
         """The answers of one call per shard, without the shards found down (marked down, left out).
 
         A shard is down when its call raised ``RayActorError``, or when it is
@@ -237,7 +241,7 @@ class ReplayClient:
 
     # ------------------------------------------------------------------ insert
 
-    def add(self, td: TensorDict, shard_index: int, timeout_s: Optional[float] = None) -> int:
+    def add(self, td: TensorDict, shard_index: int, timeout_s: float | None = None) -> int:
         """Inserts a batch into one shard, waiting while the rate limiter refuses.
 
         Args:
@@ -270,8 +274,14 @@ class ReplayClient:
         waiting; returns the pending ``try_add`` reference (for ``complete_add``)."""
         return self.shards[int(shard_index)].try_add.remote(payload)
 
-    def complete_add(self, pending, payload: Any, shard_index: int, timeout_s: Optional[float] = None,
-                     should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+    def complete_add(
+        self,
+        pending,
+        payload: Any,
+        shard_index: int,
+        timeout_s: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
         """Waits for a submitted insert to be accepted, resubmitting while the rate limiter refuses.
 
         The one push path: ``add`` and the rollout actors' pipelined pushes both end here.
@@ -293,8 +303,9 @@ class ReplayClient:
             ray.exceptions.RayActorError: if the shard died (the caller decides what that costs).
         """
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        wait = Deadline(timeout, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s,
-                        should_stop=should_stop)
+        wait = Deadline(
+            timeout, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s, should_stop=should_stop
+        )
         while True:
             result = ray.get(pending)
             if result["accepted"]:
@@ -302,20 +313,28 @@ class ReplayClient:
             if result["status"] == "invalid":
                 raise ValueError(f"replay shard {shard_index} rejected a batch: {result['reason']}")
             if wait.expired:
-                raise TimeoutError(f"replay shard {shard_index} refused {result['num_items']} items for {timeout:g} s; "
-                                   f"rate limiter condition: {result['reason']}")
+                raise TimeoutError(
+                    f"replay shard {shard_index} refused {result['num_items']} items for {timeout:g} s; "
+                    f"rate limiter condition: {result['reason']}"
+                )
             wait.pause()  # rate limited: the learners are behind
             pending = self.submit_add(payload, shard_index)
 
     # ------------------------------------------------------------------ sample
 
-    def sizes(self) -> List[int]:
+    def sizes(self) -> list[int]:
         """Current number of items in each shard (0 for a shard that is down)."""
         answers = self._gather({i: self.shards[i].size.remote() for i in self.available()})
         return [int(answers.get(i, 0)) for i in range(self.num_shards)]
 
-    def sample(self, n: int, timeout_s: Optional[float] = None, *, should_stop: Optional[Callable[[], bool]] = None,
-               on_pause: Optional[Callable[[], None]] = None) -> TensorDict:
+    def sample(
+        self,
+        n: int,
+        timeout_s: float | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_pause: Callable[[], None] | None = None,
+    ) -> TensorDict:
         """Draws ``n`` items over the shards in proportion to their sizes.
 
         The split is ``allocate_proportional(n, sizes)`` on the sizes read at
@@ -343,10 +362,15 @@ class ReplayClient:
         if n < 1:
             raise ValueError(f"ReplayClient.sample: n must be >= 1, got {n}")
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        wait = Deadline(timeout, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s,
-                        should_stop=should_stop, on_pause=on_pause)
-        parts: Dict[int, List[TensorDict]] = {}
-        pending: Dict[int, int] = {}  # shard -> share still to draw from it
+        wait = Deadline(
+            timeout,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            should_stop=should_stop,
+            on_pause=on_pause,
+        )
+        parts: dict[int, list[TensorDict]] = {}
+        pending: dict[int, int] = {}  # shard -> share still to draw from it
         unassigned = n  # items not yet given to a shard (at first; then those of shards that failed)
 
         def wait_or_raise() -> None:
@@ -356,8 +380,9 @@ class ReplayClient:
                 if unassigned:  # nothing to draw from: name every live shard's condition
                     blocked.update({i: unassigned for i in live if i not in blocked})
                 reasons = self._gather({i: self.shards[i].check_sample.remote(k) for i, k in blocked.items()})
-                detail = "; ".join(f"shard {i} (share {k}): {reasons.get(i) or 'unblocked just now'}"
-                                   for i, k in blocked.items())
+                detail = "; ".join(
+                    f"shard {i} (share {k}): {reasons.get(i) or 'unblocked just now'}" for i, k in blocked.items()
+                )
                 down = sorted(set(range(self.num_shards)) - set(live))
                 if down:
                     detail += f"; shards down: {down}"
@@ -399,7 +424,7 @@ class ReplayClient:
 
     # ------------------------------------------------------------------ stats / state
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Aggregated shard statistics.
 
         Returns:
@@ -418,10 +443,17 @@ class ReplayClient:
                 self._shard_stats[i] = answers[i]
             per_shard.append({**(self._shard_stats[i] or {}), "available": i in answers})
         summed = (
-            "size", "capacity", "num_inserts", "num_samples",
-            "num_rejected", "num_add_throttled", "num_sample_throttled", "items_lost", "num_restarts",
+            "size",
+            "capacity",
+            "num_inserts",
+            "num_samples",
+            "num_rejected",
+            "num_add_throttled",
+            "num_sample_throttled",
+            "items_lost",
+            "num_restarts",
         )
-        out: Dict[str, Any] = {k: sum(int(s.get(k, 0)) for s in per_shard) for k in summed}
+        out: dict[str, Any] = {k: sum(int(s.get(k, 0)) for s in per_shard) for k in summed}
         out["samples_per_insert"] = out["num_samples"] / out["num_inserts"] if out["num_inserts"] else 0.0
         out["num_shards"] = self.num_shards
         out["num_shards_down"] = sum(not s["available"] for s in per_shard)
@@ -429,7 +461,7 @@ class ReplayClient:
         self.last_stats = out
         return out
 
-    def snapshot(self) -> List[Dict[str, Any]]:
+    def snapshot(self) -> list[dict[str, Any]]:
         """Snapshots of every shard (``ReplayShard.snapshot()``), shard 0 first.
 
         A shard that Ray is restarting is waited for (up to ``timeout_s``): a
@@ -449,12 +481,14 @@ class ReplayClient:
                 except RayActorError as err:
                     state = wait_until_alive(shard, wait.remaining_s)
                     if state != "ALIVE" or wait.expired:
-                        raise RuntimeError(f"ReplayClient.snapshot: replay shard {i} is {state.lower()} "
-                                           f"after {self.timeout_s:g} s: {str(err).splitlines()[0]}") from err
+                        raise RuntimeError(
+                            f"ReplayClient.snapshot: replay shard {i} is {state.lower()} "
+                            f"after {self.timeout_s:g} s: {str(err).splitlines()[0]}"
+                        ) from err
                     ref = shard.snapshot.remote()
         return out
 
-    def restore(self, states: Sequence[Dict[str, Any]]) -> None:
+    def restore(self, states: Sequence[dict[str, Any]]) -> None:
         """Restores every shard from ``snapshot()`` output.
 
         Raises:
@@ -466,10 +500,10 @@ class ReplayClient:
 
     # ------------------------------------------------------------------ Stateful (checkpoints)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """``{"shards": snapshot()}``: every shard's contents, counters and sampling RNG."""
         return {"shards": self.snapshot()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of ``state_dict`` (before any actor pushes)."""
         self.restore(state["shards"])

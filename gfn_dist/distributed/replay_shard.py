@@ -47,16 +47,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import ray
 import torch
 from tensordict import TensorDict
 
+from gfn_dist.containers.replay_buffer import ReplayBuffer
 from gfn_dist.distributed.shard_persistence import ShardPersistence
 from gfn_dist.distributed.wire import pack_wire, td_from_wire, td_to_wire
-
-from gfn_dist.containers.replay_buffer import ReplayBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +86,10 @@ class ReplayShardConfig:
     prioritized: bool = False
     alpha: float = 1.0
     min_size_to_sample: int = 1
-    samples_per_insert: Optional[float] = None
-    error_buffer: Optional[float] = None
-    seed: Optional[int] = None
-    state_dir: Optional[str] = None
+    samples_per_insert: float | None = None
+    error_buffer: float | None = None
+    seed: int | None = None
+    state_dir: str | None = None
     snapshot_every_inserts: int = 0
 
     def __post_init__(self) -> None:
@@ -126,12 +125,12 @@ class ReplayShardConfig:
 class RateLimiter:
     """Pure decision logic of the limiter (see module doc); holds no counters itself."""
 
-    def __init__(self, min_size_to_sample: int, samples_per_insert: Optional[float], error_buffer: float) -> None:
+    def __init__(self, min_size_to_sample: int, samples_per_insert: float | None, error_buffer: float) -> None:
         self.min_size_to_sample = int(min_size_to_sample)
         self.samples_per_insert = float(samples_per_insert or 0.0)
         self.error_buffer = float(error_buffer)
 
-    def sample_blocker(self, n: int, size: int, num_inserts: int, num_samples: int) -> Optional[str]:
+    def sample_blocker(self, n: int, size: int, num_inserts: int, num_samples: int) -> str | None:
         """Returns None if a sample of ``n`` items is allowed, else the violated condition (a sentence)."""
         if size < self.min_size_to_sample or size == 0:
             return f"min_size_to_sample: size {size} < min_size_to_sample {max(self.min_size_to_sample, 1)}"
@@ -145,7 +144,7 @@ class RateLimiter:
                 )
         return None
 
-    def insert_blocker(self, n: int, num_inserts: int, num_samples: int) -> Optional[str]:
+    def insert_blocker(self, n: int, num_inserts: int, num_samples: int) -> str | None:
         """Returns None if an insert of ``n`` items is allowed, else the violated condition (a sentence)."""
         if self.samples_per_insert > 0:
             floor = self.samples_per_insert * (num_inserts + n - self.min_size_to_sample) - self.error_buffer
@@ -171,7 +170,7 @@ class ReplayShard:
             when both ``config`` and kwargs are given.
     """
 
-    def __init__(self, config: Optional[ReplayShardConfig] = None, **kwargs: Any) -> None:
+    def __init__(self, config: ReplayShardConfig | None = None, **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise ValueError(f"ReplayShard: pass either config or kwargs, got both (kwargs {sorted(kwargs)})")
         self.config = config if config is not None else ReplayShardConfig(**kwargs)
@@ -188,25 +187,24 @@ class ReplayShard:
         self.num_sample_throttled = 0
         self.persistence = None  # set last: restoring after a Ray restart must not write back
         if cfg.state_dir is not None:
-
             persistence = ShardPersistence(cfg.state_dir, cfg.snapshot_every_inserts)
             persistence.start(self)  # after a Ray restart: restores the latest snapshot, reports the items lost
             self.persistence = persistence
 
     # ------------------------------------------------------------------ limiter queries
 
-    def check_sample(self, n: int) -> Optional[str]:
+    def check_sample(self, n: int) -> str | None:
         """None if ``try_sample(n)`` would succeed now, else the blocking condition."""
         b = self.buffer
         return self.limiter.sample_blocker(int(n), len(b), b.num_inserts, b.num_samples)
 
-    def check_add(self, n: int) -> Optional[str]:
+    def check_add(self, n: int) -> str | None:
         """None if an insert of ``n`` items would pass the rate limiter now, else the blocking condition."""
         return self.limiter.insert_blocker(int(n), self.buffer.num_inserts, self.buffer.num_samples)
 
     # ------------------------------------------------------------------ data path
 
-    def try_add(self, td: TensorDict) -> Dict[str, Any]:
+    def try_add(self, td: TensorDict) -> dict[str, Any]:
         """Inserts a batch if it is valid and the rate limiter allows it; never blocks.
 
         Args:
@@ -227,18 +225,29 @@ class ReplayShard:
         except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: TensorDict shape checks
             self.num_rejected += n
             logger.warning("ReplayShard: rejected %d items: %s", n, err)
-            return {"accepted": False, "status": "invalid", "num_items": n, "reason": str(err), "size": len(self.buffer)}
+            return {
+                "accepted": False,
+                "status": "invalid",
+                "num_items": n,
+                "reason": str(err),
+                "size": len(self.buffer),
+            }
         blocker = self.check_add(n)
         if blocker is not None:
             self.num_add_throttled += 1
-            return {"accepted": False, "status": "rate_limited", "num_items": n, "reason": blocker,
-                    "size": len(self.buffer)}
+            return {
+                "accepted": False,
+                "status": "rate_limited",
+                "num_items": n,
+                "reason": blocker,
+                "size": len(self.buffer),
+            }
         self.buffer.add(td)
         if self.persistence is not None:
             self.persistence.after_insert(self)  # journal; periodic snapshot
         return {"accepted": True, "status": "ok", "num_items": n, "reason": None, "size": len(self.buffer)}
 
-    def try_sample(self, n: int, wire: bool = False) -> Optional[TensorDict]:
+    def try_sample(self, n: int, wire: bool = False) -> TensorDict | None:
         """Samples ``n`` items if the rate limiter allows it; never blocks.
 
         Args:
@@ -269,7 +278,7 @@ class ReplayShard:
         """Number of items held."""
         return len(self.buffer)
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counters and sizes (plain Python numbers); see module doc for their meaning.
 
         Returns:
@@ -296,7 +305,7 @@ class ReplayShard:
             "min_size_to_sample": self.limiter.min_size_to_sample,
         }
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """State of the shard as plain tensors (``torch.load(weights_only=True)``-safe).
 
         With a ``state_dir`` the state also becomes the shard's restart point
@@ -318,7 +327,7 @@ class ReplayShard:
             self.persistence.save(state)
         return state
 
-    def restore(self, state: Dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         """Restores contents, counters and RNG from ``snapshot()`` output.
 
         Raises:
@@ -346,12 +355,12 @@ def shard_name(index: int, name_prefix: str = DEFAULT_NAME_PREFIX) -> str:
 
 
 def create_replay_shard(
-    config: Optional[ReplayShardConfig] = None,
+    config: ReplayShardConfig | None = None,
     *,
-    name: Optional[str] = None,
-    namespace: Optional[str] = None,
-    lifetime: Optional[str] = None,
-    num_cpus: Optional[float] = None,
+    name: str | None = None,
+    namespace: str | None = None,
+    lifetime: str | None = None,
+    num_cpus: float | None = None,
     max_restarts: int = 0,
 ):
     """Creates one ``ReplayShard`` Ray actor (Ray must be initialized).
@@ -368,7 +377,7 @@ def create_replay_shard(
     Returns:
         the actor handle (``ray.actor.ActorHandle``).
     """
-    options: Dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if name is not None:
         options["name"] = name
     if namespace is not None:
@@ -385,14 +394,14 @@ def create_replay_shard(
 
 def create_replay_shards(
     num_shards: int,
-    config: Optional[ReplayShardConfig] = None,
+    config: ReplayShardConfig | None = None,
     *,
-    name_prefix: Optional[str] = DEFAULT_NAME_PREFIX,
-    namespace: Optional[str] = None,
-    lifetime: Optional[str] = None,
-    num_cpus: Optional[float] = None,
+    name_prefix: str | None = DEFAULT_NAME_PREFIX,
+    namespace: str | None = None,
+    lifetime: str | None = None,
+    num_cpus: float | None = None,
     max_restarts: int = 0,
-) -> List[Any]:
+) -> list[Any]:
     """Creates ``num_shards`` shard actors named ``shard_name(i, name_prefix)``.
 
     Shard i's sampling seed is ``config.seed + i`` (when a seed is set) so shards
@@ -416,17 +425,21 @@ def create_replay_shards(
     handles = []
     for i in range(int(num_shards)):
         state_dir = None if config.state_dir is None else f"{config.state_dir}/shard_{i}"
-        cfg_i = ReplayShardConfig(**{**asdict(config), "seed": None if config.seed is None else config.seed + i,
-                                     "state_dir": state_dir})
+        cfg_i = ReplayShardConfig(
+            **{**asdict(config), "seed": None if config.seed is None else config.seed + i, "state_dir": state_dir}
+        )
         name = shard_name(i, name_prefix) if name_prefix is not None else None
-        handles.append(create_replay_shard(cfg_i, name=name, namespace=namespace, lifetime=lifetime,
-                                           num_cpus=num_cpus, max_restarts=max_restarts))
+        handles.append(
+            create_replay_shard(
+                cfg_i, name=name, namespace=namespace, lifetime=lifetime, num_cpus=num_cpus, max_restarts=max_restarts
+            )
+        )
     return handles
 
 
 def get_replay_shards(
-    num_shards: int, *, name_prefix: str = DEFAULT_NAME_PREFIX, namespace: Optional[str] = None
-) -> List[Any]:
+    num_shards: int, *, name_prefix: str = DEFAULT_NAME_PREFIX, namespace: str | None = None
+) -> list[Any]:
     """Looks up named shard actors created by ``create_replay_shards`` (e.g. on torchrun rank > 0).
 
     Raises:

@@ -9,13 +9,11 @@ with a one-time hint to set ``loss.log_reward_clip_min`` for zero rewards.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
 
 import torch
 from tensordict import TensorDict
 
 logger = logging.getLogger(__name__)
-
 
 
 class RewardScreen:
@@ -48,13 +46,19 @@ class RewardScreen:
         self.num_neginf += int(neginf.sum())
         for name, mask in (("NaN", nan), ("+inf", posinf)):
             if bool(mask.any()):
-                self._log_once(name, f"rollout actor {self.actor_id}: rejected trajectories with {name} log-reward "
-                                     f"(rows {_rows(mask)}); counted in rollout/rejected_"
-                                     f"{'nan' if name == 'NaN' else 'posinf'}")
+                self._log_once(
+                    name,
+                    f"rollout actor {self.actor_id}: rejected trajectories with {name} log-reward "
+                    f"(rows {_rows(mask)}); counted in rollout/rejected_"
+                    f"{'nan' if name == 'NaN' else 'posinf'}",
+                )
         if bool(neginf.any()):
-            self._log_once("-inf", f"rollout actor {self.actor_id}: rejected trajectories with log-reward -inf "
-                                   f"(zero reward; rows {_rows(neginf)}); set loss.log_reward_clip_min (e.g. -100) "
-                                   f"to train on them (counted in rollout/rejected_neginf)")
+            self._log_once(
+                "-inf",
+                f"rollout actor {self.actor_id}: rejected trajectories with log-reward -inf "
+                f"(zero reward; rows {_rows(neginf)}); set loss.log_reward_clip_min (e.g. -100) "
+                f"to train on them (counted in rollout/rejected_neginf)",
+            )
         bad = nan | posinf | neginf
         return td[~bad] if bool(bad.any()) else td
 
@@ -63,10 +67,10 @@ class RewardScreen:
             self._logged.add(kind)
             logger.warning(message)
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """``rejected_nan``, ``rejected_posinf``, ``rejected_neginf``: trajectories dropped so far."""
         return {"rejected_nan": self.num_nan, "rejected_posinf": self.num_posinf, "rejected_neginf": self.num_neginf}
 
 
-def _rows(mask: torch.Tensor, limit: int = 20) -> List[int]:
+def _rows(mask: torch.Tensor, limit: int = 20) -> list[int]:
     return torch.nonzero(mask).flatten()[:limit].tolist()

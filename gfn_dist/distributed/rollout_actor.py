@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -88,7 +89,7 @@ class RolloutWorker:
         cfg: TrainConfig,
         actor_id: int,
         build: RolloutBuilder,
-        shard_handles: Optional[Sequence[Any]] = None,
+        shard_handles: Sequence[Any] | None = None,
         weight_store: Any = None,
     ) -> None:
         torch.set_num_threads(1)
@@ -143,8 +144,7 @@ class RolloutWorker:
         for i, size in enumerate(sizes):
             if i:
                 self.refresh_weights()
-            parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=size,
-                                                                              **self.sample_kwargs)))
+            parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=size, **self.sample_kwargs)))
             if not self.versions_used or self.versions_used[-1] != self.policy_version:
                 self.versions_used.append(self.policy_version)
         if len(parts) == 1:
@@ -179,7 +179,7 @@ class RolloutWorker:
         return stopped or self._stop
 
     @staticmethod
-    def encode(batch: TensorDict | dict, n: Optional[int] = None) -> bytes:
+    def encode(batch: TensorDict | dict, n: int | None = None) -> bytes:
         """A batch (TensorDict, or ``sample_fields``' dict with its size ``n``) as packed wire bytes."""
         if isinstance(batch, TensorDict):
             return pack_wire(td_to_wire(batch))
@@ -231,13 +231,20 @@ class RolloutWorker:
         """
         self.num_dropped += n
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        logger.warning("rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
-                       self.actor_id, self.shard_index, first, n)
+        logger.warning(
+            "rollout actor %d: replay shard %s died during a push (%s); %d trajectories dropped",
+            self.actor_id,
+            self.shard_index,
+            first,
+            n,
+        )
         state = wait_until_alive(self.replay.shards[self.shard_index], self.cfg.replay.timeout_s, self._run_stopped)
         if state in ("DEAD", "TIMEOUT"):
-            raise RuntimeError(f"rollout actor {self.actor_id}: replay shard {self.shard_index} is "
-                               f"{'gone (replay.max_restarts spent)' if state == 'DEAD' else 'not back'} "
-                               f"after a push failed: {first}") from err
+            raise RuntimeError(
+                f"rollout actor {self.actor_id}: replay shard {self.shard_index} is "
+                f"{'gone (replay.max_restarts spent)' if state == 'DEAD' else 'not back'} "
+                f"after a push failed: {first}"
+            ) from err
         return state != "STOPPED"
 
     def push(self, td: TensorDict) -> bool:
@@ -253,7 +260,7 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self, max_batches: Optional[int] = None) -> dict:
+    def run(self, max_batches: int | None = None) -> dict:
         """Sample-and-push loop until the weight store says stop (or ``max_batches``).
 
         Waits for the first published weights before sampling, so no trajectory
@@ -334,8 +341,15 @@ class RolloutActor(RolloutWorker):
             ``namespace``; the actor's creation then fails with it.
     """
 
-    def __init__(self, cfg: TrainConfig, actor_id: int, build: RolloutBuilder, namespace: Optional[str],
-                 replay_prefix: str, store_name: str) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        actor_id: int,
+        build: RolloutBuilder,
+        namespace: str | None,
+        replay_prefix: str,
+        store_name: str,
+    ) -> None:
         shards = get_replay_shards(cfg.replay.num_shards, name_prefix=replay_prefix, namespace=namespace)
         super().__init__(cfg, actor_id, build, shards, ray.get_actor(store_name, namespace=namespace))
 
@@ -351,8 +365,8 @@ def create_rollout_actors(
     replay_prefix: str,
     store_name: str,
     *,
-    name_prefix: Optional[str] = None,
-    namespace: Optional[str] = None,
+    name_prefix: str | None = None,
+    namespace: str | None = None,
 ) -> list:
     """Creates ``cfg.rollout.num_actors`` ``RolloutWorker`` Ray actors (``RolloutActor``).
 

@@ -19,9 +19,8 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
-import ray
 import torch
 
 from gfn_dist.distributed.ray_compat import was_restarted_by_ray
@@ -58,7 +57,7 @@ class ShardPersistence:
         self.restored_inserts = -1  # num_inserts of the snapshot restored at the last restart
         self.num_snapshots = 0
         self._last_snapshot_inserts = 0
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     @property
     def snapshot_path(self) -> Path:
@@ -68,7 +67,7 @@ class ShardPersistence:
     def journal_path(self) -> Path:
         return self.dir / self.JOURNAL
 
-    def start(self, shard, restarted: Optional[bool] = None) -> None:
+    def start(self, shard, restarted: bool | None = None) -> None:
         """Called once by the shard's constructor: recovers after a Ray restart, else starts clean.
 
         Args:
@@ -84,7 +83,7 @@ class ShardPersistence:
         self._fd = os.open(self.journal_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._write_journal(shard.buffer.num_inserts)
 
-    def _recover(self, shard, journal: Dict[str, int]) -> None:
+    def _recover(self, shard, journal: dict[str, int]) -> None:
         if self.snapshot_path.is_file():
             # Plain tensors only: weights_only refuses anything that would run code when loaded.
             shard.restore(torch.load(self.snapshot_path, map_location="cpu", weights_only=True))
@@ -98,11 +97,16 @@ class ShardPersistence:
         logger.warning(
             "replay shard %s restarted (restart %d): restored %d items from the snapshot taken at %d inserts; "
             "%d items inserted after it were lost (%d lost in all)",
-            self.dir.name, self.num_restarts, self.restored_size, restored, lost, self.items_lost,
+            self.dir.name,
+            self.num_restarts,
+            self.restored_size,
+            restored,
+            lost,
+            self.items_lost,
         )
 
     @classmethod
-    def read_journal(cls, path: str | Path) -> Optional[Dict[str, int]]:
+    def read_journal(cls, path: str | Path) -> dict[str, int] | None:
         """The journal's ``num_inserts``, ``num_restarts``, ``items_lost``; None if absent or unreadable."""
         try:
             raw = Path(path).read_bytes()
@@ -117,8 +121,9 @@ class ShardPersistence:
 
     def _write_journal(self, num_inserts: int) -> None:
         if self._fd is not None:
-            os.pwrite(self._fd, struct.pack(self._FORMAT, num_inserts, self.num_restarts, self.items_lost,
-                                            self._TAG), 0)
+            os.pwrite(
+                self._fd, struct.pack(self._FORMAT, num_inserts, self.num_restarts, self.items_lost, self._TAG), 0
+            )
 
     def after_insert(self, shard) -> None:
         """Journals the insert count; snapshots when ``snapshot_every_inserts`` items arrived since the last one."""
@@ -127,7 +132,7 @@ class ShardPersistence:
         if self.every and inserts - self._last_snapshot_inserts >= self.every:
             shard.snapshot()  # ReplayShard.snapshot() hands its state to save()
 
-    def save(self, state: Dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         """Writes ``state`` (a ``ReplayShard.snapshot()``) as the restart point, atomically."""
         tmp = self.snapshot_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -137,7 +142,12 @@ class ShardPersistence:
         self.num_snapshots += 1
         self._write_journal(inserts)  # after a restore the journal must not remember the old count
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """``num_restarts``, ``items_lost``, ``restored_size``, ``restored_inserts``, ``num_snapshots``."""
-        return {"num_restarts": self.num_restarts, "items_lost": self.items_lost, "restored_size": self.restored_size,
-                "restored_inserts": self.restored_inserts, "num_snapshots": self.num_snapshots}
+        return {
+            "num_restarts": self.num_restarts,
+            "items_lost": self.items_lost,
+            "restored_size": self.restored_size,
+            "restored_inserts": self.restored_inserts,
+            "num_snapshots": self.num_snapshots,
+        }

@@ -18,7 +18,8 @@ calls, so every launcher gets the same actors with the same options.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -66,8 +67,9 @@ class Topology:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def create(cls, cfg: TrainConfig, namespace: str, shard_config: ReplayShardConfig,
-               build: RolloutBuilder) -> "Topology":
+    def create(
+        cls, cfg: TrainConfig, namespace: str, shard_config: ReplayShardConfig, build: RolloutBuilder
+    ) -> Topology:
         """Creates the shards, the weight store and (unless ``rollout.synchronous``) the rollout actors.
 
         Waits until the shards and the store answer (so other processes can look them
@@ -81,28 +83,41 @@ class Topology:
             build: how each rollout actor builds its env, policies and sampler.
         """
         prefix, store_name = cls.replay_prefix(namespace), cls.store_name(namespace)
-        shards = create_replay_shards(cfg.replay.num_shards, shard_config, name_prefix=prefix, namespace=namespace,
-                                      num_cpus=0, max_restarts=cfg.replay.max_restarts)
+        shards = create_replay_shards(
+            cfg.replay.num_shards,
+            shard_config,
+            name_prefix=prefix,
+            namespace=namespace,
+            num_cpus=0,
+            max_restarts=cfg.replay.max_restarts,
+        )
         store = create_weight_store(name=store_name, namespace=namespace)
-        actors = [] if cfg.rollout.synchronous else create_rollout_actors(
-            cfg, build, prefix, store_name, name_prefix=namespace, namespace=namespace)
+        actors = (
+            []
+            if cfg.rollout.synchronous
+            else create_rollout_actors(cfg, build, prefix, store_name, name_prefix=namespace, namespace=namespace)
+        )
         topology = cls(cfg, namespace, shards, store, actors, owner=True)
         ray.get([s.size.remote() for s in shards] + [store.latest_version.remote()])  # up and named
         return topology
 
     @classmethod
-    def lookup(cls, cfg: TrainConfig, namespace: str) -> "Topology":
+    def lookup(cls, cfg: TrainConfig, namespace: str) -> Topology:
         """Finds the actors ``create`` made in ``namespace`` (any process of the run).
 
         Raises:
             ValueError: (from ``ray.get_actor``) naming an actor that does not exist.
         """
-        shards = get_replay_shards(cfg.replay.num_shards, name_prefix=cls.replay_prefix(namespace),
-                                   namespace=namespace)
+        shards = get_replay_shards(cfg.replay.num_shards, name_prefix=cls.replay_prefix(namespace), namespace=namespace)
         store = ray.get_actor(cls.store_name(namespace), namespace=namespace)
-        actors = [] if cfg.rollout.synchronous else [
-            ray.get_actor(rollout_actor_name(namespace, i), namespace=namespace)
-            for i in range(cfg.rollout.num_actors)]
+        actors = (
+            []
+            if cfg.rollout.synchronous
+            else [
+                ray.get_actor(rollout_actor_name(namespace, i), namespace=namespace)
+                for i in range(cfg.rollout.num_actors)
+            ]
+        )
         return cls(cfg, namespace, shards, store, actors, owner=False)
 
     # ------------------------------------------------------------------ clients
@@ -115,7 +130,7 @@ class Topology:
         """Publishes the learner's weights to the store (learner rank 0)."""
         return WeightPublisher(self.store)
 
-    def supervisor(self, replay: Optional[ReplayClient], step_fn: Callable[[], int]) -> Optional[ActorSupervisor]:
+    def supervisor(self, replay: ReplayClient | None, step_fn: Callable[[], int]) -> ActorSupervisor | None:
         """The ``ActorSupervisor`` of the rollout actors (learner rank 0), or None without actors.
 
         Args:
@@ -125,9 +140,15 @@ class Topology:
         if not self.actors:
             return None
         r = self.cfg.rollout
-        return ActorSupervisor(self.actors, self.cfg.replay.num_shards, replay=replay, max_restarts=r.max_restarts,
-                               max_consecutive_failures=r.max_consecutive_failures, step_fn=step_fn,
-                               stall_timeout_s=r.stall_timeout_s or None)
+        return ActorSupervisor(
+            self.actors,
+            self.cfg.replay.num_shards,
+            replay=replay,
+            max_restarts=r.max_restarts,
+            max_consecutive_failures=r.max_consecutive_failures,
+            step_fn=step_fn,
+            stall_timeout_s=r.stall_timeout_s or None,
+        )
 
     def actor_stats(self) -> list[dict]:
         """Each rollout actor's ``stats()``."""

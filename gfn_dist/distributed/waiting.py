@@ -12,7 +12,7 @@ requested), so no wait outlives the reason for it.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 class WaitStopped(RuntimeError):
@@ -33,12 +33,20 @@ class Deadline:
         ValueError: if ``timeout_s`` or a backoff is not > 0.
     """
 
-    def __init__(self, timeout_s: float, *, initial_backoff_s: float = 0.001, max_backoff_s: float = 0.05,
-                 should_stop: Optional[Callable[[], bool]] = None,
-                 on_pause: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        initial_backoff_s: float = 0.001,
+        max_backoff_s: float = 0.05,
+        should_stop: Callable[[], bool] | None = None,
+        on_pause: Callable[[], None] | None = None,
+    ) -> None:
         if not timeout_s > 0 or not initial_backoff_s > 0 or not max_backoff_s > 0:
-            raise ValueError(f"Deadline: timeout_s, initial_backoff_s and max_backoff_s must be > 0, got "
-                             f"{timeout_s}, {initial_backoff_s}, {max_backoff_s}")
+            raise ValueError(
+                f"Deadline: timeout_s, initial_backoff_s and max_backoff_s must be > 0, got "
+                f"{timeout_s}, {initial_backoff_s}, {max_backoff_s}"
+            )
         self.timeout_s = float(timeout_s)
         self.end = time.monotonic() + self.timeout_s
         self.backoff_s = float(initial_backoff_s)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import ray
 import torch
@@ -41,7 +41,7 @@ class WeightStore:
 
     def __init__(self) -> None:
         self._version = -1
-        self._refs: Optional[list] = None
+        self._refs: list | None = None
         self._stopped = False
         self._num_publishes = 0
         self._changed = threading.Condition()  # notified on publish and stop (wakes long polls)
@@ -69,7 +69,7 @@ class WeightStore:
         """Newest published version (-1 before the first publish)."""
         return self._version
 
-    def get(self) -> tuple[int, Optional[list]]:
+    def get(self) -> tuple[int, list | None]:
         """``(version, [state_dict_ref])``; ``(-1, None)`` before the first publish."""
         with self._changed:
             return self._version, self._refs
@@ -101,7 +101,7 @@ class WeightStore:
 STORE_MAX_CONCURRENCY = 256
 
 
-def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = None):
+def create_weight_store(name: str | None = None, namespace: str | None = None):
     """A ``WeightStore`` Ray actor (no CPU reserved, threaded), optionally named for ``ray.get_actor``.
 
     Ray restarts the store if its process dies, and retries the calls that were
@@ -110,8 +110,12 @@ def create_weight_store(name: Optional[str] = None, namespace: Optional[str] = N
     loaded weights and take the learner's next publish; the weights themselves
     live in the object store, owned by the learner, so a store's death loses none.
     """
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": STORE_MAX_CONCURRENCY,
-                               "max_restarts": -1, "max_task_retries": -1}
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_concurrency": STORE_MAX_CONCURRENCY,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
     if name is not None:
         options["name"] = name
     if namespace is not None:
@@ -206,7 +210,7 @@ class WeightSubscriber:
             self._poll_future = self._poll_ref.future()
         return self._known
 
-    def refresh(self, latest_version: Optional[int] = None) -> bool:
+    def refresh(self, latest_version: int | None = None) -> bool:
         """Loads the newest weights if their version is newer than the loaded one.
 
         Args:

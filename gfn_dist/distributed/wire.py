@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def unpack_wire(data: Any) -> Any:
         return data
     try:
         out = pickle.loads(data)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a malformed payload
+    except Exception as err:
         raise ValueError(f"wire format: packed payload does not unpickle ({type(err).__name__}: {err})") from err
     if not isinstance(out, dict):
         raise ValueError(f"wire format: packed payload holds a {type(out).__name__}, expected a dict")

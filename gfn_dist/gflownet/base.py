@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,14 +26,14 @@ from gfn_dist.policy import ScalarEstimator
 from gfn_dist.sampling import Sampler
 
 
-def _gather_valid(x_TN: Optional[torch.Tensor], flat_idx: torch.Tensor) -> Optional[torch.Tensor]:
+def _gather_valid(x_TN: torch.Tensor | None, flat_idx: torch.Tensor) -> torch.Tensor | None:
     """Rows ``flat_idx`` of ``x`` with its (T, N) dims flattened: ``(M, *rest)``."""
     if x_TN is None:
         return None
     return x_TN.flatten(0, 1).index_select(0, flat_idx)
 
 
-def _expand_conditions(conditions: Optional[torch.Tensor], T: int, flat_idx: torch.Tensor):
+def _expand_conditions(conditions: torch.Tensor | None, T: int, flat_idx: torch.Tensor):
     if conditions is None:
         return None
     return _gather_valid(conditions.unsqueeze(0).expand(T, *conditions.shape), flat_idx)
@@ -86,7 +86,9 @@ def get_trajectory_pfs(
     # One nonzero, shared by every gather below (a boolean index would redo it each time).
     flat_idx = torch.nonzero(valid_TN.flatten()).squeeze(1)
     states_M = env.States(_gather_valid(trajectories.states_tensor[:-1], flat_idx))
-    ctx = pf.init_context(flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx))
+    ctx = pf.init_context(
+        flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx)
+    )
     if not recalculate_all_logprobs and trajectories.estimator_outputs is not None:
         ctx.current_estimator_output = _gather_valid(trajectories.estimator_outputs, flat_idx)
     dist, ctx = pf.compute_dist(states_M, ctx)
@@ -134,7 +136,9 @@ def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = T
     valid_TN = (actions_TN >= 0) & (actions_TN != env.n_actions - 1)
     flat_idx = torch.nonzero(valid_TN.flatten()).squeeze(1)
     states_M = env.States(_gather_valid(trajectories.states_tensor[1:], flat_idx))
-    ctx = pb.init_context(flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx))
+    ctx = pb.init_context(
+        flat_idx.shape[0], trajectories.device, _expand_conditions(trajectories.conditions, T, flat_idx)
+    )
     dist, ctx = pb.compute_dist(states_M, ctx)
     lp_M, ctx = pb.log_probs(_gather_valid(actions_TN, flat_idx), dist, ctx, vectorized=True)
     if check_finite:
@@ -147,7 +151,7 @@ def get_trajectory_pbs(pb, trajectories: Trajectories, *, check_finite: bool = T
 _CROSS_ENTROPY_MAX_ROWS = 256
 
 
-def _masked_nll(fn, x_M: torch.Tensor, a_M: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _masked_nll(fn, x_M: torch.Tensor, a_M: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
     """``-log p(a_M | x_M)`` ``(M,)`` under the masked logits ``fn(x_M)`` (``features``: the
     preprocessed ``x_M`` when already computed)."""
     logits = fn(x_M) if features is None else fn(x_M, features)
@@ -158,7 +162,7 @@ def _masked_nll(fn, x_M: torch.Tensor, a_M: torch.Tensor, features: Optional[tor
     return logits.t().log_softmax(0).gather(0, a_M.unsqueeze(0)).squeeze(0).neg()
 
 
-def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: torch.Tensor | None = None) -> torch.Tensor | None:
     """``init + Σ_t log P_F - Σ_t log P_B`` per trajectory, float ``(N,)``, by the tensor-level shortcut.
 
     The same values as ``get_trajectory_pfs(...).sum(0) - get_trajectory_pbs(...).sum(0)``
@@ -214,7 +218,7 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: Optional[tor
     return sums.index_add(0, traj_pb, _masked_nll(fn_pb, x_pb, a_pb, feats_pb))
 
 
-def _check_offset(offset: Optional[torch.Tensor]) -> None:
+def _check_offset(offset: torch.Tensor | None) -> None:
     """Raises ValueError if the scores' offset (logZ) is non-finite."""
     if offset is not None and not bool(torch.isfinite(offset.detach()).all()):
         raise ValueError("non-finite logZ")
@@ -270,7 +274,7 @@ class GFlowNet(nn.Module):
         self,
         env,
         n: int,
-        conditions: Optional[torch.Tensor] = None,
+        conditions: torch.Tensor | None = None,
         save_logprobs: bool = False,
         save_estimator_outputs: bool = False,
         **policy_kwargs,
@@ -335,11 +339,11 @@ class TrajectoryBasedGFlowNet(GFlowNet):
     def __init__(
         self,
         pf: nn.Module,
-        pb: Optional[nn.Module],
+        pb: nn.Module | None,
         constant_pb: bool = False,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         if pb is None and not constant_pb:
@@ -373,7 +377,7 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         log_pb = get_trajectory_pbs(pb, trajectories, check_finite=check_finite)
         return log_pf, log_pb
 
-    def _log_rewards(self, trajectories: Trajectories, log_rewards: Optional[torch.Tensor]) -> torch.Tensor:
+    def _log_rewards(self, trajectories: Trajectories, log_rewards: torch.Tensor | None) -> torch.Tensor:
         lr = trajectories.log_rewards if log_rewards is None else log_rewards
         if tuple(lr.shape) != (trajectories.n_trajectories,):
             raise ValueError(f"log_rewards: expected shape ({trajectories.n_trajectories},), got {tuple(lr.shape)}")
@@ -385,9 +389,9 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         self,
         trajectories: Trajectories,
         recalculate_all_logprobs: bool = True,
-        env: Optional[Env] = None,
+        env: Env | None = None,
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores ``Σ_t log P_F - Σ_t log P_B - log R(x)``, float ``(N,)``.
 
@@ -396,9 +400,14 @@ class TrajectoryBasedGFlowNet(GFlowNet):
         trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
         return self._scores(trajectories, recalculate_all_logprobs, log_rewards, check=True)
 
-    def _scores(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
-                log_rewards: Optional[torch.Tensor], check: bool,
-                offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _scores(
+        self,
+        trajectories: Trajectories,
+        recalculate_all_logprobs: bool,
+        log_rewards: torch.Tensor | None,
+        check: bool,
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``get_scores`` (plus ``offset``, a scalar or ``(N,)``, when given); ``check=False``
         leaves the finiteness check to the caller (``_checked_loss``)."""
         # Finiteness is checked once, on the scores (one host sync instead of one per policy).
@@ -418,9 +427,15 @@ class TrajectoryBasedGFlowNet(GFlowNet):
             self._explain_non_finite(trajectories, recalculate_all_logprobs, lr)
         return scores
 
-    def _checked_loss(self, trajectories: Trajectories, recalculate_all_logprobs: bool,
-                      log_rewards: Optional[torch.Tensor], scores_to_loss: Callable, reduction: str,
-                      offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _checked_loss(
+        self,
+        trajectories: Trajectories,
+        recalculate_all_logprobs: bool,
+        log_rewards: torch.Tensor | None,
+        scores_to_loss: Callable,
+        reduction: str,
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``reduce_loss(scores_to_loss(scores + offset), reduction)`` with the scores' finiteness checked.
 
         With the default square loss and a reduced loss, the check is on the loss itself

@@ -29,7 +29,7 @@ transitions, K = non-exit transitions.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -95,13 +95,13 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
     def __init__(
         self,
         pf: nn.Module,
-        pb: Optional[nn.Module],
+        pb: nn.Module | None,
         logF: ScalarEstimator,
         forward_looking: bool = False,
         constant_pb: bool = False,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if not isinstance(logF, ScalarEstimator):
             raise TypeError(f"DBGFlowNet: logF must be a ScalarEstimator, got {type(logF).__name__}")
@@ -116,8 +116,9 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
     def _clip(self, lr: torch.Tensor) -> torch.Tensor:
         return lr.clamp(min=self.log_reward_clip_min) if math.isfinite(self.log_reward_clip_min) else lr
 
-    def _scores_TN(self, env, trajectories: Trajectories, recalculate_all_logprobs: bool,
-                   log_rewards: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores_TN(
+        self, env, trajectories: Trajectories, recalculate_all_logprobs: bool, log_rewards: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals ``(T, N)`` (0 on padding) and the valid mask ``(T, N)``."""
         env = trajectories.env if env is None else env
         log_pf, log_pb = self.get_pfs_and_pbs(trajectories, recalculate_all_logprobs)
@@ -138,10 +139,12 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
     def _terminal_log_rewards(self, trajectories, log_rewards, valid_TN) -> torch.Tensor:
         """log R(x) ``(N,)``; also from torchgfn's per-transition ``(M,)`` layout (exit entries)."""
         if log_rewards is not None and self.forward_looking:
-            raise ValueError("DBGFlowNet: log_rewards cannot be overridden with forward_looking=True "
-                             "(intermediate flows use env rewards)")
+            raise ValueError(
+                "DBGFlowNet: log_rewards cannot be overridden with forward_looking=True "
+                "(intermediate flows use env rewards)"
+            )
         M = int(valid_TN.sum())
-        if log_rewards is not None and log_rewards.shape == (M,) and M != trajectories.n_trajectories:
+        if log_rewards is not None and log_rewards.shape == (M,) and trajectories.n_trajectories != M:
             full = torch.zeros(valid_TN.shape, dtype=log_rewards.dtype, device=log_rewards.device)
             full[valid_TN] = log_rewards
             log_rewards = full.gather(0, (trajectories.terminating_idx - 1).unsqueeze(0)).squeeze(0)
@@ -156,7 +159,7 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
         trajectories: Trajectories,
         recalculate_all_logprobs: bool = True,
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DB residuals of every transition, float ``(M,)`` (time-major, torchgfn's order).
 
@@ -181,11 +184,13 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DB loss: ``loss_fn`` of the residuals, mean / sum over transitions or ``(M,)`` (``none``)."""
-        return reduce_loss(self.loss_fn(self.get_scores(env, trajectories, recalculate_all_logprobs,
-                                                        log_rewards=log_rewards)), reduction)
+        return reduce_loss(
+            self.loss_fn(self.get_scores(env, trajectories, recalculate_all_logprobs, log_rewards=log_rewards)),
+            reduction,
+        )
 
     def distributed_loss(self, env, trajectories: Trajectories, batch_mean: Callable) -> torch.Tensor:
         """This rank's share of the global-batch mean over transitions (module doc)."""
@@ -214,11 +219,11 @@ class ModifiedDBGFlowNet(TrajectoryBasedGFlowNet):
     def __init__(
         self,
         pf: nn.Module,
-        pb: Optional[nn.Module],
+        pb: nn.Module | None,
         constant_pb: bool = False,
         debug: bool = False,
         *,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         log_reward_clip_min: float = -math.inf,
     ):
         super().__init__(pf, pb, constant_pb, log_reward_clip_min, debug, loss_fn)
@@ -264,8 +269,9 @@ class ModifiedDBGFlowNet(TrajectoryBasedGFlowNet):
         scores, step = self._scores_TN(None, trajectories, recalculate_all_logprobs)
         return scores[step]
 
-    def loss(self, env, trajectories: Trajectories, recalculate_all_logprobs: bool = True,
-             reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self, env, trajectories: Trajectories, recalculate_all_logprobs: bool = True, reduction: str = "mean"
+    ) -> torch.Tensor:
         """Modified-DB loss: mean / sum over non-exit transitions, or ``(K,)`` (``none``);
         0 when there is none (torchgfn's convention)."""
         scores = self.get_scores(trajectories, recalculate_all_logprobs)

@@ -26,7 +26,7 @@ A = ``n_actions``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,12 +56,13 @@ class FMGFlowNet(GFlowNet):
         logF: DiscretePolicyEstimator,
         alpha: float = 1.0,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         if not isinstance(logF, DiscretePolicyEstimator) or logF.is_backward or not logF.is_vectorized:
-            raise TypeError(f"FMGFlowNet: logF must be a forward, feed-forward DiscretePolicyEstimator, "
-                            f"got {type(logF).__name__}")
+            raise TypeError(
+                f"FMGFlowNet: logF must be a forward, feed-forward DiscretePolicyEstimator, got {type(logF).__name__}"
+            )
         self.logF = logF
         self.alpha = float(alpha)
         self.debug = bool(debug)
@@ -93,8 +94,9 @@ class FMGFlowNet(GFlowNet):
             return torch.zeros((), device=x.device)
         return reduce_loss(self.loss_fn(self._flow_residuals(env, x)), reduction)
 
-    def reward_matching_loss(self, env, terminating_states, log_rewards: Optional[torch.Tensor],
-                             reduction: str = "mean") -> torch.Tensor:
+    def reward_matching_loss(
+        self, env, terminating_states, log_rewards: torch.Tensor | None, reduction: str = "mean"
+    ) -> torch.Tensor:
         """Reward-matching term ``loss_fn(log F(x -> sf) - log R(x))`` over ``terminating_states``
         ``(N,)`` (``log_rewards`` ``(N,)``; None: from ``env``); 0 for no states."""
         x = terminating_states.tensor if hasattr(terminating_states, "tensor") else terminating_states
@@ -103,7 +105,7 @@ class FMGFlowNet(GFlowNet):
         lr = env.log_reward_tensor(x) if log_rewards is None else log_rewards
         return reduce_loss(self.loss_fn(self.logF(env.States(x))[:, -1] - lr), reduction)
 
-    def _parts(self, env, trajectories: Trajectories, log_rewards: Optional[torch.Tensor]):
+    def _parts(self, env, trajectories: Trajectories, log_rewards: torch.Tensor | None):
         """``(fm (T+1, N), states mask (T+1, N), rm (N,))`` per-item losses."""
         trajectories = check_forward(trajectories, "FMGFlowNet")
         env = trajectories.env if env is None else env
@@ -125,7 +127,7 @@ class FMGFlowNet(GFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """FM loss ``fm + alpha · rm`` (module doc) over the trajectories' states.
 
@@ -142,8 +144,10 @@ class FMGFlowNet(GFlowNet):
                 use ``flow_matching_loss`` / ``reward_matching_loss``) or a bad shape.
         """
         if reduction == "none":
-            raise ValueError("FMGFlowNet.loss: reduction='none' is undefined (states and terminal states differ "
-                             "in number); use flow_matching_loss / reward_matching_loss")
+            raise ValueError(
+                "FMGFlowNet.loss: reduction='none' is undefined (states and terminal states differ "
+                "in number); use flow_matching_loss / reward_matching_loss"
+            )
         fm, inner, rm = self._parts(env, trajectories, log_rewards)
         fm_term = reduce_loss(fm[inner], reduction) if bool(inner.any()) else fm.new_zeros(())
         return fm_term + self.alpha * reduce_loss(rm, reduction)

@@ -28,15 +28,13 @@ Shape legend: T = max trajectory length (actions), N = trajectories.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.env import Env
-from gfn_dist.policy import ScalarEstimator
-from gfn_dist.gflownet.losses import HalfSquaredLoss
 from gfn_dist.gflownet.base import (
     LogZMixin,
     TrajectoryBasedGFlowNet,
@@ -44,6 +42,8 @@ from gfn_dist.gflownet.base import (
     reduce_loss,
     scores_arguments,
 )
+from gfn_dist.gflownet.losses import HalfSquaredLoss
+from gfn_dist.policy import ScalarEstimator
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -84,10 +84,14 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         beta: float = 1.0,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__(
-            pf, None, constant_pb=True, log_reward_clip_min=log_reward_clip_min, debug=debug,
+            pf,
+            None,
+            constant_pb=True,
+            log_reward_clip_min=log_reward_clip_min,
+            debug=debug,
             loss_fn=loss_fn or HalfSquaredLoss(),
         )
         if prior_pf is None:
@@ -117,9 +121,9 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
 
     def _compute_rtb_scores(
         self,
-        env: Optional[Env],
+        env: Env | None,
         trajectories: Trajectories,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
         recalculate_all_logprobs: bool = True,
     ) -> torch.Tensor:
         """RTB residuals ``Σ_t log p_post - Σ_t log p_prior - β log r(x)``, float ``(N,)``.
@@ -152,9 +156,9 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         self,
         trajectories: Trajectories,
         recalculate_all_logprobs: bool = True,
-        env: Optional[Env] = None,
+        env: Env | None = None,
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RTB residuals without logZ, float ``(N,)`` (see ``_compute_rtb_scores``).
 
@@ -188,12 +192,12 @@ class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
         pf: nn.Module,
         prior_pf: nn.Module,
         *,
-        logZ: Optional[nn.Parameter | ScalarEstimator] = None,
+        logZ: nn.Parameter | ScalarEstimator | None = None,
         init_logZ: float = 0.0,
         beta: float = 1.0,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__(pf, prior_pf, beta=beta, log_reward_clip_min=log_reward_clip_min, debug=debug, loss_fn=loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
@@ -205,7 +209,7 @@ class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RTB loss; a scalar, or ``(N,)`` with ``reduction="none"``.
 
@@ -240,7 +244,7 @@ class RelativeLogPartitionVarianceGFlowNet(RelativeTBBase):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Relative LPV loss; a scalar, or ``(N,)`` with ``reduction="none"`` (args as RTB's)."""
         scores_N = self._compute_rtb_scores(env, trajectories, log_rewards, recalculate_all_logprobs)
@@ -282,10 +286,10 @@ class TrustPCLGFlowNet(RelativeTrajectoryBalanceGFlowNet):
         *,
         alpha: float = 1.0,
         init_v_soft_s0: float = 0.0,
-        logZ: Optional[nn.Parameter | ScalarEstimator] = None,
+        logZ: nn.Parameter | ScalarEstimator | None = None,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         alpha = _check_positive("alpha", alpha)
         super().__init__(
@@ -325,7 +329,7 @@ class TrustPCLGFlowNet(RelativeTrajectoryBalanceGFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Trust-PCL loss ``α² · L_RTB``; a scalar, or ``(N,)`` with ``reduction="none"``."""
         rtb = super().loss(env, trajectories, recalculate_all_logprobs, reduction, log_rewards=log_rewards)

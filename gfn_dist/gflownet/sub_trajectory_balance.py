@@ -38,7 +38,7 @@ Shape legend: T = max trajectory length (actions), N = trajectories.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
     def __init__(
         self,
         pf: nn.Module,
-        pb: Optional[nn.Module],
+        pb: nn.Module | None,
         logF: ScalarEstimator,
         weighting: str = "geometric_within",
         lamda: float = 0.9,
@@ -81,7 +81,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
         forward_looking: bool = False,
         constant_pb: bool = False,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if not isinstance(logF, ScalarEstimator):
             raise TypeError(f"SubTBGFlowNet: logF must be a ScalarEstimator, got {type(logF).__name__}")
@@ -105,7 +105,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
         recalculate_all_logprobs: bool = True,
         env=None,
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals of every sub-trajectory and their mask.
 
@@ -154,7 +154,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
 
     def _lengths(self, T: int, device) -> torch.Tensor:
         ar = torch.arange(T, device=device)
-        return (ar.view(1, T, 1) + 1 - ar.view(T, 1, 1))  # L = k - j, (T, T, 1)
+        return ar.view(1, T, 1) + 1 - ar.view(T, 1, 1)  # L = k - j, (T, T, 1)
 
     def _per_trajectory(self, loss_TTN: torch.Tensor, valid: torch.Tensor, n_N: torch.Tensor) -> torch.Tensor:
         """Per-trajectory losses ``(N,)`` whose mean is the batch loss (module doc)."""
@@ -174,7 +174,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
         elif w == "equal":
             weights = (N / (n * (n + 1) / 2).sum()).expand(T, T, N)
         elif w == "TB":
-            weights = (L == n_N.view(1, 1, N)).to(loss_TTN.dtype)  # j = 0, k = n
+            weights = (n_N.view(1, 1, N) == L).to(loss_TTN.dtype)  # j = 0, k = n
         elif w == "ModifiedDB":
             weights = (L == 1).to(loss_TTN.dtype) / n.view(1, 1, N)
         elif w == "DB":
@@ -196,7 +196,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """SubTB loss (module doc); a scalar, or ``(N,)`` with ``reduction="none"``."""
         scores, valid = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
@@ -210,8 +210,10 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
             ValueError: for ``weighting="geometric"``.
         """
         if self.weighting == "geometric":
-            raise ValueError("SubTBGFlowNet: weighting='geometric' has batch-wide weights; "
-                             "use geometric_within for distributed training")
+            raise ValueError(
+                "SubTBGFlowNet: weighting='geometric' has batch-wide weights; "
+                "use geometric_within for distributed training"
+            )
         scores, valid = self.get_scores(trajectories, True, env)
         loss = self.loss_fn(scores)
         n_N = trajectories.terminating_idx

@@ -15,23 +15,23 @@ and importable from here too (torchgfn's path).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from gfn_dist.containers.trajectories import Trajectories
-from gfn_dist.policy import ScalarEstimator
 from gfn_dist.gflownet.base import LogZMixin, TrajectoryBasedGFlowNet, reduce_loss, scores_arguments
 
 # torchgfn documents the relative losses in this module (seed 004); they live in
 # ``gfn_dist.gflownet.relative`` (which does not import this module) and are re-exported here.
-from gfn_dist.gflownet.relative import (  # noqa: F401
+from gfn_dist.gflownet.relative import (
     RelativeLogPartitionVarianceGFlowNet,
     RelativeTBBase,
     RelativeTrajectoryBalanceGFlowNet,
     TrustPCLGFlowNet,
 )
+from gfn_dist.policy import ScalarEstimator
 
 
 class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
@@ -52,13 +52,13 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
     def __init__(
         self,
         pf: nn.Module,
-        pb: Optional[nn.Module],
-        logZ: Optional[nn.Parameter | ScalarEstimator] = None,
+        pb: nn.Module | None,
+        logZ: nn.Parameter | ScalarEstimator | None = None,
         init_logZ: float = 0.0,
         constant_pb: bool = False,
         log_reward_clip_min: float = -math.inf,
         debug: bool = False,
-        loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__(pf, pb, constant_pb, log_reward_clip_min, debug, loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
@@ -70,7 +70,7 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """TB loss; a scalar, or ``(N,)`` with ``reduction="none"``.
 
@@ -83,7 +83,11 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
         """
         trajectories, recalculate_all_logprobs, env = scores_arguments(trajectories, recalculate_all_logprobs, env)
         return self._checked_loss(
-            trajectories, recalculate_all_logprobs, log_rewards, self.loss_fn, reduction,
+            trajectories,
+            recalculate_all_logprobs,
+            log_rewards,
+            self.loss_fn,
+            reduction,
             offset=self.logz_value(trajectories),
         )
 
@@ -101,7 +105,7 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
         recalculate_all_logprobs: bool = True,
         reduction: str = "mean",
         *,
-        log_rewards: Optional[torch.Tensor] = None,
+        log_rewards: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LPV loss; a scalar, or ``(N,)`` with ``reduction="none"``."""
         scores = self.get_scores(trajectories, recalculate_all_logprobs, env, log_rewards=log_rewards)
@@ -112,7 +116,6 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
         then this rank's mean (see ``GFlowNet.distributed_loss``)."""
         scores = self.get_scores(trajectories, True, env)
         return self.loss_fn(scores - batch_mean(scores)).mean()
-
 
 
 __all__ = [

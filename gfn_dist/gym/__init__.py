@@ -3,4 +3,4 @@
 from gfn_dist.gym.bitsequence import BitSequence, NonAutoregressiveBitSequence
 from gfn_dist.gym.hypergrid import HyperGrid
 
-__all__ = ["HyperGrid", "BitSequence", "NonAutoregressiveBitSequence"]
+__all__ = ["BitSequence", "HyperGrid", "NonAutoregressiveBitSequence"]

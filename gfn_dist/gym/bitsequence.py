@@ -21,8 +21,6 @@ mode itself.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from gfn_dist.env import DiscreteEnv
@@ -36,7 +34,7 @@ class SequencePreprocessor(Preprocessor):
     def __init__(self, length: int, n_words: int):
         super().__init__(length * (n_words + 1))
         self.length, self.n_words = length, n_words
-        self._table: Optional[torch.Tensor] = None
+        self._table: torch.Tensor | None = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         # One embedding lookup of x + 2: rows 0 (sf padding, -2) and 1 (empty, -1) are the
@@ -57,7 +55,7 @@ class _BitSequenceBase(DiscreteEnv):
         n_modes: int,
         temperature: float,
         seed: int,
-        preprocessor: Optional[Preprocessor],
+        preprocessor: Preprocessor | None,
         device,
         mode_radius: int = 0,
     ):
@@ -90,8 +88,8 @@ class _BitSequenceBase(DiscreteEnv):
             preprocessor=preprocessor or SequencePreprocessor(self.length, self.n_words),
             device=device,
         )
-        self._all_states: Optional[DiscreteStates] = None
-        self._terminating_states: Optional[DiscreteStates] = None
+        self._all_states: DiscreteStates | None = None
+        self._terminating_states: DiscreteStates | None = None
 
     @property
     def n_modes(self) -> int:
@@ -172,14 +170,13 @@ class BitSequence(_BitSequenceBase):
         n_modes: int = 4,
         temperature: float = 1.0,
         seed: int = 0,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         device: str | torch.device = "cpu",
         mode_radius: int = 0,
     ):
         n_actions = 2**word_size + 1
         self._exit_pattern = torch.arange(n_actions, device=device) == n_actions - 1
-        super().__init__(n_actions, word_size, seq_size, n_modes, temperature, seed, preprocessor, device,
-                         mode_radius)
+        super().__init__(n_actions, word_size, seq_size, n_modes, temperature, seed, preprocessor, device, mode_radius)
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
         # Positions fill left to right: a sequence is full iff its last position is.
@@ -252,13 +249,14 @@ class NonAutoregressiveBitSequence(_BitSequenceBase):
         n_modes: int = 4,
         temperature: float = 1.0,
         seed: int = 0,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         device: str | torch.device = "cpu",
         mode_radius: int = 0,
     ):
         L = seq_size // word_size if word_size > 0 else 0
-        super().__init__(L * 2**word_size + 1, word_size, seq_size, n_modes, temperature, seed, preprocessor, device,
-                         mode_radius)
+        super().__init__(
+            L * 2**word_size + 1, word_size, seq_size, n_modes, temperature, seed, preprocessor, device, mode_radius
+        )
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
         empty = x < 0

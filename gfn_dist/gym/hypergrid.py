@@ -12,7 +12,6 @@ Reward ("original"), with ``a_d = |x_d / (H-1) - 0.5|``::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -54,11 +53,11 @@ class HyperGrid(DiscreteEnv):
         R0: float = 0.1,
         R1: float = 0.5,
         R2: float = 2.0,
-        preprocessor: Optional[Preprocessor] = None,
+        preprocessor: Preprocessor | None = None,
         device: str | torch.device = "cpu",
         *,
         reward_fn_str: str = "original",
-        reward_fn_kwargs: Optional[dict] = None,
+        reward_fn_kwargs: dict | None = None,
         calculate_partition: bool = False,
         store_all_states: bool = False,
         debug: bool = False,
@@ -69,8 +68,9 @@ class HyperGrid(DiscreteEnv):
         if isinstance(R0, str):
             raise TypeError(f"HyperGrid: R0 must be a number, got {R0!r}; pass torchgfn's reward_fn_str= as a keyword")
         if reward_fn_str != "original":
-            raise ValueError(f"HyperGrid: reward_fn_str must be 'original' (the only reward implemented), "
-                             f"got {reward_fn_str!r}")
+            raise ValueError(
+                f"HyperGrid: reward_fn_str must be 'original' (the only reward implemented), got {reward_fn_str!r}"
+            )
         unknown = sorted(set(reward_fn_kwargs or {}) - {"R0", "R1", "R2"})
         if unknown:
             raise ValueError(f"HyperGrid: reward_fn_kwargs: unknown keys {unknown} (expected R0, R1, R2)")
@@ -83,7 +83,9 @@ class HyperGrid(DiscreteEnv):
             raise ValueError(f"HyperGrid: R0 must be > 0, got {R0}")
         self.ndim, self.height = int(ndim), int(height)
         self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)
-        self._unit_steps = torch.cat([torch.eye(ndim, dtype=torch.long), torch.zeros(1, ndim, dtype=torch.long)]).to(device)
+        self._unit_steps = torch.cat([torch.eye(ndim, dtype=torch.long), torch.zeros(1, ndim, dtype=torch.long)]).to(
+            device
+        )
         s0 = torch.zeros(ndim, dtype=torch.long)
         sf = torch.full((ndim,), -1, dtype=torch.long)
         super().__init__(
@@ -95,8 +97,8 @@ class HyperGrid(DiscreteEnv):
             device=device,
         )
         self._powers = self.height ** torch.arange(ndim - 1, -1, -1, device=self.device)
-        self._all_states: Optional[DiscreteStates] = None
-        self._log_reward_table: Optional[torch.Tensor] = None
+        self._all_states: DiscreteStates | None = None
+        self._log_reward_table: torch.Tensor | None = None
         self.reward_fn_kwargs = {"R0": self.R0, "R1": self.R1, "R2": self.R2}
         if validate_modes and self.n_modes == 0:
             raise ValueError(f"HyperGrid: no state has the mode reward R0 + R1 + R2 (ndim={ndim}, height={height})")

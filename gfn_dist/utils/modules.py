@@ -10,8 +10,6 @@ Recurrent sequence models live in ``gfn_dist.recurrent``. This is torchgfn's
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
@@ -75,7 +73,7 @@ class MLP(nn.Module):
         hidden_dim: int = 256,
         n_hidden_layers: int = 2,
         activation_fn: str = "relu",
-        trunk: Optional[nn.Module] = None,
+        trunk: nn.Module | None = None,
     ):
         super().__init__()
         if activation_fn not in _ACTIVATIONS:
@@ -91,7 +89,7 @@ class MLP(nn.Module):
             trunk = nn.Sequential(*layers)
         self.trunk = trunk
         self.last_layer = nn.Linear(hidden_dim, output_dim)
-        self._plan: Optional[list] = None
+        self._plan: list | None = None
 
     def _fast_plan(self) -> list:
         """``[(linear, relu_after), ...]`` when the trunk is Linear / ReLU layers only, else ``[]``."""
@@ -138,7 +136,7 @@ class DiscreteUniform(nn.Module):
         output_dim: number of logits (``n_actions - 1`` for a uniform P_B).
     """
 
-    def __init__(self, output_dim: int, input_dim: Optional[int] = None):
+    def __init__(self, output_dim: int, input_dim: int | None = None):
         super().__init__()
         self.output_dim = int(output_dim)
         self.input_dim = input_dim

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 
@@ -45,7 +44,7 @@ def validate(
     env,
     gflownet,
     n_validation_samples: int = 1000,
-    visited_terminating_states: Optional[DiscreteStates] = None,
+    visited_terminating_states: DiscreteStates | None = None,
 ) -> tuple[dict[str, float], DiscreteStates]:
     """Sampled-L1 validation of a GFlowNet against ``env.true_dist()`` (torchgfn's signature).
 
@@ -67,8 +66,11 @@ def validate(
         NotImplementedError: if ``env`` is not enumerable.
     """
     if visited_terminating_states is not None:
-        warnings.warn("validate: visited_terminating_states is ignored (fresh samples are drawn)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "validate: visited_terminating_states is ignored (fresh samples are drawn)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     if n_validation_samples <= 0:
         raise ValueError(f"validate: n_validation_samples must be > 0, got {n_validation_samples}")
     states = gflownet.sample_trajectories(env, n=n_validation_samples).terminating_states
