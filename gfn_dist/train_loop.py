@@ -199,7 +199,11 @@ class LearnerProcess:
         )
         try:
             # Synchronous rollouts fill replay before each draw; else wait for every shard's minimum.
+            if self.show_progress and not self.cfg.rollout.synchronous:
+                logger.info("start-up: waiting for the rollout actors' first batches ...")
             ready = self.cfg.rollout.synchronous or self._until_replay_answers(learner.wait_for_replay)
+            if self.show_progress:
+                logger.info("start-up: training starts %.1f s after the run started", time.time() - self.started_at)
             learner.reset_counters()
             self._inserts_prev = self._num_inserts()
             while ready and learner.step < total:

@@ -170,13 +170,25 @@ class Trainer:
         self.run_dir, self.resume_step = Path(answer[0]), answer[1]
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
         # An embedded Ray's session directory (its sockets) private to this user (Ray makes its own 0777).
+        t0 = time.perf_counter()
+        if self.owner:
+            logger.info("start-up: %s Ray ...", "connecting to" if cfg.cluster.address else "starting an embedded")
         self.ray_ctx = cluster.bring_up_ray(
             cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None, runtime_env=runtime_env_of(cfg)
         )
         ns = self.ray_ctx.namespace
         world_size = cfg.cluster.num_learners if self.launcher == "ray" else self.ctx.world_size
         if self.owner:
+            t1 = time.perf_counter()
             self.topology = Topology.create(cfg, ns, replay_shard_config(cfg, world_size), build_rollout_parts)
+            logger.info(
+                "start-up: Ray up in %.1f s; %d replay shards, the weight store and %d rollout actors "
+                "created in %.1f s (the actors start in the background)",
+                t1 - t0,
+                cfg.replay.num_shards,
+                len(self.topology.actors),
+                time.perf_counter() - t1,
+            )
         cluster.barrier(self.ctx)
         if self.topology is None:
             self.topology = Topology.lookup(cfg, ns)
