@@ -84,6 +84,7 @@ def _assert_tree_equal(a, b, path="", atol=0.0):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(runs):
     ref, first, resumed = runs["ref"], runs["first"], runs["resumed"]
     assert first["start"] == 0 and first["step"] == K
@@ -99,6 +100,7 @@ def test_resume_equals_uninterrupted_run(runs):
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_files_and_pruning(runs):
     """keep_last=2 of interval 2 + final; every .pt loads with weights_only=True and matches the live run."""
     split = runs["root"] / "split" / "checkpoints"
@@ -120,6 +122,7 @@ def test_checkpoint_files_and_pruning(runs):
     assert versions.min() >= 0 and versions.max() == 5
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_refused(runs, tmp_path):
     path = ck.latest_checkpoint(runs["root"] / "split" / "checkpoints")
     data = ck.load_checkpoint(path)

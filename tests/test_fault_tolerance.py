@@ -40,6 +40,8 @@ from gfn_dist.distributed.weight_store import WeightPublisher, WeightSubscriber,
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # fault injection in full runs (the fast tier: -m "not cluster and not slow")
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # helpers below run inside actors
 
 T = 3  # padded trajectory length of the hand-made batches

@@ -49,6 +49,7 @@ def _newest_items(shard: dict, k: int) -> dict:
     return {name: v[slots] for name, v in b["storage"].items()}
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run_dir, "learner.max_steps=100000", "checkpoint.interval_steps=0"),

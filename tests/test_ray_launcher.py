@@ -103,6 +103,7 @@ def test_unreachable_address_cli_one_line(capsys):
     assert len(err) == 1 and f"cluster.address=127.0.0.1:{port}: no Ray cluster answered" in err[0], err
 
 
+@pytest.mark.slow
 def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):
     """Embedded Ray despite a stale RAY_ADDRESS; a signal on the driver checkpoints and stops both learners."""
     import json
@@ -190,6 +191,7 @@ def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
     assert set(saved["policies"]) and all(torch.isfinite(v).all() for v in saved["policies"].values())
 
 
+@pytest.mark.slow
 def test_faults_under_ray_launcher(tmp_path):
     """The Ray launcher gets the same topology as the others: a SIGKILLed rollout actor is restarted
     (``rollout.max_restarts``) and a SIGKILLed replay shard restarts from its snapshot

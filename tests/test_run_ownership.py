@@ -9,6 +9,7 @@ Through the real entry point (``python -m gfn_dist.train``, subprocesses, embedd
   checkpoint and exits 0 within a bound, and ``resume=true`` continues from it, each step logged once.
 """
 
+import pytest
 import json
 import os
 import signal
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from gfn_dist import checkpoint as ck
 from gfn_dist.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow  # real CLI runs with Ray (the fast tier: -m "not cluster and not slow")
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -19,6 +19,7 @@ Checks, on the run's own embedded Ray (started by the trainer, as ``gfn-dist tra
 
 from __future__ import annotations
 
+import pytest
 import logging
 import os
 import threading
@@ -33,6 +34,8 @@ from gfn_dist.config import load_config
 from gfn_dist.distributed import ray_compat
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # a minutes-long soak (the fast tier: -m "not cluster and not slow")
 
 logger = logging.getLogger(__name__)
 

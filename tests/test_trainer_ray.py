@@ -40,6 +40,8 @@ from gfn_dist.distributed.wire import td_from_wire
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # full pipeline runs on a local Ray (the fast tier: -m "not cluster and not slow")
+
 BATCH, PUSH, CAPACITY, SPI, TOLERANCE, SYNC_EVERY, STEPS = 16, 8, 16, 1.0, 16.0, 2, 40
 
 
