@@ -7,15 +7,15 @@ Ray are imported on the first call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "__version__"]
+__all__ = ["__version__", "run"]
 
 
-def _config_path(config: Union[str, Path]) -> Path:
+def _config_path(config: str | Path) -> Path:
     """A path to a YAML preset as given, or a preset name (``hypergrid_tb``) looked up in the
     repository's ``configs/`` (``configs/hypergrid_tb.yaml``).
 
@@ -36,7 +36,7 @@ def _config_path(config: Union[str, Path]) -> Path:
     raise ConfigError(f"config file not found: {p}")
 
 
-def run(config: Union[str, Path], overrides: Sequence[str] = ()) -> dict:
+def run(config: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Runs the job of ``gfn-dist train CONFIG [overrides...]`` in this process; returns the last metrics row.
 
     The same assembly as the CLI (``gfn_dist.train.run_train``): ``load_config`` (schema

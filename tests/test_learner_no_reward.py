@@ -88,6 +88,6 @@ def test_learner_steps_with_reward_hooks_raising(preset, overrides, monkeypatch)
         learner.train_step()
     learner.close()
     assert learner.step == N_STEPS and replay.calls == N_STEPS
-    assert any(not torch.equal(a, p) for a, p in zip(before, policies.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, policies.parameters(), strict=True))
     row = learner.reduce_metrics()
     assert row["step"] == N_STEPS and torch.isfinite(torch.tensor(row["loss"]))

@@ -23,7 +23,8 @@ STEPS = 150
 
 
 def test_import_is_light():
-    code = "import sys, gfn_dist; print(callable(gfn_dist.run), sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    code = ("import sys, gfn_dist; "
+            "print(callable(gfn_dist.run), sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
