@@ -253,3 +253,33 @@ def test_faults_under_ray_launcher(tmp_path):
     assert restarted, "the shard restart never reached the metric rows"
     assert all(r["replay/items_lost"] == lost for r in restarted) and lost >= 0
     assert max(r["actors/restarts"] for r in rows) >= 1
+
+
+USER_TASK_STEPS = 150
+
+
+@pytest.mark.cluster
+def test_ray_launcher_two_learners_user_task_by_import_path(tmp_path):
+    """``gfn-dist train`` with ``cluster.launcher=ray`` and 2 learner workers on a user's task by
+    import path (tests/user_task: Multiset + the user's policy factory): the driver, the Ray Train
+    learners and the actors import it from the job's PYTHONPATH; exit 0 and the exact L1 falls
+    below half its first evaluated value."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
+    env.setdefault("RAY_agent_register_timeout_ms", "180000")
+    cmd = [sys.executable, "-m", "gfn_dist.cli", "train", "tests/user_task/multiset_tb.yaml",
+           "cluster.launcher=ray", f"cluster.num_learners={W}", "cluster.num_cpus_per_learner=1",
+           "rollout.num_actors=1", "rollout.num_cpus_per_actor=1", f"learner.max_steps={USER_TASK_STEPS}",
+           "eval.interval_steps=25", "logging.log_every=25", "logging.progress_bar=false", f"run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r["world_size"] == W for r in rows)
+    evals = [r for r in rows if "l1_exact" in r]
+    assert evals and evals[-1]["step"] == USER_TASK_STEPS
+    assert evals[-1]["l1_exact"] < 0.5 * evals[0]["l1_exact"], [(r["step"], r["l1_exact"]) for r in evals]

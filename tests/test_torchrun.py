@@ -35,3 +35,31 @@ def test_torchrun_two_ranks(tmp_path):
     assert rows[-1]["trajectories"] == STEPS * 64
     assert "l1_exact" in rows[1] and "l1_exact" in rows[-1]
     assert (run_dir / "config.yaml").is_file()
+
+
+USER_TASK_STEPS = 150
+
+
+@pytest.mark.cluster
+def test_torchrun_two_ranks_user_task_by_import_path(tmp_path):
+    """A user's task by import path (tests/user_task: Multiset + the user's policy factory) under
+    torchrun with 2 ranks: both ranks and the Ray actors import it from the job's PYTHONPATH;
+    exit 0 and the exact L1 falls below half its first evaluated value."""
+    import os
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    cmd = [
+        *_torchrun(), "--standalone", "--nproc_per_node=2", "--local-addr=127.0.0.1",
+        "-m", "gfn_dist.train", "tests/user_task/multiset_tb.yaml",
+        f"learner.max_steps={USER_TASK_STEPS}", "eval.interval_steps=25", "logging.log_every=25",
+        "logging.progress_bar=false", "rollout.num_actors=1", f"run.dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r["world_size"] == 2 for r in rows)
+    evals = [r for r in rows if "l1_exact" in r]
+    assert evals and evals[-1]["step"] == USER_TASK_STEPS
+    assert evals[-1]["l1_exact"] < 0.5 * evals[0]["l1_exact"], [(r["step"], r["l1_exact"]) for r in evals]
