@@ -67,21 +67,23 @@ def default_run_dir(preset: str) -> str:
 
 
 def validate_launch(cfg: TrainConfig, launcher: str) -> None:
-    """The checks that depend on the launch, for every launcher, before anything starts.
+    """Every check of a loaded configuration, for every launcher, before anything starts (the one place;
+    ``load_config`` has checked each key's type and range).
 
     Raises:
-        ConfigError: naming the key (the batch does not split over the learners, GPUs asked
-            for but absent, an option the launcher does not support).
+        ConfigError: one line naming the key: the user's code does not import or has the wrong shapes,
+            NaN / inf, an unusable run.dir, not enough memory, a missing optional dependency, the batch
+            does not split over the learners, GPUs asked for but absent, an unsupported option.
     """
-    validate_before_start(cfg)  # NaN / inf, run.dir, memory (gfn_dist.preflight)
+    runtime_env_of(cfg)  # user code for the Ray workers: paths that exist, no key set twice
+    add_user_code_to_path(cfg)  # this process imports the user's task from where Ray ships it from
+    validate_before_start(cfg)  # NaN / inf, run.dir, memory (gfn_dist.preflight; builds the env)
     check_optional_dependencies(cfg)  # TensorBoard, wandb online login
     if launcher == "ray" and cfg.rollout.synchronous:
         raise ConfigError("rollout.synchronous: not supported with cluster.launcher=ray")
     world_size = cfg.cluster.num_learners if launcher == "ray" else cluster.world_size_of(launcher)
     check_world_size(cfg, world_size)
     check_devices(cfg)  # GPUs asked for but absent: a config error, not a hang or a late crash
-    runtime_env_of(cfg)  # user code for the Ray workers: paths that exist, no key set twice
-    add_user_code_to_path(cfg)  # this process imports the user's task from where Ray ships it from
     validate_task(cfg)  # env / policies by import path: built once on the CPU, shapes checked
 
 
