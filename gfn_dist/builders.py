@@ -430,7 +430,7 @@ def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
 def is_enumerable(env) -> bool:
     """Whether ``env`` can enumerate its states (exact metrics apply)."""
     try:
-        env.terminating_states
+        _ = env.terminating_states  # the property raises when the env cannot enumerate
     except (NotImplementedError, AttributeError):
         return False
     return True

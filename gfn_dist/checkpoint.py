@@ -266,7 +266,7 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     np = sys.modules.get("numpy")
     if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        _name, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = {
             "keys": torch.from_numpy(keys.astype("int64")),
             "pos": int(pos),
@@ -322,7 +322,9 @@ class RolloutActorsRNG:
             return None
 
     def load_state_dict(self, state: dict) -> None:
-        ray.get([ray_compat.call_in_actor(a, _actor_set_rng, s) for a, s in zip(self.actors, state["rng"])])
+        ray.get(
+            [ray_compat.call_in_actor(a, _actor_set_rng, s) for a, s in zip(self.actors, state["rng"], strict=False)]
+        )  # a resumed run may have another number of actors
 
 
 # ---------------------------------------------------------------------------- the checkpointer

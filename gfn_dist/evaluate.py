@@ -339,7 +339,7 @@ def write_samples(out_dir: str | Path, states: torch.Tensor, log_rewards: torch.
     with open(out_dir / "samples.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([*(f"x{i}" for i in range(states.flatten(1).shape[1])), "log_reward"])
-        for row, lr in zip(flat, log_rewards.tolist()):
+        for row, lr in zip(flat, log_rewards.tolist(), strict=True):
             w.writerow([*row, repr(float(lr))])
 
 

@@ -355,7 +355,7 @@ class LocalSearchSampler(Sampler):
             torch.equal(sp.states, ref.states)
             and torch.equal(sp.actions, ref.actions)
             and torch.equal(sp.terminating_idx, ref.terminating_idx)
-            and all(torch.equal(a, b) for a, b in zip(sp.fields, ref.fields))
+            and all(torch.equal(a, b) for a, b in zip(sp.fields, ref.fields, strict=True))
         )
         if not same:
             raise RuntimeError("local search debug: vectorized splice differs from the per-trajectory loop")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class MaskedCategorical(Distribution):
         normalized: whether ``logits`` already are log-probabilities.
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     has_enumerate_support = True
 
     def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, normalized: bool = False):

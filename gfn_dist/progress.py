@@ -133,7 +133,7 @@ class Progress:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
             if row:
-                self._bar.set_postfix({k: v for k, v in row_fields(row)}, refresh=False)
+                self._bar.set_postfix(dict(row_fields(row)), refresh=False)
         elif row:
             fields = "  ".join(f"{v} {k}" if k == "traj/s" else f"{k} {v}" for k, v in row_fields(row))
             logger.info("%s step %d/%d  %s", self.desc, step, self.total, fields)

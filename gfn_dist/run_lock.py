@@ -42,6 +42,7 @@ Network filesystems (SLURM's shared ``$HOME`` / scratch):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -211,10 +212,8 @@ class RunDirLock:
         except OSError as err:
             logger.debug("run.dir: could not empty %s: %s", self.path, err)
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError:
-                pass
             os.close(fd)
 
     def __enter__(self) -> RunDirLock:

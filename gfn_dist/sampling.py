@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -98,9 +98,9 @@ class Sampler:
     #: Inductor options of the compiled chunks on CPU: a C++ wrapper calls the chunk's kernels
     #: and matmuls with less overhead than the default Python wrapper (the chunk then costs
     #: about the policy's own forwards; HyperGrid(2, 8), B=16: 15 steps in 0.55 vs 0.62 ms).
-    compile_options: dict = {"cpp_wrapper": True}
+    compile_options: ClassVar[dict] = {"cpp_wrapper": True}
     #: The same on other devices (CUDA): inductor's defaults, its most used path.
-    compile_options_accelerator: dict = {}
+    compile_options_accelerator: ClassVar[dict] = {}
 
     def __init__(self, estimator, compile: bool = False):
         self.estimator = estimator

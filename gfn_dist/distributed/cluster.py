@@ -287,7 +287,12 @@ def start_ray(
     if ray.is_initialized():
         # Reuse the caller's Ray (tests, notebooks): actors get the namespace explicitly.
         return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
-    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    common = {
+        "namespace": namespace,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "runtime_env": runtime_env,
+    }
     if cfg.cluster.address:
         wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)  # ray.init alone may wait for minutes
         ray.init(address=cfg.cluster.address, **common)

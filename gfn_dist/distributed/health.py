@@ -411,7 +411,7 @@ class ActorSupervisor:
 
     def _totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for stats, carried in zip(self._stats, self._carried):
+        for stats, carried in zip(self._stats, self._carried, strict=True):
             for src in (stats, carried):
                 for key, value in src.items():
                     if isinstance(value, int) and not isinstance(value, bool):

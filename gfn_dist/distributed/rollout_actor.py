@@ -147,10 +147,7 @@ class RolloutWorker:
             parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=size, **self.sample_kwargs)))
             if not self.versions_used or self.versions_used[-1] != self.policy_version:
                 self.versions_used.append(self.policy_version)
-        if len(parts) == 1:
-            fields = parts[0]
-        else:
-            fields = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        fields = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         n = fields["log_rewards"].shape[0]
         if fields["log_rewards"].device.type != "cpu":
             fields = {k: v.cpu() for k, v in fields.items()}
