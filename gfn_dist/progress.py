@@ -86,7 +86,7 @@ def _console_loggers() -> list[logging.Logger]:
     ``logging_redirect_tqdm`` adds a handler to each logger it is given: a
     logger without a console handler of its own would print twice.
     """
-    out = [logging.root]
+    out: list[logging.Logger] = [logging.root]
     ray_logger = logging.getLogger("ray")
     if any(
         isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)

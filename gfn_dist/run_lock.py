@@ -189,6 +189,7 @@ class RunDirLock:
             "run_dir": str(self.run_dir.resolve()),
         }
         data = (json.dumps(holder) + "\n").encode("utf-8")
+        assert self._fd is not None  # called with the lock held
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)

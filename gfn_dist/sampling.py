@@ -268,7 +268,7 @@ class Sampler:
             if rows is None:
                 xw = torch.where(done_v, sf, nxt, out=states_t[t + 1])
                 if save_logprobs:
-                    lp_buf[t] = lp
+                    lp_buf[t] = lp  # type: ignore[index, assignment]  # lp_buf and lp exist when save_logprobs
                 if small:  # the one host sync per step
                     if bool(done.all()):
                         n_active = 0
@@ -279,7 +279,7 @@ class Sampler:
                 states_buf[t + 1].index_copy_(0, rows, xw)
                 actions_buf[t].index_copy_(0, rows, a)
                 if save_logprobs:
-                    lp_buf[t].index_copy_(0, rows, lp)
+                    lp_buf[t].index_copy_(0, rows, lp)  # type: ignore[index, arg-type]  # lp_buf and lp exist when save_logprobs
             n_active = nw - int(done.count_nonzero())  # the one host sync per step
             if n_active == 0:
                 break

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.exceptions import RayActorError
@@ -185,7 +185,7 @@ class ActorSupervisor:
         """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped``, ``replay/*``."""
         with self._lock:
             totals = self._totals()
-            row = {
+            row: dict[str, float] = {
                 "actors/restarts": sum(self.restarts),
                 "actors/failures": sum(self.failures),
                 "actors/down": len(self._down),
@@ -346,7 +346,7 @@ class ActorSupervisor:
                 continue
             del self._stats_refs[k]
             try:
-                stats = ray.get(ref)
+                stats: dict[str, Any] = ray.get(cast(ray.ObjectRef, ref))  # a ready ref from ray.wait
             except Exception as err:  # the process died; its run() reference reports it
                 logger.debug("stats of actor %d: %s", k, err)
                 continue

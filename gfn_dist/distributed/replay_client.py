@@ -420,7 +420,7 @@ class ReplayClient:
                     moved = True
             if not moved:
                 wait_or_raise()
-        return torch.cat([td_from_wire(p) for i in sorted(parts) for p in parts[i]], dim=0)
+        return torch.cat([td_from_wire(p) for i in sorted(parts) for p in parts[i]], dim=0)  # type: ignore[return-value]  # torch.cat of TensorDicts is a TensorDict
 
     # ------------------------------------------------------------------ stats / state
 
