@@ -80,7 +80,7 @@ class MaskedCategorical(Distribution):
     def probs(self) -> torch.Tensor:
         return self.logits.exp()
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # type: ignore[override]  # only a torch.Size is passed (expand)
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         """Int64 samples of shape ``(*sample_shape, *B, 1)``: one action index per row with
         the action dimension kept, as torchgfn's categorical samples (actions of shape ``(1,)``)."""
         raw = self._raw_logits
