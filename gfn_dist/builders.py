@@ -169,7 +169,7 @@ def _user_policy(path: str, key: str, env, kwargs: dict, is_backward: bool) -> n
         if recurrent:
             if is_backward:
                 raise ValueError("a recurrent module (init_carry) is supported for P_F only")
-            est = RecurrentDiscretePolicyEstimator(
+            est: DiscretePolicyEstimator = RecurrentDiscretePolicyEstimator(
                 module, env.n_actions, preprocessor=pre or _recurrent_preprocessor(env)
             )
         else:
@@ -337,7 +337,7 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: nn.Mod
         return DBGFlowNet(
             pf,
             pb,
-            build_state_flow(cfg, env),
+            build_state_flow(cfg, env),  # type: ignore[arg-type]  # build_state_flow builds a ScalarEstimator
             forward_looking=lc.forward_looking,
             constant_pb=pb is None,
             log_reward_clip_min=lc.log_reward_clip_min,
@@ -346,7 +346,7 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: nn.Mod
         return SubTBGFlowNet(
             pf,
             pb,
-            build_state_flow(cfg, env),
+            build_state_flow(cfg, env),  # type: ignore[arg-type]  # build_state_flow builds a ScalarEstimator
             weighting=lc.subtb_weighting,
             lamda=lc.subtb_lamda,
             log_reward_clip_min=lc.log_reward_clip_min,
@@ -362,7 +362,7 @@ def build_gflownet(cfg: TrainConfig, env, policies: nn.ModuleDict, prior: nn.Mod
         return ModifiedDBGFlowNet(pf, pb, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min)
     if lc.name == "fm":
         # The edge-flow network is P_F's module (P_F = masked softmax of the edge flows).
-        return FMGFlowNet(pf, alpha=lc.fm_alpha)
+        return FMGFlowNet(pf, alpha=lc.fm_alpha)  # type: ignore[arg-type]  # the policy of fm is a DiscretePolicyEstimator (checked above)
     if lc.name == "tb":
         return TBGFlowNet(
             pf, pb, init_logZ=lc.init_logZ, constant_pb=pb is None, log_reward_clip_min=lc.log_reward_clip_min
@@ -430,7 +430,7 @@ def build_sampler(cfg: TrainConfig, policies: nn.ModuleDict):
 def is_enumerable(env) -> bool:
     """Whether ``env`` can enumerate its states (exact metrics apply)."""
     try:
-        env.terminating_states
+        _ = env.terminating_states  # the property raises when the env cannot enumerate
     except (NotImplementedError, AttributeError):
         return False
     return True

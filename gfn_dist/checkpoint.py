@@ -185,7 +185,7 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> int | None:
         return None
     step, path = found
     saved = OmegaConf.to_container(OmegaConf.create((path / "config.yaml").read_text()))
-    diffs = config_differences(saved, cfg)
+    diffs = config_differences(saved, cfg)  # type: ignore[arg-type]  # the saved config.yaml is a mapping
     if diffs:
         raise ConfigError(f"resume: checkpoint {path} is incompatible with this configuration: " + "; ".join(diffs))
     return step
@@ -249,7 +249,7 @@ def check_compatible(
         ConfigError: (a ValueError) listing every key (config key or parameter
             name) that differs.
     """
-    diffs = config_differences(OmegaConf.to_container(OmegaConf.create(ckpt["config"])), cfg)
+    diffs = config_differences(OmegaConf.to_container(OmegaConf.create(ckpt["config"])), cfg)  # type: ignore[arg-type]  # the saved config is a mapping
     if gflownet is not None and not diffs:
         diffs = state_dict_differences(ckpt["learner"]["gflownet"], gflownet)
     if diffs:
@@ -266,7 +266,7 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     np = sys.modules.get("numpy")
     if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        _name, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = {
             "keys": torch.from_numpy(keys.astype("int64")),
             "pos": int(pos),
@@ -322,7 +322,9 @@ class RolloutActorsRNG:
             return None
 
     def load_state_dict(self, state: dict) -> None:
-        ray.get([ray_compat.call_in_actor(a, _actor_set_rng, s) for a, s in zip(self.actors, state["rng"])])
+        ray.get(
+            [ray_compat.call_in_actor(a, _actor_set_rng, s) for a, s in zip(self.actors, state["rng"], strict=False)]
+        )  # a resumed run may have another number of actors
 
 
 # ---------------------------------------------------------------------------- the checkpointer

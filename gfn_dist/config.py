@@ -151,7 +151,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # a structured config's object
     except OmegaConfBaseException as err:
         raise ConfigError(_format_omegaconf_error(err)) from err
     check_finite(cfg)
@@ -237,12 +237,12 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def to_dict(cfg: TrainConfig) -> dict:
     """The configuration as plain nested dicts (e.g. for wandb)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]  # a structured config's container is a dict
 
 
 def from_dict(data: dict) -> TrainConfig:
     """Inverse of ``to_dict`` (validated)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))  # type: ignore[return-value]  # to_object of a structured config is the dataclass
 
 
 def limiter_tolerance(cfg: TrainConfig, world_size: int = 1) -> float:

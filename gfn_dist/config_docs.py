@@ -127,11 +127,12 @@ def _field_comments(cls: type) -> dict[str, str]:
     for stmt in getattr(node, "body", []):
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
-        trailing = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
+        trailing = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in comments]
         if trailing:
             out[stmt.target.id] = " ".join(trailing)
             continue
-        above, n = [], stmt.lineno - 1  # a block of comment-only lines right above the field
+        above: list[str] = []
+        n = stmt.lineno - 1  # a block of comment-only lines right above the field
         while n in comments and lines[n - 1].strip().startswith("#"):
             above.insert(0, comments[n])
             n -= 1
@@ -166,8 +167,8 @@ def field_docs() -> dict[str, str]:
 
 
 def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        sample = f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        sample = f.default_factory()
         if dataclasses.is_dataclass(sample):
             return type(sample)
     return None

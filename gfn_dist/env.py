@@ -86,7 +86,7 @@ class DiscreteEnv(Env):
         self.Actions = self._make_actions_class()
         if not bool(self.forward_mask(self.sf.unsqueeze(0)).any()):
             raise ValueError(f"{type(self).__name__}: forward_mask(sf) must allow at least one action")
-        self._edges = None
+        self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
     # ---- class factories -----------------------------------------------
     def _make_states_class(self):
@@ -97,8 +97,8 @@ class DiscreteEnv(Env):
             s0 = env.s0
             sf = env.sf
             n_actions = env.n_actions
-            _forward_mask_fn = staticmethod(env.forward_mask)
-            _backward_mask_fn = staticmethod(env.backward_mask)
+            _forward_mask_fn = staticmethod(env.forward_mask)  # type: ignore[assignment]  # mypy reads the ClassVar callable as a method
+            _backward_mask_fn = staticmethod(env.backward_mask)  # type: ignore[assignment]  # mypy reads the ClassVar callable as a method
 
         _States.__name__ = f"{type(self).__name__}States"
         return _States

@@ -18,6 +18,7 @@ machine, so another user could rename its sockets and stop the run).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -98,10 +99,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> None
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     fsync_dir(path.parent)
 

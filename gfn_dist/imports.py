@@ -17,6 +17,7 @@ installed package).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -105,12 +106,10 @@ def _py_module_entry(entry: str) -> str:
     if p.exists():
         return str(p.resolve())
     spec = None
-    try:
+    with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec(entry)
-    except (ImportError, ValueError):
-        pass
     if spec is not None and spec.submodule_search_locations:
-        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
+        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
     if spec is not None and spec.origin:
         return str(Path(spec.origin).resolve())  # a single-file module
     raise ConfigError(f"cluster.py_modules: {entry!r} is neither an existing path, a URI, nor an importable package")

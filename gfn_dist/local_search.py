@@ -125,7 +125,7 @@ def resolve_back_steps(
             raise ValueError("back_steps: must be >= 0")
         k = back_steps.to(device=lengths.device, dtype=torch.long)
     else:
-        if int(back_steps) != back_steps or back_steps < 0:
+        if int(back_steps) != back_steps or back_steps < 0:  # type: ignore[arg-type]  # back_steps is given when back_ratio is not
             raise ValueError(f"back_steps must be a non-negative int, got {back_steps!r}")
         k = torch.full((N,), int(back_steps), dtype=torch.long, device=lengths.device)
     return torch.minimum(k, lengths)
@@ -308,7 +308,7 @@ class LocalSearchSampler(Sampler):
             n_prev, prev.states_tensor, prev_ac, recon.states_tensor, recon.actions_tensor[..., 0],
             recon.terminating_idx, env.sf, prev_fields, recon_fields,
         )  # fmt: skip
-        sp = splice_trajectories(*args)
+        sp = splice_trajectories(*args)  # type: ignore[arg-type]  # the fields exist under the save flags
         fields = list(sp.fields)
         new = Trajectories(
             env, sp.states, sp.actions.unsqueeze(-1), sp.terminating_idx, recon.log_rewards,
@@ -321,9 +321,9 @@ class LocalSearchSampler(Sampler):
         proposal = LocalSearchProposal(prev, new, n_prev, K)
         if mh:
             seg = t_prev >= n_prev.unsqueeze(0)
-            proposal.prev_segment_log_pf = (prev_log_pf * seg).sum(0)
+            proposal.prev_segment_log_pf = (prev_log_pf * seg).sum(0)  # type: ignore[operator]  # prev_log_pf is computed when mh
             proposal.prev_segment_log_pb = (prev_log_pb * seg).sum(0)
-            proposal.new_segment_log_pf = recon.log_probs.sum(0)
+            proposal.new_segment_log_pf = recon.log_probs.sum(0)  # type: ignore[union-attr]  # recon.log_probs is saved when mh
             r_ac = recon.actions_tensor[..., 0]
             r_mask = (r_ac >= 0) & (r_ac != env.n_actions - 1)
             recon_states = recon.states_tensor[1:]
@@ -355,7 +355,7 @@ class LocalSearchSampler(Sampler):
             torch.equal(sp.states, ref.states)
             and torch.equal(sp.actions, ref.actions)
             and torch.equal(sp.terminating_idx, ref.terminating_idx)
-            and all(torch.equal(a, b) for a, b in zip(sp.fields, ref.fields))
+            and all(torch.equal(a, b) for a, b in zip(sp.fields, ref.fields, strict=True))
         )
         if not same:
             raise RuntimeError("local search debug: vectorized splice differs from the per-trajectory loop")
@@ -414,7 +414,7 @@ class LocalSearchSampler(Sampler):
         new = proposal.new_trajectories
         if use_metropolis_hastings:
             u = torch.rand(len(trajectories), device=trajectories.device)
-            updated = u.log() < proposal.log_accept_ratio
+            updated = u.log() < proposal.log_accept_ratio  # type: ignore[operator]  # log_accept_ratio is set when mh
         else:
             updated = new.log_rewards >= trajectories.log_rewards
         old = trajectories
@@ -422,12 +422,12 @@ class LocalSearchSampler(Sampler):
         need_out = save_estimator_outputs and old.estimator_outputs is None
         if need_lp or need_out:  # kept rows need the fields too
             ac = old.actions_tensor[..., 0]
-            lp, out = _eval_log_probs(
+            lp, est_out = _eval_log_probs(
                 self.estimator, env, old.states_tensor[:-1], ac, ac >= 0, old.conditions, need_out, policy_kwargs
             )
             old = Trajectories(
                 env, old.states_tensor, old.actions_tensor, old.terminating_idx, old.log_rewards,
-                lp if need_lp else old.log_probs, out if need_out else old.estimator_outputs,
+                lp if need_lp else old.log_probs, est_out if need_out else old.estimator_outputs,
                 conditions=old.conditions,
             )  # fmt: skip
         out = _merge_rows(env, updated, new, old)

@@ -168,7 +168,7 @@ class WandbSink:
             name=name or run_dir.name,
             id=run_id,
             resume="allow",
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # wandb's Literal; the config checks the mode
             dir=str(run_dir),
             config=config,
             reinit="create_new",

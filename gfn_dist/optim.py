@@ -20,8 +20,8 @@ def make_optimizer(gflownet: nn.Module, lr: float, lr_logz: float) -> torch.opti
     """
     if hasattr(gflownet, "logz_parameters"):
         groups = [
-            {"params": gflownet.pf_pb_parameters(), "lr": lr},
-            {"params": gflownet.logz_parameters(), "lr": lr_logz},
+            {"params": gflownet.pf_pb_parameters(), "lr": lr},  # type: ignore[operator]  # a loss-module method (hasattr-checked)
+            {"params": gflownet.logz_parameters(), "lr": lr_logz},  # type: ignore[operator]  # a loss-module method (hasattr-checked)
         ]
     else:
         groups = [{"params": [p for p in gflownet.parameters() if p.requires_grad], "lr": lr}]

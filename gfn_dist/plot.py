@@ -84,7 +84,7 @@ def elapsed_seconds(rows: Sequence[dict]) -> list[float | None]:
 
 def series(rows: Sequence[dict], key: str, xs: Sequence) -> tuple[list, list]:
     """``(x, y)`` of the rows holding ``key`` (and an x)."""
-    pts = [(x, r[key]) for r, x in zip(rows, xs) if key in r and x is not None]
+    pts = [(x, r[key]) for r, x in zip(rows, xs, strict=True) if key in r and x is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 

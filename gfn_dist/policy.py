@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class MaskedCategorical(Distribution):
         normalized: whether ``logits`` already are log-probabilities.
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     has_enumerate_support = True
 
     def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, normalized: bool = False):
@@ -80,7 +80,7 @@ class MaskedCategorical(Distribution):
     def probs(self) -> torch.Tensor:
         return self.logits.exp()
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         """Int64 samples of shape ``(*sample_shape, *B, 1)``: one action index per row with
         the action dimension kept, as torchgfn's categorical samples (actions of shape ``(1,)``)."""
         raw = self._raw_logits
@@ -242,7 +242,7 @@ class ScalarEstimator(Estimator):
 
     def _checked_output(self, out: torch.Tensor) -> torch.Tensor:
         if out.shape[-1] != 1:
-            out = _REDUCTIONS[self.reduction](out, -1, keepdim=True)
+            out = _REDUCTIONS[self.reduction](out, -1, keepdim=True)  # type: ignore[operator]  # torch.mean / sum / prod
         return out
 
 
@@ -259,7 +259,7 @@ class PolicyMixin:
         return RolloutContext(batch_size=batch_size, device=torch.device(device), conditions=conditions)
 
     def _call_module(self, states_active, conditions):
-        return call_module(self, states_active) if conditions is None else call_module(self, states_active, conditions)
+        return call_module(self, states_active) if conditions is None else call_module(self, states_active, conditions)  # type: ignore[arg-type]  # mixed into an nn.Module
 
     def compute_dist(
         self,
@@ -300,7 +300,7 @@ class PolicyMixin:
             if cond is not None and step_mask is not None:
                 cond = cond[step_mask]
             out = self._call_module(states_active, cond)
-        dist = self.to_probability_distribution(states_active, out, **policy_kwargs)
+        dist = self.to_probability_distribution(states_active, out, **policy_kwargs)  # type: ignore[attr-defined]  # the estimator subclass provides it
         if save_estimator_outputs:
             ctx.current_estimator_output = out
             if step_mask is not None:

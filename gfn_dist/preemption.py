@@ -10,11 +10,12 @@ SIGTERM; under ``cluster.launcher=ray`` the driver forwards it to learner rank 0
 from __future__ import annotations
 
 import signal
+from typing import ClassVar
 
 
 class _Preemption:
     signum: int | None = None
-    previous: dict = {}
+    previous: ClassVar[dict] = {}
 
 
 def _on_signal(signum, frame) -> None:

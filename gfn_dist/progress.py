@@ -86,7 +86,7 @@ def _console_loggers() -> list[logging.Logger]:
     ``logging_redirect_tqdm`` adds a handler to each logger it is given: a
     logger without a console handler of its own would print twice.
     """
-    out = [logging.root]
+    out: list[logging.Logger] = [logging.root]
     ray_logger = logging.getLogger("ray")
     if any(
         isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
@@ -133,7 +133,7 @@ class Progress:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
             if row:
-                self._bar.set_postfix({k: v for k, v in row_fields(row)}, refresh=False)
+                self._bar.set_postfix(dict(row_fields(row)), refresh=False)
         elif row:
             fields = "  ".join(f"{v} {k}" if k == "traj/s" else f"{k} {v}" for k, v in row_fields(row))
             logger.info("%s step %d/%d  %s", self.desc, step, self.total, fields)

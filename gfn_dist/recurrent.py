@@ -222,7 +222,7 @@ class RecurrentPolicyMixin(PolicyMixin):
         if not callable(getattr(self, "init_carry", None)):
             raise TypeError(f"{type(self).__name__}: a recurrent policy needs init_carry(batch_size, device)")
         ctx = super().init_context(batch_size, device, conditions)
-        ctx.carry = self.init_carry(batch_size, ctx.device)
+        ctx.carry = self.init_carry(batch_size, ctx.device)  # type: ignore[attr-defined]  # checked above (init_carry)
         return ctx
 
     def compute_dist(
@@ -257,7 +257,7 @@ class RecurrentPolicyMixin(PolicyMixin):
         if self._uses_previous_state:
             prev = ctx.extras.get("prev_states")
             kwargs["prev_states"] = prev if prev is None or idx is None else prev.index_select(0, idx)
-        out, new_carry = self(states_active, carry, **kwargs)
+        out, new_carry = self(states_active, carry, **kwargs)  # type: ignore[operator]  # mixed into an nn.Module
         ctx.carry = new_carry if idx is None else _merge_carry(ctx.carry, idx, new_carry, dim)
         if self._uses_previous_state:
             if idx is None:
@@ -267,7 +267,7 @@ class RecurrentPolicyMixin(PolicyMixin):
                 if full is None:
                     full = type(states_active).s0.to(x.device).expand(ctx.batch_size, *x.shape[1:])
                 ctx.extras["prev_states"] = full.index_copy(0, idx, x)
-        dist = self.to_probability_distribution(states_active, out, **policy_kwargs)
+        dist = self.to_probability_distribution(states_active, out, **policy_kwargs)  # type: ignore[attr-defined]  # the estimator subclass provides it
         if save_estimator_outputs:
             ctx.current_estimator_output = out
             if idx is not None:
@@ -323,7 +323,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
 
     def init_carry(self, batch_size: int, device) -> Carry:
         """The module's initial carry for ``batch_size`` trajectories."""
-        return self.module.init_carry(batch_size, device)
+        return self.module.init_carry(batch_size, device)  # type: ignore[operator]  # the module's init_carry (nn.Module attribute)
 
     def _step_inputs(self, x: torch.Tensor, prev_x: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.preprocessor, StepTokenizer):
@@ -336,7 +336,7 @@ class RecurrentDiscretePolicyEstimator(RecurrentPolicyMixin, DiscretePolicyEstim
                 f"{type(self).__name__}: module output has last dimension {out.shape[-1]}, expected {self.n_actions}"
             )
 
-    def forward(self, states, carry: Carry, prev_states: torch.Tensor | None = None) -> tuple[torch.Tensor, Carry]:
+    def forward(self, states, carry: Carry, prev_states: torch.Tensor | None = None) -> tuple[torch.Tensor, Carry]:  # type: ignore[override]  # a recurrent step takes and returns the carry
         """One step: ``(logits (N, n_actions), new_carry)``.
 
         Args:

@@ -42,6 +42,7 @@ Network filesystems (SLURM's shared ``$HOME`` / scratch):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -188,6 +189,7 @@ class RunDirLock:
             "run_dir": str(self.run_dir.resolve()),
         }
         data = (json.dumps(holder) + "\n").encode("utf-8")
+        assert self._fd is not None  # called with the lock held
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
@@ -211,10 +213,8 @@ class RunDirLock:
         except OSError as err:
             logger.debug("run.dir: could not empty %s: %s", self.path, err)
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError:
-                pass
             os.close(fd)
 
     def __enter__(self) -> RunDirLock:

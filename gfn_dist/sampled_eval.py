@@ -106,7 +106,7 @@ def sample_for_eval(env, pf, pb, num_samples: int, batch_size: int = 4096):
         (``pb=None``: P_B = 1, a tree DAG).
     """
     sampler = Sampler(pf)
-    out = ([], [], [], [])
+    out: tuple[list, list, list, list] = ([], [], [], [])
     left = int(num_samples)
     while left > 0:
         traj = sampler.sample_trajectories(env, n=min(batch_size, left), save_logprobs=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -98,9 +98,9 @@ class Sampler:
     #: Inductor options of the compiled chunks on CPU: a C++ wrapper calls the chunk's kernels
     #: and matmuls with less overhead than the default Python wrapper (the chunk then costs
     #: about the policy's own forwards; HyperGrid(2, 8), B=16: 15 steps in 0.55 vs 0.62 ms).
-    compile_options: dict = {"cpp_wrapper": True}
+    compile_options: ClassVar[dict] = {"cpp_wrapper": True}
     #: The same on other devices (CUDA): inductor's defaults, its most used path.
-    compile_options_accelerator: dict = {}
+    compile_options_accelerator: ClassVar[dict] = {}
 
     def __init__(self, estimator, compile: bool = False):
         self.estimator = estimator
@@ -268,7 +268,7 @@ class Sampler:
             if rows is None:
                 xw = torch.where(done_v, sf, nxt, out=states_t[t + 1])
                 if save_logprobs:
-                    lp_buf[t] = lp
+                    lp_buf[t] = lp  # type: ignore[index, assignment]  # lp_buf and lp exist when save_logprobs
                 if small:  # the one host sync per step
                     if bool(done.all()):
                         n_active = 0
@@ -279,7 +279,7 @@ class Sampler:
                 states_buf[t + 1].index_copy_(0, rows, xw)
                 actions_buf[t].index_copy_(0, rows, a)
                 if save_logprobs:
-                    lp_buf[t].index_copy_(0, rows, lp)
+                    lp_buf[t].index_copy_(0, rows, lp)  # type: ignore[index, arg-type]  # lp_buf and lp exist when save_logprobs
             n_active = nw - int(done.count_nonzero())  # the one host sync per step
             if n_active == 0:
                 break

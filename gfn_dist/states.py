@@ -160,7 +160,7 @@ class DiscreteStates(States):
     @property
     def forward_masks(self) -> torch.Tensor:
         if self._forward_masks is None:
-            self._forward_masks = type(self)._forward_mask_fn(self.tensor)
+            self._forward_masks = type(self)._forward_mask_fn(self.tensor)  # type: ignore[misc]  # each env's States subclass sets the mask function
         return self._forward_masks
 
     @forward_masks.setter
@@ -170,7 +170,7 @@ class DiscreteStates(States):
     @property
     def backward_masks(self) -> torch.Tensor:
         if self._backward_masks is None:
-            self._backward_masks = type(self)._backward_mask_fn(self.tensor)
+            self._backward_masks = type(self)._backward_mask_fn(self.tensor)  # type: ignore[misc]  # each env's States subclass sets the mask function
         return self._backward_masks
 
     @backward_masks.setter

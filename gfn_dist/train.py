@@ -56,7 +56,7 @@ def run_train(config: str, overrides: Sequence[str]) -> int:
             logger.warning(
                 "stopped by signal %s at step %d after a checkpoint; continue with resume=true",
                 preemption_requested(),
-                learner.step,
+                learner.step,  # type: ignore[union-attr]  # preempted implies a learner
             )
         logger.info("done: %s", {k: row[k] for k in ("step", "loss", "l1_exact", "logZ_err") if k in row})
         logger.info("run directory: %s", trainer.run_dir)

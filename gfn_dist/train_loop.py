@@ -171,7 +171,7 @@ class LearnerProcess:
                 states["actors"] = RolloutActorsRNG(topology.actors)
             if self.evaluate.modes is not None:
                 states["modes"] = self.evaluate.modes
-        self.checkpointer = Checkpointer(cfg, ctx, cfg.run.dir, states)
+        self.checkpointer = Checkpointer(cfg, ctx, cfg.run.dir, states)  # type: ignore[arg-type]  # run.dir is resolved before the loop is built
         self.preempted = False  # stopped early on SIGTERM / SIGINT (after a checkpoint)
         self.last_row: dict = {}
         self.run_refs: list = []  # the rollout actors' pending run() calls at the end

@@ -148,7 +148,7 @@ class Trainer:
     @property
     def owner(self) -> bool:
         """This process owns the run: it creates the actors and writes RUN_DIR (driver or torchrun rank 0)."""
-        return self.launcher == "ray" or self.ctx.is_main
+        return self.launcher == "ray" or self.ctx.is_main  # type: ignore[union-attr]  # ctx is set unless launcher=ray
 
     def _setup(self, preset: str) -> None:
         cfg = self.cfg
@@ -162,7 +162,7 @@ class Trainer:
         if self.owner:
             try:
                 run_dir = Path(cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)).absolute()
-                self.lock = RunDirLock(run_dir, cfg.run.dir_mode).acquire()
+                self.lock = RunDirLock(run_dir, cfg.run.dir_mode).acquire()  # type: ignore[arg-type]  # dir_mode is an int once the config is loaded
                 answer = (str(run_dir), check_resumable(cfg, run_dir))
             except ConfigError as err:
                 answer = err
@@ -233,11 +233,11 @@ class Trainer:
 
     @property
     def gflownet(self):
-        return self.process.gflownet
+        return self.process.gflownet  # type: ignore[union-attr]  # assembled in __init__
 
     @property
     def policies(self):
-        return self.process.policies
+        return self.process.policies  # type: ignore[union-attr]  # assembled in __init__
 
     @property
     def supervisor(self):
@@ -259,18 +259,18 @@ class Trainer:
     @property
     def learner_backend(self) -> str | None:
         """The process-group backend of the learners."""
-        return getattr(self.group, "backend", None) if self.launcher == "ray" else self.ctx.backend
+        return getattr(self.group, "backend", None) if self.launcher == "ray" else self.ctx.backend  # type: ignore[union-attr]  # ctx is set unless launcher=ray
 
     def actor_stats(self) -> list[dict]:
         """Each rollout actor's ``stats()``."""
-        return self.topology.actor_stats()
+        return self.topology.actor_stats()  # type: ignore[union-attr]  # assembled in __init__
 
     # ------------------------------------------------------------------ running
 
     def train(self) -> dict:
         """Runs every learner rank to the budget; returns the last metric row (rank 0 / the driver)."""
         if self.launcher == "ray":
-            train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace, self.started_at)
+            train_fn = functools.partial(run_learner, to_dict(self.cfg), self.ray_ctx.namespace, self.started_at)  # type: ignore[union-attr]  # assembled in __init__
             bar = Progress(
                 self.cfg.learner.total_steps,
                 enabled=self.cfg.logging.progress_bar,
@@ -287,12 +287,12 @@ class Trainer:
                 bar.close()
             self._summary = LearnerSummary(result["step"], result["preempted"])
         else:
-            result = self.group.run(lambda ctx, sink: self.process.run(sink), self.metrics)
+            result = self.group.run(lambda ctx, sink: self.process.run(sink), self.metrics)  # type: ignore[union-attr]  # assembled in __init__
         if self.owner and result is not None:
             self.last_row = result["row"] or self.last_row
             if self.cfg.run.save_policy:
                 torch.save({"policies": result["policies"], "step": result["step"]}, self.run_dir / "policy.pt")
-        cluster.barrier(self.ctx)
+        cluster.barrier(self.ctx)  # type: ignore[arg-type]  # ctx is set unless launcher=ray
         return self.last_row if self.owner else (self.process.last_row if self.process else {})
 
     def _on_row(self, row: dict, bar: Progress) -> None:

@@ -102,7 +102,7 @@ class TorchgfnEnv(DiscreteEnv):
         if not isinstance(env, base):
             raise ValueError(f"TorchgfnEnv: expected a torchgfn gfn.env.DiscreteEnv, got {type(env).__name__}")
         self.inner = env
-        self._term_lookup = None
+        self._term_lookup: Any = None  # torch.sort's (values, indices) of the terminating states' indices
         self._exit = env.n_actions - 1
         self._inner_s0, self._inner_sf = env.s0, env.sf
         if max_traj_len is None:

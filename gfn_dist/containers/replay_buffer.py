@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -150,7 +151,7 @@ class ReplayBuffer:
         if td.batch_dims != 1:
             raise ValueError(f"ReplayBuffer.add: batch size must be (N,), got {tuple(td.batch_size)}")
         n = int(td.batch_size[0])
-        keys = set(td.keys())
+        keys: set[str] = set(td.keys())  # type: ignore[arg-type]  # flat: str keys (checked below)
         for k in REQUIRED_KEYS:
             if k not in keys:
                 raise ValueError(f"ReplayBuffer.add: missing field '{k}'")
@@ -160,7 +161,7 @@ class ReplayBuffer:
                     f"ReplayBuffer.add: field '{k}' must be a plain tensor (nested fields are not supported)"
                 )
         if self._storage is not None:
-            stored = set(self._storage.keys())
+            stored: set[str] = set(self._storage.keys())  # type: ignore[arg-type]  # flat: str keys
             for k in sorted(stored - keys):
                 raise ValueError(f"ReplayBuffer.add: missing field '{k}' (present in the stored items)")
             for k in sorted(keys - stored):
@@ -322,7 +323,7 @@ class ReplayBuffer:
     def gather(self, indices: torch.Tensor) -> TensorDict:
         """Copies the items at the given storage slots into a new TensorDict ``(len(indices),)``."""
         assert self._storage is not None
-        fields = {k: v.index_select(0, indices) for k, v in self._storage.items()}
+        fields = {k: v.index_select(0, indices) for k, v in self._storage.items()}  # type: ignore[union-attr]  # flat storage: plain tensors
         return TensorDict(fields, batch_size=[indices.shape[0]], device=self.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> TensorDict:
@@ -369,7 +370,7 @@ class ReplayBuffer:
         """
         storage: dict[str, torch.Tensor] = {}
         if self._storage is not None:
-            storage = {k: v[: self._size].clone() for k, v in self._storage.items()}
+            storage = {k: v[: self._size].clone() for k, v in self._storage.items()}  # type: ignore[misc]  # flat storage: plain tensors
         return {
             "capacity": torch.tensor(self._capacity, dtype=torch.int64),
             "size": torch.tensor(self._size, dtype=torch.int64),
@@ -379,7 +380,7 @@ class ReplayBuffer:
             "storage": storage,
         }
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores contents and counters exactly from ``state_dict()`` output.
 
         Args:

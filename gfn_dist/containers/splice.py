@@ -153,7 +153,7 @@ def splice_trajectories(
         return out
 
     actions = splice_step(prev_actions, recon_actions, -1)
-    fields = [splice_step(p, r, 0) for p, r in zip(prev_fields, recon_fields)]
+    fields = [splice_step(p, r, 0) for p, r in zip(prev_fields, recon_fields, strict=True)]
     return Spliced(states, actions, term, fields)
 
 
@@ -180,7 +180,7 @@ def splice_trajectories_loop(
         s = torch.cat([prev_states[: n + 1, i], recon_states[1 : lr + 1, i]])
         states[: s.shape[0], i] = s
         actions[: n + lr, i] = torch.cat([prev_actions[:n, i], recon_actions[:lr, i]])
-        for out, p, r in zip(fields, prev_fields, recon_fields):
+        for out, p, r in zip(fields, prev_fields, recon_fields, strict=True):
             out[: n + lr, i] = torch.cat([p[:n, i], r[:lr, i]])
     return Spliced(states, actions, term, fields)
 

@@ -61,8 +61,9 @@ def is_loopback_address(address: str | None) -> bool:
 def single_node_launch() -> bool:
     """True unless torchrun reports ranks on other nodes (``LOCAL_WORLD_SIZE < WORLD_SIZE``)."""
     world = os.environ.get("WORLD_SIZE")
-    local = os.environ.get("LOCAL_WORLD_SIZE", world)
-    return world is None or int(local) >= int(world)
+    if world is None:
+        return True
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= int(world)
 
 
 @dataclass
@@ -287,7 +288,12 @@ def start_ray(
     if ray.is_initialized():
         # Reuse the caller's Ray (tests, notebooks): actors get the namespace explicitly.
         return RayContext(ray.get_runtime_context().gcs_address, namespace, owns_ray=False, connected=False)
-    common = dict(namespace=namespace, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    common: dict[str, Any] = {
+        "namespace": namespace,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "runtime_env": runtime_env,
+    }
     if cfg.cluster.address:
         wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)  # ray.init alone may wait for minutes
         ray.init(address=cfg.cluster.address, **common)
@@ -300,7 +306,11 @@ def start_ray(
         # torchrun across nodes without cluster.address needs the node's routable address instead.
         with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
             ray.init(
-                address="local", num_cpus=embedded_num_cpus(cfg), include_dashboard=False, _temp_dir=temp_dir, **common
+                address="local",
+                num_cpus=embedded_num_cpus(cfg),  # type: ignore[arg-type]  # a whole number of CPUs
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                **common,
             )
         owns = True
     address = ray.get_runtime_context().gcs_address

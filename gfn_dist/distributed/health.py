@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.exceptions import RayActorError
@@ -185,7 +185,7 @@ class ActorSupervisor:
         """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped``, ``replay/*``."""
         with self._lock:
             totals = self._totals()
-            row = {
+            row: dict[str, float] = {
                 "actors/restarts": sum(self.restarts),
                 "actors/failures": sum(self.failures),
                 "actors/down": len(self._down),
@@ -346,7 +346,7 @@ class ActorSupervisor:
                 continue
             del self._stats_refs[k]
             try:
-                stats = ray.get(ref)
+                stats: dict[str, Any] = ray.get(cast(ray.ObjectRef, ref))  # a ready ref from ray.wait
             except Exception as err:  # the process died; its run() reference reports it
                 logger.debug("stats of actor %d: %s", k, err)
                 continue
@@ -411,7 +411,7 @@ class ActorSupervisor:
 
     def _totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for stats, carried in zip(self._stats, self._carried):
+        for stats, carried in zip(self._stats, self._carried, strict=True):
             for src in (stats, carried):
                 for key, value in src.items():
                     if isinstance(value, int) and not isinstance(value, bool):

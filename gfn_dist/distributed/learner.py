@@ -39,7 +39,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -80,7 +80,7 @@ class GlobalBatchLoss(nn.Module):
 
     def forward(self, env, trajectories: Trajectories) -> torch.Tensor:
         # The loss class knows whether it needs the batch mean (LPV-type losses centre by it).
-        return self.gflownet.distributed_loss(env, trajectories, self.global_mean)
+        return self.gflownet.distributed_loss(env, trajectories, self.global_mean)  # type: ignore[operator]  # the loss module's method (nn.Module attribute)
 
     def global_mean(self, x_N: torch.Tensor) -> torch.Tensor:
         """Mean of ``x`` over all ranks' (equal-sized) shares, differentiable."""
@@ -137,6 +137,8 @@ class Learner:
             replay would have kept the learner waiting).
     """
 
+    _lag_max: torch.Tensor  # set by reset_counters
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -173,7 +175,7 @@ class Learner:
         self.observe = observe
         self.step = 0
         self.timer = PhaseTimer()
-        self._prefetch = None  # Future of the next batch (learner.prefetch)
+        self._prefetch: Future | None = None  # Future of the next batch (learner.prefetch)
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-prefetch")
         self.reset_counters()

@@ -233,7 +233,7 @@ class RayTrainLearners:
             try:
                 if not forwarded and stop_requested():
                     logger.warning("stop requested: asking the learners to checkpoint and stop")
-                    self.channel.request_stop.remote()
+                    self.channel.request_stop.remote()  # type: ignore[union-attr]  # a Ray actor handle
                     forwarded = True
                 self._drain_once(on_row)
             except Exception as err:  # the channel is gone: fit() reports the cause
@@ -241,7 +241,7 @@ class RayTrainLearners:
                 return
 
     def _drain_once(self, on_row) -> None:
-        for kind, payload in ray.get(self.channel.take.remote()):
+        for kind, payload in ray.get(self.channel.take.remote()):  # type: ignore[union-attr]  # a Ray actor handle
             if kind == "row":
                 on_row(payload)
             elif kind == "placement":

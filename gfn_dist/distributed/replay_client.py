@@ -420,7 +420,7 @@ class ReplayClient:
                     moved = True
             if not moved:
                 wait_or_raise()
-        return torch.cat([td_from_wire(p) for i in sorted(parts) for p in parts[i]], dim=0)
+        return torch.cat([td_from_wire(p) for i in sorted(parts) for p in parts[i]], dim=0)  # type: ignore[return-value]  # torch.cat of TensorDicts is a TensorDict
 
     # ------------------------------------------------------------------ stats / state
 
@@ -473,7 +473,7 @@ class ReplayClient:
         refs = [shard.snapshot.remote() for shard in self.shards]  # in parallel
         out = []
         wait = Deadline(self.timeout_s)
-        for i, (shard, ref) in enumerate(zip(self.shards, refs)):
+        for i, (shard, ref) in enumerate(zip(self.shards, refs, strict=True)):
             while True:
                 try:
                     out.append(ray.get(ref))
@@ -496,7 +496,7 @@ class ReplayClient:
         """
         if len(states) != self.num_shards:
             raise ValueError(f"ReplayClient.restore: got {len(states)} shard states for {self.num_shards} shards")
-        ray.get([shard.restore.remote(state) for shard, state in zip(self.shards, states)])
+        ray.get([shard.restore.remote(state) for shard, state in zip(self.shards, states, strict=True)])
 
     # ------------------------------------------------------------------ Stateful (checkpoints)
 

@@ -247,7 +247,7 @@ class ReplayShard:
             self.persistence.after_insert(self)  # journal; periodic snapshot
         return {"accepted": True, "status": "ok", "num_items": n, "reason": None, "size": len(self.buffer)}
 
-    def try_sample(self, n: int, wire: bool = False) -> TensorDict | None:
+    def try_sample(self, n: int, wire: bool = False) -> TensorDict | bytes | None:
         """Samples ``n`` items if the rate limiter allows it; never blocks.
 
         Args:

@@ -147,10 +147,7 @@ class RolloutWorker:
             parts.append(self._tagged_fields(self.sampler.sample_trajectories(self.env, n=size, **self.sample_kwargs)))
             if not self.versions_used or self.versions_used[-1] != self.policy_version:
                 self.versions_used.append(self.policy_version)
-        if len(parts) == 1:
-            fields = parts[0]
-        else:
-            fields = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        fields = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         n = fields["log_rewards"].shape[0]
         if fields["log_rewards"].device.type != "cpu":
             fields = {k: v.cpu() for k, v in fields.items()}
@@ -183,14 +180,14 @@ class RolloutWorker:
         """A batch (TensorDict, or ``sample_fields``' dict with its size ``n``) as packed wire bytes."""
         if isinstance(batch, TensorDict):
             return pack_wire(td_to_wire(batch))
-        return pack_wire(tensors_to_wire(batch, [n]))
+        return pack_wire(tensors_to_wire(batch, [n]))  # type: ignore[list-item]  # a dict batch comes with its size n
 
     def submit_push(self, payload: bytes):
         """Sends a batch (``encode``'s bytes) to this actor's shard without waiting; returns the
         pending ``try_add`` reference."""
         # By value, packed into one bytes object (wire.py: the cheapest argument for a Ray call); Ray
         # inlines small batches in the call and spills large ones to the object store itself.
-        return self.replay.submit_add(payload, self.shard_index)
+        return self.replay.submit_add(payload, self.shard_index)  # type: ignore[union-attr, arg-type]  # an actor that pushes has a replay client
 
     def complete_push(self, pending, payload: bytes, n: int) -> bool:
         """Waits for a submitted push to be accepted (``ReplayClient.complete_add``: resubmitted while
@@ -210,7 +207,7 @@ class RolloutWorker:
             RuntimeError: if the shard died and Ray did not restart it (see ``_push_lost``).
         """
         try:
-            self.replay.complete_add(pending, payload, self.shard_index, should_stop=self._run_stopped)
+            self.replay.complete_add(pending, payload, self.shard_index, should_stop=self._run_stopped)  # type: ignore[union-attr, arg-type]  # an actor that pushes has a replay client
             return True
         except RayActorError as err:  # the shard died: drop this batch, wait for Ray to restart the shard
             return self._push_lost(n, err)
@@ -238,7 +235,7 @@ class RolloutWorker:
             first,
             n,
         )
-        state = wait_until_alive(self.replay.shards[self.shard_index], self.cfg.replay.timeout_s, self._run_stopped)
+        state = wait_until_alive(self.replay.shards[self.shard_index], self.cfg.replay.timeout_s, self._run_stopped)  # type: ignore[union-attr, index]  # an actor that pushes has a replay client
         if state in ("DEAD", "TIMEOUT"):
             raise RuntimeError(
                 f"rollout actor {self.actor_id}: replay shard {self.shard_index} is "

@@ -82,4 +82,4 @@ class SynchronousRollout:
             return ["all shards are empty"]
         counts = allocate_proportional(self.local_batch_size, sizes)  # what each rank will ask for
         refs = {i: self.shards[i].check_sample.remote(k * self.ctx.world_size) for i, k in enumerate(counts) if k}
-        return [f"shard {i}: {r}" for i, r in zip(refs, ray.get(list(refs.values()))) if r is not None]
+        return [f"shard {i}: {r}" for i, r in zip(refs, ray.get(list(refs.values())), strict=True) if r is not None]

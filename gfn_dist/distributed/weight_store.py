@@ -178,8 +178,8 @@ class WeightSubscriber:
         self.module = module
         self.version = -1
         self.num_updates = 0
-        self._poll_ref = None
-        self._poll_future = None  # the long poll as a concurrent future: done() is a local flag read
+        self._poll_ref: Any = None  # a ray.ObjectRef
+        self._poll_future: Any = None  # the long poll as a concurrent future: done() is a local flag read
         self._known: tuple[int, bool] = (-1, False)
 
     def poll(self) -> tuple[int, bool]:

@@ -89,7 +89,7 @@ def tensors_to_wire(fields: Mapping[str, torch.Tensor], batch_size: Sequence[int
 
 def td_to_wire(td: TensorDict) -> dict[str, Any]:
     """A flat TensorDict ``(N,)`` as ``{key: ndarray, "__batch_size__": [N], "__dtypes__": {...}}``."""
-    return tensors_to_wire(dict(td.items()), td.batch_size)
+    return tensors_to_wire(dict(td.items()), td.batch_size)  # type: ignore[arg-type]  # a flat TensorDict: every value is a tensor
 
 
 def pack_wire(wire: Mapping[str, Any]) -> bytes:

@@ -194,7 +194,7 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: torch.Tensor
     x_pf = x_flat.index_select(0, idx_pf)
     pre = getattr(pf, "preprocessor", None)
     shared = fn_pb is not None and pre is not None and getattr(pb, "preprocessor", None) is pre
-    feats_pf = pre(x_pf) if shared else None
+    feats_pf = pre(x_pf) if shared else None  # type: ignore[misc]  # shared implies a preprocessor
     nll_pf = _masked_nll(fn_pf, x_pf, a_pf, feats_pf)
     if init is None:
         init = torch.zeros(N, dtype=nll_pf.dtype, device=nll_pf.device)
@@ -210,7 +210,7 @@ def trajectory_score_sums(pf, pb, trajectories: Trajectories, init: torch.Tensor
     if int((a_pf == exit_idx).sum()) == N:
         x_pb, traj_pb = x_pf[N:], traj_pf[N:]
         a_pb = a_flat.index_select(0, idx_pf[N:] - N)
-        feats_pb = feats_pf[N:] if shared else None
+        feats_pb = feats_pf[N:] if shared else None  # type: ignore[index]  # shared implies feats_pf
     else:  # a trajectory without its exit: select the non-exit transitions
         sel = torch.nonzero(a_pf != exit_idx).squeeze(1)
         x_pb = x_flat.index_select(0, idx_pf.index_select(0, sel) + N)
@@ -471,6 +471,8 @@ class LogZMixin:
     larger learning rate than ``pf_pb_parameters()``.
     """
 
+    logZ: nn.Parameter | ScalarEstimator  # set by subclasses
+
     def logz_value(self, trajectories: Trajectories) -> torch.Tensor:
         """logZ as a scalar, or ``(N,)`` for a conditional ``ScalarEstimator``.
 
@@ -490,4 +492,4 @@ class LogZMixin:
     def pf_pb_parameters(self) -> list[nn.Parameter]:
         """All registered parameters except logZ's."""
         ids = {id(p) for p in self.logz_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
+        return [p for p in self.parameters() if id(p) not in ids]  # type: ignore[attr-defined]  # mixed into an nn.Module

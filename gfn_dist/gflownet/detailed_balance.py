@@ -153,7 +153,7 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
             return self._log_rewards(trajectories, None)
         return self._log_rewards(trajectories, log_rewards)
 
-    def get_scores(
+    def get_scores(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
@@ -177,7 +177,7 @@ class DBGFlowNet(TrajectoryBasedGFlowNet):
         scores, valid = self._scores_TN(env, trajectories, recalculate_all_logprobs, log_rewards)
         return scores[valid]
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
@@ -242,7 +242,7 @@ class ModifiedDBGFlowNet(TrajectoryBasedGFlowNet):
         states_M = env.States(x_M)
         if not bool(states_M.forward_masks[:, -1].all()):
             raise ValueError("ModifiedDBGFlowNet: every visited state must be terminating (exit allowed)")
-        table_M = self.pf.to_probability_distribution(states_M, self.pf(states_M)).logits  # (M, A)
+        table_M = self.pf.to_probability_distribution(states_M, self.pf(states_M)).logits  # type: ignore[operator]  # (M, A); an nn.Module attribute
         a_M = actions_TN[valid]
         lp_exit = table_M.new_zeros((T + 1, N))
         lp_exit[:-1][valid] = table_M[:, exit_idx]
@@ -258,7 +258,7 @@ class ModifiedDBGFlowNet(TrajectoryBasedGFlowNet):
         scores = lr[:-1] + log_pf + lp_exit[1:] - lr[1:] - log_pb - lp_exit[:-1]
         return torch.where(step, scores, torch.zeros_like(scores)), step
 
-    def get_scores(self, trajectories: Trajectories, recalculate_all_logprobs: bool = True) -> torch.Tensor:
+    def get_scores(self, trajectories: Trajectories, recalculate_all_logprobs: bool = True) -> torch.Tensor:  # type: ignore[override]  # loss-specific keyword arguments
         """Modified-DB residuals of the non-exit transitions, float ``(K,)`` (time-major).
 
         Raises:
@@ -269,7 +269,7 @@ class ModifiedDBGFlowNet(TrajectoryBasedGFlowNet):
         scores, step = self._scores_TN(None, trajectories, recalculate_all_logprobs)
         return scores[step]
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self, env, trajectories: Trajectories, recalculate_all_logprobs: bool = True, reduction: str = "mean"
     ) -> torch.Tensor:
         """Modified-DB loss: mean / sum over non-exit transitions, or ``(K,)`` (``none``);

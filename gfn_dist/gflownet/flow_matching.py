@@ -69,7 +69,7 @@ class FMGFlowNet(GFlowNet):
         self.loss_fn = loss_fn or SquaredLoss()
 
     @property
-    def pf(self) -> nn.Module:
+    def pf(self) -> nn.Module:  # type: ignore[override]  # FM's pf is its edge-flow estimator (read-only)
         """The forward policy: the edge-flow estimator (masked softmax of the flows)."""
         return self.logF
 
@@ -120,7 +120,7 @@ class FMGFlowNet(GFlowNet):
         rm = self.loss_fn(self.logF(env.States(x))[:, -1] - lr)
         return fm, inner, rm
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,

@@ -108,6 +108,8 @@ class RelativeTBBase(TrajectoryBasedGFlowNet):
         # Bypass nn.Module.__setattr__ so the prior is not registered as a submodule.
         object.__setattr__(self, "_prior_pf", prior_pf)
 
+    _prior_pf: nn.Module  # set with object.__setattr__ in __init__
+
     @property
     def prior_pf(self) -> nn.Module:
         """The fixed prior forward policy (not a submodule; not in ``state_dict``)."""
@@ -202,7 +204,7 @@ class RelativeTrajectoryBalanceGFlowNet(LogZMixin, RelativeTBBase):
         super().__init__(pf, prior_pf, beta=beta, log_reward_clip_min=log_reward_clip_min, debug=debug, loss_fn=loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
@@ -237,7 +239,7 @@ class RelativeLogPartitionVarianceGFlowNet(RelativeTBBase):
     Args: as ``RelativeTBBase``.
     """
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
@@ -322,7 +324,7 @@ class TrustPCLGFlowNet(RelativeTrajectoryBalanceGFlowNet):
             raise ValueError("v_soft_s0: logZ is a conditional ScalarEstimator; use alpha * logz_value(trajectories)")
         return self._alpha * self.logZ
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,

@@ -99,7 +99,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
         """Parameters of the state-flow estimator."""
         return list(self.logF.parameters())
 
-    def get_scores(
+    def get_scores(  # type: ignore[override]  # SubTB's scores come with their weights
         self,
         trajectories: Trajectories,
         recalculate_all_logprobs: bool = True,
@@ -189,7 +189,7 @@ class SubTBGFlowNet(TrajectoryBasedGFlowNet):
             weights = N * (wL / counts.clamp(min=1))[idx]
         return torch.where(valid, weights * loss_TTN, torch.zeros_like(loss_TTN)).sum(dim=(0, 1))
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,

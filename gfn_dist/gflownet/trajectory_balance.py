@@ -63,7 +63,7 @@ class TBGFlowNet(LogZMixin, TrajectoryBasedGFlowNet):
         super().__init__(pf, pb, constant_pb, log_reward_clip_min, debug, loss_fn)
         self.logZ = logZ if logZ is not None else nn.Parameter(torch.tensor(float(init_logZ)))
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
@@ -98,7 +98,7 @@ class LogPartitionVarianceGFlowNet(TrajectoryBasedGFlowNet):
     Args: as ``TrajectoryBasedGFlowNet``.
     """
 
-    def loss(
+    def loss(  # type: ignore[override]  # loss-specific keyword arguments
         self,
         env,
         trajectories: Trajectories,
