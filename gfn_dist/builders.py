@@ -190,8 +190,9 @@ def _check_policy_output(est, env, key: str, path: str, recurrent: bool) -> None
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
             feats = est.preprocessor(x)
-            if recurrent:
-                out, _ = est.module(est._step_inputs(x, None), est.init_carry(2, x.device))
+            if recurrent:  # one step as the estimator calls it: tokens (N, T = 1) -> logits (N, 1, A)
+                out, _ = est.module(est._step_inputs(x, None).unsqueeze(1), est.init_carry(2, x.device))
+                out = out.squeeze(1) if isinstance(out, torch.Tensor) and out.dim() == 3 else out
             else:
                 out = est.module(feats)
         except Exception as err:
