@@ -32,11 +32,12 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 
 from gfn_dist.actions import Actions
+from gfn_dist.compiled_rollout import Chunk
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.policy import MaskedCategorical
 from gfn_dist.states import States
@@ -53,31 +54,6 @@ def _action_indices(a: torch.Tensor, n: int) -> torch.Tensor:
 def _keep_graph(save_logprobs: bool) -> bool:
     """Whether a rollout records autograd: only to return differentiable saved log-probs."""
     return save_logprobs and torch.is_grad_enabled()
-
-
-def compile_supported(device: str | torch.device = "cpu") -> bool:
-    """Whether ``Sampler(compile=True)`` can build its chunks for ``device`` here: a C++
-    compiler for CPU (inductor's), Triton for CUDA. Without it the sampler warns and
-    samples eagerly."""
-    try:
-        if torch.device(device).type == "cpu":
-            from torch._inductor import cpp_builder
-
-            return bool(cpp_builder.get_cpp_compiler())
-        import importlib.util
-
-        return importlib.util.find_spec("triton") is not None
-    except Exception:  # no compiler / Triton found, or an API change
-        return False
-
-
-class _Chunk(NamedTuple):
-    """A compiled rollout chunk (``Sampler(compile=True)``) and its schedule."""
-
-    fn: Any  # the torch.compile-d chunk
-    n_chunks: int  # chunks per rollout
-    steps: int  # steps per chunk (n_chunks * steps >= env.max_traj_len)
-    with_rewards: bool  # the chunk returns the terminating states' log-rewards
 
 
 class Sampler:
@@ -368,7 +344,7 @@ class Sampler:
         code = chunk.__code__.replace(co_name=f"chunk_{next(_chunk_ids)}")
         chunk = types.FunctionType(code, chunk.__globals__, code.co_name, None, chunk.__closure__)
         options = self.compile_options if x.device.type == "cpu" else self.compile_options_accelerator
-        entry = _Chunk(
+        entry = Chunk(
             torch.compile(chunk, dynamic=False, options=dict(options)), n_chunks, -(-T_max // n_chunks), with_rewards
         )
         self._chunks[key] = (env, entry)  # the env is kept: its id stays unique while cached

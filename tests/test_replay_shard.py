@@ -12,7 +12,8 @@ import ray
 import torch
 from tensordict import TensorDict
 
-from gfn_dist.distributed.replay_client import ReplayClient, allocate_proportional, shard_for_actor
+from gfn_dist.distributed.replay_client import ReplayClient
+from gfn_dist.distributed.routing import allocate_proportional, shard_for_actor
 from gfn_dist.distributed.replay_shard import (
     ReplayShard,
     ReplayShardConfig,

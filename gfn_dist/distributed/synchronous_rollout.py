@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import ray
 import torch.distributed as dist
 
-from gfn_dist.distributed.replay_client import allocate_proportional
 from gfn_dist.distributed.rollout_actor import RolloutBuilder, RolloutWorker
+from gfn_dist.distributed.routing import allocate_proportional
 from gfn_dist.distributed.weight_store import cpu_state_dict
 
 if TYPE_CHECKING:  # the run layer's config, read through its attributes only
