@@ -161,6 +161,8 @@ class Trainer:
         answer: Any = None
         if self.owner:
             try:
+                if cfg.cluster.address:  # an address that does not answer: refused before RUN_DIR is created
+                    cluster.wait_for_cluster(cfg.cluster.address, cfg.cluster.connect_timeout_s)
                 run_dir = Path(cfg.run.dir or resume_run_dir(cfg, preset) or default_run_dir(preset)).absolute()
                 self.lock = RunDirLock(run_dir, cfg.run.dir_mode).acquire()  # type: ignore[arg-type]  # dir_mode is an int once the config is loaded
                 answer = (str(run_dir), check_resumable(cfg, run_dir))
@@ -173,8 +175,6 @@ class Trainer:
         cfg.run.dir = str(self.run_dir)  # the resolved config records where the run went (absolute: workers)
         # An embedded Ray's session directory (its sockets) private to this user (Ray makes its own 0777).
         t0 = time.perf_counter()
-        if self.owner:
-            logger.info("start-up: %s Ray ...", "connecting to" if cfg.cluster.address else "starting an embedded")
         self.ray_ctx = cluster.bring_up_ray(
             cfg, self.ctx, temp_dir=ray_temp_dir() if self.owner else None, runtime_env=runtime_env_of(cfg)
         )
