@@ -14,7 +14,8 @@ bits as in the molecule tasks of arXiv:2310.02710 (Local Search GFlowNets).
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def require_chem() -> tuple[Any, Any]:
     return _modules["Chem"], _modules["selfies"]
 
 
-def mol_from_smiles(smiles: str) -> Optional[Any]:
+def mol_from_smiles(smiles: str) -> Any | None:
     """RDKit molecule of ``smiles``, or None for an empty or unparsable string."""
     chem, _ = require_chem()
     if not smiles:

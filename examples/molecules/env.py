@@ -21,15 +21,14 @@ The state space (``V ** max_length`` strings) is not enumerable: only sampled me
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from gfn_dist.env import DiscreteEnv
-from gfn_dist.gym.bitsequence import SequencePreprocessor
-
 from examples.molecules.chem import qed_of_smiles, require_chem, selfies_to_smiles
 from examples.molecules.metrics import QED_THRESHOLD, SIMILARITY_THRESHOLD, molecule_metrics
+from gfn_dist.env import DiscreteEnv
+from gfn_dist.gym.bitsequence import SequencePreprocessor
 
 #: The default alphabet: organic-subset atoms with their bond orders, the common charged
 #: nitrogen / oxygen forms, halogens, and branches / rings of size 1-2. 26 tokens, sorted.
@@ -80,7 +79,8 @@ class SelfiesEnv(DiscreteEnv):
         robust = set(sf.get_semantic_robust_alphabet())
         if isinstance(alphabet, str):
             if alphabet not in ("small", "robust"):
-                raise ValueError(f"SelfiesEnv: alphabet must be 'small', 'robust' or a list of tokens, got {alphabet!r}")
+                raise ValueError(f"SelfiesEnv: alphabet must be 'small', 'robust' or a list of tokens, "
+                                 f"got {alphabet!r}")
             tokens = SMALL_ALPHABET if alphabet == "small" else robust
         else:
             tokens = tuple(alphabet)
@@ -176,7 +176,7 @@ class SelfiesEnv(DiscreteEnv):
                 f"qed_floor={self.qed_floor})")
 
 
-def uniform_terminal_states(env: SelfiesEnv, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def uniform_terminal_states(env: SelfiesEnv, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Terminal states of ``n`` trajectories of the uniform policy (uniform over allowed actions at each step).
 
     The baseline of the tests and the README: what an untrained, uniform P_F samples.

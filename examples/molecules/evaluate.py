@@ -16,19 +16,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from gfn_dist.evaluate import load_policy, sample_terminal_states
-
 from examples.molecules.env import SelfiesEnv, uniform_terminal_states
+from gfn_dist.evaluate import load_policy, sample_terminal_states
 
 logger = logging.getLogger(__name__)
 
 
 def policy_molecule_metrics(run_dir: str | Path, num_samples: int = 1000, seed: int = 0, top_k: int = 100,
-                            samples_name: Optional[str] = "final") -> tuple[dict, SelfiesEnv]:
+                            samples_name: str | None = "final") -> tuple[dict, SelfiesEnv]:
     """Molecule metrics of ``num_samples`` molecules from a run's learned P_F (no exploration).
 
     Args:
@@ -66,12 +64,12 @@ def write_smiles(path: str | Path, env: SelfiesEnv, states: torch.Tensor) -> Pat
     smiles, qeds = env.describe(states), env.qed_tensor(states).tolist()
     with open(path, "w", encoding="utf-8") as f:
         f.write("smiles\tqed\n")
-        for s, q in zip(smiles, qeds):
+        for s, q in zip(smiles, qeds, strict=True):
             f.write(f"{s}\t{q:.6f}\n")
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--num-samples", type=int, default=1000)

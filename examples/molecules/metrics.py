@@ -22,11 +22,11 @@ says which) and both thresholds are configuration values.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from examples.molecules.chem import morgan_fingerprints, mol_from_smiles, qed, tanimoto_matrix
+from examples.molecules.chem import mol_from_smiles, morgan_fingerprints, qed, tanimoto_matrix
 
 #: Default thresholds (see the module doc and configs/molecules_qed.yaml).
 QED_THRESHOLD = 0.7
@@ -74,7 +74,7 @@ def count_modes(smiles: Sequence[str], qeds: np.ndarray, qed_threshold: float = 
     """
     if len(smiles) != len(qeds):
         raise ValueError(f"count_modes: {len(smiles)} molecules but {len(qeds)} QED values")
-    cand = [s for s, q in zip(smiles, qeds) if q >= qed_threshold]
+    cand = [s for s, q in zip(smiles, qeds, strict=True) if q >= qed_threshold]
     if not cand:
         return 0
     from rdkit import DataStructs
