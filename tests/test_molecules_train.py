@@ -5,11 +5,11 @@ one rollout actor computing RDKit's QED), then:
 
 * the run's own sampled evaluation (``RUN_DIR/metrics.jsonl``): the last ``eval/log_reward_mean``
   (mean of ``16 log QED`` over 512 samples) exceeds the uniform policy's by more than 3.0 nats.
-  Measured: uniform (512 samples, 5 seeds) -18.5 .. -19.5; trained runs of 500-600 steps -13.3 .. -13.5.
+  Measured: uniform (512 samples, 5 seeds) -18.5 .. -19.5; trained runs of 500-600 steps -13.2 .. -14.3.
 * the molecule metrics of the trained policy (``examples.molecules.evaluate``, 1024 samples) against the
   uniform policy's on as many samples: ``eval/qed_top100_mean`` higher by more than 0.015 (uniform, 5
-  seeds: 0.4625 .. 0.4672; trained 500-step runs: 0.495 .. 0.51) and ``eval/qed_mean`` by more than
-  0.04 (uniform 0.354 .. 0.357; trained 0.436 .. 0.441).
+  seeds: 0.4625 .. 0.4672; trained 500-600-step runs: 0.495 .. 0.528) and ``eval/qed_mean`` by more than
+  0.04 (uniform 0.354 .. 0.357; trained 0.427 .. 0.441).
 
 Margins are several times the uniform policy's seed-to-seed spread and about half the measured gain.
 """
