@@ -256,3 +256,13 @@ def test_cli_without_the_extra_exits_2_naming_it(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and 'pip install -e ".[chem]"' in lines[0], proc.stderr
+
+
+def test_oracle_env_reward_and_arguments():
+    from examples.molecules.oracle import OracleSelfiesEnv
+
+    env = OracleSelfiesEnv(delay_ms_per_batch=0.0, max_length=4, beta=2.0)
+    x = torch.tensor([[0, 1, -1, -1], [3, 3, 3, 3]])
+    assert torch.allclose(env.log_reward_tensor(x), 2.0 * torch.log(torch.tensor([0.5, 1.0])))
+    with pytest.raises(ValueError, match="delay_ms_per_batch"):
+        OracleSelfiesEnv(delay_ms_per_batch=-1.0)
