@@ -12,7 +12,6 @@ import argparse
 import json
 
 import torch
-
 from gfn.estimators import DiscretePolicyEstimator, ScalarEstimator
 from gfn.gflownet import DBGFlowNet, SubTBGFlowNet, TBGFlowNet
 from gfn.gym import HyperGrid
