@@ -25,6 +25,7 @@ It is a ``Stateful`` (``state_dict`` / ``load_state_dict``) for checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -129,6 +130,7 @@ def sampled_metrics(
     modes: ModesTracker | None = None,
     seed: int | None = None,
     batch_size: int = 4096,
+    on_states: Callable[[torch.Tensor], dict] | None = None,
 ) -> dict:
     """The sampled metrics of the module doc, from ``num_samples`` trajectories of ``pf``.
 
@@ -143,6 +145,8 @@ def sampled_metrics(
         seed: when set, sample from a forked RNG seeded with it (the global RNG is
             left as it was); when None, from the global RNG.
         batch_size: trajectories per sampler call.
+        on_states: optional ``(terminal states (n, *state_shape)) -> dict``: task-specific metrics of
+            the same samples (e.g. a molecule environment's), merged into the result.
 
     Returns:
         ``{name: float | int}`` (module doc).
@@ -177,4 +181,6 @@ def sampled_metrics(
     if modes is not None and ModesTracker.supported(env):
         modes.update(states)
         out.update(modes.metrics())
+    if on_states is not None:
+        out.update(on_states(states))
     return out

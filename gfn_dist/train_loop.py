@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from gfn_dist.distributed.topology import Topology
 from gfn_dist.distributed.waiting import WaitStopped
 from gfn_dist.distributed.weight_store import cpu_state_dict
 from gfn_dist.errors import ReplayStalled
+from gfn_dist.files import atomic_write_text
 from gfn_dist.preemption import preemption_requested
 from gfn_dist.progress import Progress
 from gfn_dist.sampled_eval import ModesTracker, sampled_metrics
@@ -65,6 +67,11 @@ class Evaluator:
     current P_F (seeded by ``run.seed`` and the step: the training RNG is not touched), and
     ``eval/modes_found``: distinct modes among every terminal state the learner consumed
     (``observe``) and sampled here, when the environment defines modes.
+
+    Task hooks (optional methods of the environment, on the same samples): ``eval_metrics(states
+    (n, *state_shape), top_k) -> dict`` adds task metrics (e.g. a molecule task's
+    ``eval/qed_top100_mean``); ``describe(states) -> list[str]`` writes one line per sample to
+    ``RUN_DIR/samples/step_<N>.txt`` (e.g. SMILES).
     """
 
     def __init__(self, cfg: TrainConfig, env, policies, gflownet) -> None:
@@ -78,6 +85,17 @@ class Evaluator:
         if self.modes is not None:
             states, idx = td["states"], td["terminating_idx"]
             self.modes.update(states[torch.arange(states.shape[0], device=states.device), idx - 1])
+
+    def _task_metrics(self, states: torch.Tensor, step: int) -> dict:
+        """The environment's own metrics of sampled terminal states, and their descriptions on disk."""
+        out: dict = {}
+        if callable(getattr(self.env, "eval_metrics", None)):
+            out.update(self.env.eval_metrics(states, self.cfg.eval.top_k))
+        if callable(getattr(self.env, "describe", None)) and self.cfg.run.dir:
+            samples = Path(self.cfg.run.dir) / "samples"
+            samples.mkdir(exist_ok=True)
+            atomic_write_text(samples / f"step_{step}.txt", "\n".join(self.env.describe(states)) + "\n")
+        return out
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:

@@ -47,6 +47,11 @@ def test_molecule_preset_beats_the_uniform_policy(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in rows if "eval/log_reward_mean" in r]
     assert evals and evals[-1]["step"] == STEPS
+    # The environment's own metrics at every evaluation (the Evaluator's eval_metrics / describe hooks).
+    for key in ("eval/qed_top100_mean", "eval/num_modes", "eval/diversity", "eval/validity", "eval/uniqueness"):
+        assert key in evals[-1], key
+    smiles = (run_dir / "samples" / f"step_{STEPS}.txt").read_text().splitlines()
+    assert len(smiles) == evals[-1]["eval/num_unique"] or len(smiles) == load_config(str(PRESET), []).eval.num_samples
     cfg = load_config(str(PRESET), [])
     env = build_env(cfg)
     x = uniform_terminal_states(env, cfg.eval.num_samples, torch.Generator().manual_seed(0))
