@@ -123,6 +123,7 @@ class Evaluator:
                     log_z=logz,
                     modes=self.modes,
                     seed=self.cfg.run.seed + 7919 * step,
+                    on_states=lambda states: self._task_metrics(states, step),
                 )
             )
         elif self.modes is not None:
