@@ -130,7 +130,7 @@ def test_embedded_ray_and_driver_signal_stop(tmp_path, monkeypatch):
     assert not ray.is_initialized()
 
     step = trainer.learner.step
-    assert trainer.learner.preempted and 1 <= step < budget
+    assert trainer.preempted and 1 <= step < budget
     (ckpt_step, ckpt), = list_checkpoints(run_dir / "checkpoints")  # the preemption checkpoint only
     meta = json.loads((ckpt / "meta.json").read_text())
     assert ckpt_step == step and meta["reason"] == "preempt" and meta["world_size"] == W
@@ -247,7 +247,7 @@ def test_faults_under_ray_launcher(tmp_path):
         clear_preemption()
         trainer.close()
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert trainer.learner.preempted and last["step"] == rows[-1]["step"] == trainer.learner.step
+    assert trainer.preempted and last["step"] == rows[-1]["step"] == trainer.learner.step
     lost = at_death["journal"]["num_inserts"] - at_death["inserts"]
     restarted = [r for r in rows if r.get("replay/shard_restarts") == 1]
     assert restarted, "the shard restart never reached the metric rows"

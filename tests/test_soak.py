@@ -111,7 +111,7 @@ def test_soak_two_actors_two_shards(tmp_path):
         clear_preemption()
         trainer.close()
 
-    assert trainer.learner.preempted and row["step"] == trainer.learner.step
+    assert trainer.preempted and row["step"] == trainer.learner.step
     assert failures["actors/failures"] == 0 and failures["actors/restarts"] == 0
     assert row["buffer/rejected"] == 0 and failures["rollout/dropped"] == 0
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
