@@ -136,6 +136,7 @@ class Trainer:
         self.process: LearnerProcess | None = None
         self.metrics: Any = MetricLogger([])
         self.lock: RunDirLock | None = None
+        self._summary = LearnerSummary()  # rank 0's learner as the driver of a Ray Train run knows it
         self.last_row: dict = {}
         try:
             self._setup(preset)
@@ -223,13 +224,12 @@ class Trainer:
         """The in-process ``Learner``; for ``cluster.launcher=ray``, rank 0's ``LearnerSummary``."""
         if self.process is not None:
             return self.process.learner
-        return self._summary if hasattr(self, "_summary") else LearnerSummary()
+        return self._summary
 
     @property
     def preempted(self) -> bool:
-        return bool(getattr(self.learner, "preempted", False)) or bool(
-            self.process is not None and self.process.preempted
-        )
+        """Whether training stopped early on SIGTERM / SIGINT (after a checkpoint)."""
+        return self.process.preempted if self.process is not None else self._summary.preempted
 
     @property
     def gflownet(self):
