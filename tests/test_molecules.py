@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,18 @@ def test_oracle_env_reward_and_arguments():
     assert torch.allclose(env.log_reward_tensor(x), 2.0 * torch.log(torch.tensor([0.5, 1.0])))
     with pytest.raises(ValueError, match="delay_ms_per_batch"):
         OracleSelfiesEnv(delay_ms_per_batch=-1.0)
+    with pytest.raises(ValueError, match="score"):
+        OracleSelfiesEnv(delay_ms_per_batch=0.0, score="docking")
+
+
+def test_oracle_env_qed_score_equals_the_qed_reward():
+    from examples.molecules import SelfiesEnv
+    from examples.molecules.oracle import OracleSelfiesEnv
+
+    kw = dict(max_length=6, beta=4.0)
+    oracle, plain = OracleSelfiesEnv(delay_ms_per_batch=30.0, score="qed", **kw), SelfiesEnv(**kw)
+    x = torch.tensor([[0, 1, 2, -1, -1, -1], [3, 3, 3, 3, 3, 3], [5, -1, -1, -1, -1, -1]])
+    t0 = time.perf_counter()
+    got = oracle.log_reward_tensor(x)
+    assert time.perf_counter() - t0 >= 0.03  # the oracle's latency is paid
+    assert torch.allclose(got, plain.log_reward_tensor(x))
