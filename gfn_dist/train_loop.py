@@ -210,6 +210,7 @@ class LearnerProcess:
         """
         self.metrics = metrics if self.ctx.is_main else None
         learner, total = self.learner, self.learner.total_steps
+        first_step = learner.step  # 0, or the resumed step (its row was written before)
         if self.supervisor is not None:
             self.supervisor.start()  # calls every rollout actor's run()
         self.publish(force=True)  # version `step` (0, or a resumed step): the actors start from these
@@ -245,6 +246,8 @@ class LearnerProcess:
                 if self.checkpointer.is_due(learner.step):
                     self.checkpointer.save(learner.step, reason="interval")
             if not ready:
+                if learner.step > first_step and self.last_row.get("step") != learner.step:
+                    self.log(bar)  # the metrics end at the step the checkpoint holds
                 self.checkpointer.save(learner.step, reason="preempt")
                 self.preempted = True
             elif not self.preempted:
