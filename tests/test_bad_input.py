@@ -195,7 +195,7 @@ def _batch(n: int = 4, **changes) -> TensorDict:
 @pytest.fixture(scope="module")
 def replay_with_data():
     """Two shards on a local Ray, each holding 8 valid items."""
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     client = ReplayClient(create_replay_shards(2, ReplayShardConfig(capacity=32, seed=0), name_prefix=None,
                                                num_cpus=0), timeout_s=10)
     for i in range(2):
@@ -336,7 +336,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+#: cases that start Ray (a shard pair) or a CLI process that dials a Ray address: the cluster tier
+_CLUSTER_CASES = ("batch-", "address-")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.cluster) if c.name.startswith(_CLUSTER_CASES) else c for c in CASES],
+    ids=[c.name for c in CASES],
+)
 def test_bad_input(case, request, tmp_path, capsys, caplog, monkeypatch):
     ctx = Ctx(request, tmp_path, capsys, caplog, monkeypatch)
     message = case.run(ctx)

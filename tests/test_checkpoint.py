@@ -55,7 +55,7 @@ def _run(cfg) -> dict:
 def runs(tmp_path_factory):
     """Reference run of 2K steps; run of K steps, then resumed to 2K in a new Trainer."""
     root = tmp_path_factory.mktemp("ckpt")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ref = _run(_cfg(root / "ref", f"learner.max_steps={2 * K}"))
         first = _run(_cfg(root / "split", f"learner.max_steps={K}"))

@@ -40,7 +40,7 @@ from gfn_dist.distributed.weight_store import WeightPublisher, WeightSubscriber,
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
-pytestmark = pytest.mark.slow  # fault injection in full runs (the fast tier: -m "not cluster and not slow")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # fault injection in full runs on a local Ray
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # helpers below run inside actors
 
@@ -50,7 +50,7 @@ RESTART_DELAY_S = 6.0  # the slow-restart shard's constructor sleeps this long a
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

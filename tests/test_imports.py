@@ -49,6 +49,7 @@ def test_runtime_env_errors_name_the_key(overrides, key):
         runtime_env_of(load_config(None, overrides))
 
 
+@pytest.mark.cluster  # Ray started in a subprocess
 def test_ray_workers_import_user_code_only_through_py_modules(tmp_path):
     """A module importable neither by the driver's path nor the workers' reaches a Ray task via py_modules."""
     pkg = tmp_path / "shipped_pkg_gfn"
@@ -59,7 +60,7 @@ def test_ray_workers_import_user_code_only_through_py_modules(tmp_path):
         from gfn_dist.config import load_config
         from gfn_dist.imports import runtime_env_of
         cfg = load_config(None, ["cluster.py_modules=[{pkg}]"])
-        ray.init(num_cpus=1, include_dashboard=False, runtime_env=runtime_env_of(cfg), log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=runtime_env_of(cfg), log_to_driver=False)
 
         @ray.remote
         def value():

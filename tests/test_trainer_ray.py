@@ -40,7 +40,7 @@ from gfn_dist.distributed.wire import td_from_wire
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
-pytestmark = pytest.mark.slow  # full pipeline runs on a local Ray (the fast tier: -m "not cluster and not slow")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # full pipeline runs on a local Ray
 
 BATCH, PUSH, CAPACITY, SPI, TOLERANCE, SYNC_EVERY, STEPS = 16, 8, 16, 1.0, 16.0, 2, 40
 
@@ -57,7 +57,7 @@ def lag_bound(cfg) -> int:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
