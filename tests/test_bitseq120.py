@@ -29,6 +29,7 @@ def test_preset_is_the_standard_setting():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # gfn-dist train with an embedded Ray
 def test_bitseq120_train_reports_sampled_metrics_only(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -22,6 +22,8 @@ from gfn_dist.config import load_config
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.train import main
 
+pytestmark = pytest.mark.cluster  # gfn-dist train runs with an embedded Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_METRICS = (
     "step", "trajectories", "world_size", "loss", "logZ", "traj_per_s", "traj_per_s/produced",

@@ -30,6 +30,8 @@ from examples.molecules.evaluate import policy_molecule_metrics, uniform_molecul
 from gfn_dist.builders import build_env
 from gfn_dist.config import load_config
 
+pytestmark = pytest.mark.cluster  # gfn-dist train in a subprocess with an embedded Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "molecules_qed.yaml"
 STEPS = 500

@@ -50,6 +50,7 @@ def _newest_items(shard: dict, k: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # gfn-dist train in a subprocess with an embedded Ray
 def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run_dir, "learner.max_steps=100000", "checkpoint.interval_steps=0"),

@@ -26,6 +26,8 @@ import torch
 from gfn_dist.config import ConfigError, load_config
 from gfn_dist.metrics import read_jsonl
 
+pytestmark = pytest.mark.cluster  # cluster.launcher=ray, cluster.address, multi-node Ray
+
 STEPS, BATCH, W = 12, 16, 2
 
 

@@ -51,6 +51,7 @@ def test_bad_input_raises_config_error(config, overrides, match, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # gfn_dist.run starts an embedded Ray
 def test_run_trains_user_task_and_returns_last_row(tmp_path, monkeypatch):
     # Ray workers inherit the driver's environment: the user's package comes from PYTHONPATH,
     # as under `gfn-dist train` (tests/test_user_task_train.py).

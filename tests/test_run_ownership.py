@@ -22,7 +22,7 @@ from pathlib import Path
 from gfn_dist import checkpoint as ck
 from gfn_dist.metrics import read_jsonl
 
-pytestmark = pytest.mark.slow  # real CLI runs with Ray (the fast tier: -m "not cluster and not slow")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # real CLI runs with an embedded Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cluster  # a local SLURM
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
 TORCHRUN_SBATCH = REPO / "slurm" / "torchrun_multinode.sbatch"

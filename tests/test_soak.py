@@ -35,7 +35,7 @@ from gfn_dist.distributed import ray_compat
 from gfn_dist.metrics import read_jsonl
 from gfn_dist.trainer import Trainer
 
-pytestmark = pytest.mark.slow  # a minutes-long soak (the fast tier: -m "not cluster and not slow")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a minutes-long soak on a local Ray
 
 logger = logging.getLogger(__name__)
 

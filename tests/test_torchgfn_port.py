@@ -36,6 +36,7 @@ def test_only_imports_differ():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # two training scripts in subprocesses
 def test_script_reaches_the_same_exact_l1_under_both(tmp_path):
     ported = tmp_path / "train_hypergrid_gfn_dist.py"
     ported.write_text(renamed(SCRIPT.read_text()))

@@ -20,11 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gfn_dist.builders import build_env, build_policies, exact_terminating_distribution
 from gfn_dist.config import load_config
 from gfn_dist.metrics import read_jsonl
+
+pytestmark = pytest.mark.cluster  # gfn-dist train in a subprocess with an embedded Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "tests" / "user_task" / "torchgfn_hypergrid_tb.yaml"

@@ -9,6 +9,8 @@ import pytest
 
 from gfn_dist.metrics import read_jsonl
 
+pytestmark = pytest.mark.cluster  # torchrun of the real entry point
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 

@@ -21,6 +21,8 @@ import pytest
 
 from gfn_dist.metrics import read_jsonl
 
+pytestmark = pytest.mark.cluster  # Ray workers with a runtime_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "user_task_copy"
 

@@ -15,6 +15,8 @@ import pytest
 
 from gfn_dist.metrics import read_jsonl
 
+pytestmark = pytest.mark.cluster  # gfn-dist train in a subprocess with an embedded Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
