@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--rewards", nargs="+", default=["qed", "oracle"], choices=["qed", "oracle"])
     p.add_argument("--actors", type=int, nargs="+", default=None,
                    help="gfn_dist runs (default: 2 for qed -- two cores --, 1 and 8 for oracle)")
-    p.add_argument("--target", type=float, default=0.55, help=f"{METRIC} to reach")
+    p.add_argument("--target", type=float, default=0.50, help=f"{METRIC} to reach")
     p.add_argument("--delay-ms", type=float, default=1000.0, help="oracle latency per batch of 64")
     p.add_argument("--budget-s", type=float, default=None, help="single loop's limit (default 600; --quick 240)")
     p.add_argument("--dist-steps", type=int, default=None,

@@ -108,8 +108,6 @@ def test_defaults_validate():
 
 def test_sampler_compile_key_builds_a_compiling_sampler():
     """``sampler.compile=true`` reaches the rollout sampler (off by default)."""
-    import torch
-
     from gfn_dist.builders import build_env, build_policies, build_sampler
 
     for value in (False, True):
@@ -117,6 +115,6 @@ def test_sampler_compile_key_builds_a_compiling_sampler():
         env = build_env(cfg)
         sampler, kwargs = build_sampler(cfg, build_policies(cfg, env))
         assert sampler.compile is value
-    torch.manual_seed(0)
-    traj = sampler.sample_trajectories(env, n=4, **kwargs)  # the compiled path, the preset's kwargs
-    assert sampler.compile and sampler._chunks and traj.n_trajectories == 4
+        assert not sampler._chunks  # nothing compiled before the first rollout (compiling is lazy)
+    # The compiled rollout itself (its equality with the eager one, chunks per environment) is
+    # tested in tests/test_sampler.py; running it here would add ~40 s of torch.compile.
