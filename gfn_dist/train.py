@@ -64,6 +64,8 @@ def run_train(config: str | None, overrides: Sequence[str]) -> int:
         trainer = Trainer(cfg, preset=Path(config).stem if config else "run")
         install_preemption_handlers()  # after Ray is up (it installs its own SIGTERM handler)
         row = trainer.train()
+        if not trainer.owner:  # torchrun ranks > 0: global rank 0 reports for the run
+            return 0
         learner = getattr(trainer, "learner", None)
         if getattr(learner, "preempted", False):
             logger.warning(
