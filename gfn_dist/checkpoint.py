@@ -34,7 +34,9 @@ replay shards (before any actor pushes) and the actors' RNG, then publishes
 the restored weights as version ``step`` so actors sample from them. The
 checkpoint's ``env``, ``model``, ``loss.name``, ``replay.num_shards`` and
 ``replay.capacity_per_shard`` must equal the configuration's (a ``ConfigError``
-names every key that differs); budgets, logging, actors etc. may change.
+names every key that differs); budgets, logging, actors etc. may change. The
+configuration a resumed run has (the checkpoint's, with the command line's
+overrides on top) is worked out before the Trainer starts: ``gfn_dist.resume``.
 
 Preemption. ``install_preemption_handlers`` (``gfn_dist.train``) makes SIGTERM
 and SIGINT set a flag instead of killing the process (a second SIGINT aborts).
