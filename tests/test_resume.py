@@ -151,3 +151,18 @@ def test_eval_of_a_checkpoint_writes_beside_the_checkpoints(tmp_path):
     assert metrics["step"] == 4 and not (ckpt / "eval").exists()
     assert run_dir_of(ckpt / "config.yaml", load_config(ckpt / "config.yaml")) == run
     assert run_dir_of(run / "config.yaml", load_config(run / "config.yaml")) == run
+
+
+def test_the_python_api_resumes_the_same_way(tmp_path):
+    import ray
+
+    import gfn_dist
+
+    run = tmp_path / "run"
+    _write_run(run, 8)
+    before = _snapshot(run)
+    # A finished run: its last metrics row, nothing trained, Ray not started, no file touched.
+    assert gfn_dist.run(PRESET, ["resume=true", f"run.dir={run}"]) == {"step": 8}
+    assert not ray.is_initialized() and _snapshot(run) == before
+    with pytest.raises(ConfigError, match=r"resume: env\.hypergrid\.height: checkpoint 8, config 9"):
+        gfn_dist.run(PRESET, ["resume=true", f"run.dir={run}", "env.hypergrid.height=9"])
