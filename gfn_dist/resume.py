@@ -39,7 +39,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gfn_dist.checkpoint_files import latest_checkpoint, latest_intact_checkpoint
 from gfn_dist.config import (
     ConfigError,
     TrainConfig,
@@ -100,6 +99,18 @@ class ResolvedConfig:
 # ---------------------------------------------------------------------------- locating a run, what may change
 
 
+def _newest_checkpoint(root: str | Path) -> tuple[int, Path] | None:
+    """``checkpoint_files.latest_intact_checkpoint(root)`` (torn newer ones skipped with a warning).
+
+    Imported here, not at the top: ``checkpoint_files`` imports torch (1.5 s, far more on a busy
+    node), and ``gfn_dist.train`` imports this module for every run, whose config errors must stay
+    quick; only a resume looks for a checkpoint (``gfn_dist.train`` defers Ray the same way).
+    """
+    from gfn_dist.checkpoint_files import latest_intact_checkpoint
+
+    return latest_intact_checkpoint(root)
+
+
 def checkpoint_root(cfg: TrainConfig, run_dir: str | Path) -> Path:
     """``checkpoint.dir``, or ``run_dir/checkpoints``."""
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
@@ -117,7 +128,7 @@ def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs"
     if cfg.resume == "auto" and int(os.environ.get(RESTART_ENV, "0")) == 0:
         return None
     for d in sorted(Path(runs_root).glob(f"{preset}-*"), reverse=True):  # names end in a sortable timestamp
-        if latest_checkpoint(checkpoint_root(cfg, d)) is not None:
+        if _newest_checkpoint(checkpoint_root(cfg, d)) is not None:
             logger.info("resume: continuing the latest %s run with a checkpoint: %s", preset, d)
             return str(d)
     if cfg.resume is True:
@@ -145,7 +156,7 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> int | None:
     if cfg.resume is False:
         return None
     root = checkpoint_root(cfg, run_dir)
-    found = latest_intact_checkpoint(root)
+    found = _newest_checkpoint(root)
     if found is None:
         if cfg.resume is True:
             raise ConfigError(f"resume: true, but there is no checkpoint in {root}")
@@ -290,7 +301,7 @@ def resolve_train_config(
     if first.resume is False:
         return _fresh(preset, overrides)
     run_dir, root = _where_to_resume(first, preset_name)
-    found = latest_intact_checkpoint(root) if root is not None else None  # torn newer ones: a warning
+    found = _newest_checkpoint(root) if root is not None else None  # torn newer ones: a warning
     if run_dir is None or root is None or found is None:
         if first.resume is True and is_global_rank0():
             raise ConfigError(f"resume: true, but there is no checkpoint in {root}")

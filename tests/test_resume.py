@@ -166,3 +166,13 @@ def test_the_python_api_resumes_the_same_way(tmp_path):
     assert not ray.is_initialized() and _snapshot(run) == before
     with pytest.raises(ConfigError, match=r"resume: env\.hypergrid\.height: checkpoint 8, config 9"):
         gfn_dist.run(PRESET, ["resume=true", f"run.dir={run}", "env.hypergrid.height=9"])
+
+
+def test_the_train_entry_point_imports_neither_torch_nor_ray():
+    """A fresh run's config errors stay quick: checkpoints are looked for (torch) only when resuming."""
+    import subprocess
+    import sys
+
+    code = "import sys, gfn_dist.train; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
