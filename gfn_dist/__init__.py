@@ -40,7 +40,8 @@ def run(config: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Runs the job of ``gfn-dist train CONFIG [overrides...]`` in this process; returns the last metrics row.
 
     The same assembly as the CLI (``gfn_dist.train.run_train``): ``load_config`` (schema
-    defaults <- preset <- overrides), ``resolve_on_policy``, ``gfn_dist.trainer.Trainer``,
+    defaults <- preset <- overrides; when resuming, the checkpoint's config <- overrides,
+    ``gfn_dist.resume``), ``resolve_on_policy``, ``gfn_dist.trainer.Trainer``,
     ``train()``, and ``close()`` in ``finally`` (actors killed, an embedded Ray shut down,
     the run directory's lock released). Unlike the CLI it installs no SIGTERM / SIGINT
     handlers (an embedding program keeps its own; ``gfn_dist.preemption.request_preemption``
@@ -54,17 +55,30 @@ def run(config: str | Path, overrides: Sequence[str] = ()) -> dict:
     Returns:
         the last metrics row logged (a dict: ``step``, ``loss``, ``eval/*``, ``l1_exact``
         on enumerable environments, ...); ``{}`` on a non-owner torchrun rank that logged none.
+        Resuming a run already at its budget trains nothing and returns the last row of its
+        ``metrics.jsonl``.
 
     Raises:
         ConfigError: bad input (unknown key, wrong type, an ``env.name`` that does not import,
             ...), naming the key, before any actor starts.
         ReplayStalled, DiskFullError, ClusterUnreachableError: as the CLI's exit code 1 cases.
     """
-    from gfn_dist.config import load_config, resolve_on_policy
+    import logging
+
+    from gfn_dist.metrics import read_jsonl
     from gfn_dist.preemption import clear_preemption
+    from gfn_dist.resume import log_changes, resolve_train_config
 
     path = _config_path(config)
-    cfg = resolve_on_policy(load_config(path, list(overrides)))
+    resolved = resolve_train_config(str(path), list(overrides))  # resume: the checkpoint's config + overrides
+    if resolved.finished:  # nothing left to train: the run's last row, no Ray
+        logging.getLogger("gfn_dist").info(resolved.finished_message())
+        assert resolved.run_dir is not None  # a finished run is a resumed one
+        metrics = resolved.run_dir / "metrics.jsonl"
+        rows = read_jsonl(metrics) if metrics.is_file() else []
+        return dict(rows[-1]) if rows else {}
+    log_changes(resolved)
+    cfg = resolved.cfg
     from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
     clear_preemption()  # a flag left by an earlier run in this process would stop this one at once

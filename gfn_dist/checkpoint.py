@@ -34,7 +34,9 @@ replay shards (before any actor pushes) and the actors' RNG, then publishes
 the restored weights as version ``step`` so actors sample from them. The
 checkpoint's ``env``, ``model``, ``loss.name``, ``replay.num_shards`` and
 ``replay.capacity_per_shard`` must equal the configuration's (a ``ConfigError``
-names every key that differs); budgets, logging, actors etc. may change.
+names every key that differs); budgets, logging, actors etc. may change. The
+configuration a resumed run has (the checkpoint's, with the command line's
+overrides on top) is worked out before the Trainer starts: ``gfn_dist.resume``.
 
 Preemption. ``install_preemption_handlers`` (``gfn_dist.train``) makes SIGTERM
 and SIGINT set a flag instead of killing the process (a second SIGINT aborts).
@@ -96,17 +98,21 @@ from gfn_dist.checkpoint_files import (  # noqa: F401  (re-exported: the file la
     verify_checkpoint,
     write_checkpoint,
 )
-from gfn_dist.config import ConfigError, TrainConfig, to_dict, to_yaml
+from gfn_dist.config import ConfigError, TrainConfig, to_yaml
 from gfn_dist.distributed import ray_compat
 from gfn_dist.preemption import preemption_requested
+from gfn_dist.resume import (  # noqa: F401  (re-exported: which run and config a resume continues live there)
+    COMPAT_KEYS,
+    RESTART_ENV,
+    check_resumable,
+    checkpoint_root,
+    config_differences,
+    resume_run_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "GFN_DIST_FAULT_INJECT"
-RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
-#: Configuration keys a checkpoint must share with the run that resumes it (shapes of
-#: the model, the environment and the replay snapshots). A section name covers all its keys.
-COMPAT_KEYS = ("env", "model", "loss.name", "replay.num_shards", "replay.capacity_per_shard")
 
 
 # ---------------------------------------------------------------------------- fault injection (test hook)
@@ -128,97 +134,8 @@ def fault_injection_from_env() -> tuple[int, int, int] | None:
         raise ValueError(f"{FAULT_ENV}: expected 'rank:R,step:S[,attempt:A]', got {spec!r}") from err
 
 
-# ---------------------------------------------------------------------------- locating checkpoints
-
-
-def checkpoint_root(cfg: TrainConfig, run_dir: str | Path) -> Path:
-    """``checkpoint.dir``, or ``run_dir/checkpoints``."""
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
-
-
-def resume_run_dir(cfg: TrainConfig, preset: str, runs_root: str | Path = "runs") -> str | None:
-    """The run directory to continue when ``run.dir`` is not given (module doc), else None.
-
-    Raises:
-        ConfigError: if ``resume=true`` and no ``runs_root/<preset>-*`` run holds a checkpoint.
-    """
-    if cfg.resume is False or cfg.run.dir or cfg.checkpoint.dir:
-        return None
-    if cfg.resume == "auto" and int(os.environ.get(RESTART_ENV, "0")) == 0:
-        return None
-    for d in sorted(Path(runs_root).glob(f"{preset}-*"), reverse=True):  # names end in a sortable timestamp
-        if latest_checkpoint(checkpoint_root(cfg, d)) is not None:
-            logger.info("resume: continuing the latest %s run with a checkpoint: %s", preset, d)
-            return str(d)
-    if cfg.resume is True:
-        raise ConfigError(
-            f"resume: true, but run.dir is not set and no {runs_root}/{preset}-*/checkpoints/step_* "
-            "exists (set run.dir to the run to continue)"
-        )
-    return None
-
-
 # ---------------------------------------------------------------------------- compatibility
-
-
-def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> int | None:
-    """The step a run in ``run_dir`` resumes from, checked before anything of the run is touched.
-
-    Reads only the newest intact checkpoint's ``config.yaml`` (torn newer ones are skipped
-    with a warning), so a refused resume leaves every file of the run as it was.
-
-    Returns:
-        the checkpoint's step, or None when the run starts fresh (``resume=false``, or ``auto``
-        without a checkpoint).
-
-    Raises:
-        ConfigError: ``resume=true`` without a checkpoint, or the checkpoint's configuration
-            differs in a ``COMPAT_KEYS`` key (every such key named).
-    """
-    if cfg.resume is False:
-        return None
-    root = checkpoint_root(cfg, run_dir)
-    found = latest_intact_checkpoint(root)
-    if found is None:
-        if cfg.resume is True:
-            raise ConfigError(f"resume: true, but there is no checkpoint in {root}")
-        return None
-    step, path = found
-    saved = OmegaConf.to_container(OmegaConf.create((path / "config.yaml").read_text()))
-    diffs = config_differences(saved, cfg)  # type: ignore[arg-type]  # the saved config.yaml is a mapping
-    if diffs:
-        raise ConfigError(f"resume: checkpoint {path} is incompatible with this configuration: " + "; ".join(diffs))
-    return step
-
-
-def _lookup(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return "<missing>"
-        tree = tree[part]
-    return tree
-
-
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
-
-
-def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """``COMPAT_KEYS`` whose values differ between a checkpoint's config and ``cfg``, as
-    ``"key: checkpoint X, config Y"`` lines (empty when compatible)."""
-    current = to_dict(cfg)
-    diffs = []
-    for key in COMPAT_KEYS:
-        a, b = _flatten(_lookup(saved, key), key), _flatten(_lookup(current, key), key)
-        for k in sorted(set(a) | set(b)):
-            if a.get(k, "<missing>") != b.get(k, "<missing>"):
-                diffs.append(f"{k}: checkpoint {a.get(k, '<missing>')!r}, config {b.get(k, '<missing>')!r}")
-    return diffs
+# (which run a resume continues and which config keys must match: gfn_dist.resume)
 
 
 def state_dict_differences(saved: dict, module: torch.nn.Module) -> list[str]:

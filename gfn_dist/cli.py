@@ -1,6 +1,7 @@
 """``gfn-dist`` command line.
 
     gfn-dist train PRESET|CONFIG.yaml [key.sub=value ...]   train (gfn_dist.train)
+    gfn-dist train resume=true run.dir=DIR [key.sub=value ...]  continue a run with its config (gfn_dist.resume)
     gfn-dist config [PRESET|CONFIG.yaml [key.sub=value ...]]  list presets / print a resolved config with docs
     gfn-dist plot RUN_DIR                                   PNGs into RUN_DIR/plots (gfn_dist.plot)
     gfn-dist eval RUN_DIR|CHECKPOINT [--n-samples N]        exact / sampled metrics, samples (gfn_dist.evaluate)
@@ -31,7 +32,12 @@ def _presets_epilog() -> str:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``gfn-dist train`` (and ``python -m gfn_dist.train``) on ``p``."""
-    p.add_argument("config", help="a preset name (e.g. hypergrid_tb) or a YAML file (e.g. configs/hypergrid_tb.yaml)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="a preset name (e.g. hypergrid_tb) or a YAML file (e.g. configs/hypergrid_tb.yaml); "
+        "optional with resume=true run.dir=DIR (the run's own config is used)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. learner.max_steps=200 run.dir=/tmp/r")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _presets_epilog()
@@ -113,17 +119,22 @@ def run_config(ns: argparse.Namespace) -> int:
 
 
 def run_train_command(ns: argparse.Namespace) -> int:
-    """``gfn-dist train``: resolves a preset name, then ``gfn_dist.train.run_train`` (which validates)."""
+    """``gfn-dist train``: resolves a preset name, then ``gfn_dist.train.run_train`` (which validates).
+
+    Resuming needs no preset (``gfn-dist train resume=true run.dir=DIR``, ``gfn_dist.resume``).
+    """
     from gfn_dist.config import ConfigError
     from gfn_dist.config_docs import resolve_config_path
+    from gfn_dist.resume import split_preset
 
+    config, overrides = split_preset(ns.config, ns.overrides)
     try:
-        path = resolve_config_path(ns.config)
+        path = resolve_config_path(config) if config is not None else None
     except ConfigError as err:
         return _config_error("train", err)
     from gfn_dist.train import run_train
 
-    return run_train(str(path), ns.overrides)
+    return run_train(str(path) if path is not None else None, overrides)
 
 
 def run_plot_command(ns: argparse.Namespace) -> int:

@@ -108,26 +108,22 @@ class TrainConfig:
 # ---------------------------------------------------------------------------- loading
 
 
-def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+def format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Schema defaults <- YAML preset <- ``key.sub=value`` overrides, validated.
+def merge_config_layers(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML preset <- ``key.sub=value`` overrides, merged but not built.
 
-    Args:
-        path: a YAML preset (``configs/*.yaml``) or None for the defaults.
-        overrides: dotlist overrides, e.g. ``["learner.batch_size=128", "run.dir=/tmp/x"]``.
-
-    Returns:
-        the validated ``TrainConfig``.
+    Keys and types are checked (OmegaConf's structured merge); the cross-key checks of the
+    dataclasses' ``__post_init__`` are not (``load_config`` runs them). ``gfn_dist.resume``
+    reads ``resume`` / ``run.dir`` from this before it knows which config a resumed run has.
 
     Raises:
-        ConfigError: naming the key, for an unknown key, a wrong type, an out-of-range
-            value, NaN or an infinity, a malformed override or an unreadable preset
-            (or one whose top level is not a mapping).
+        ConfigError: naming the key, for an unknown key, a wrong type, a malformed override or
+            an unreadable preset (or one whose top level is not a mapping).
     """
     schema = OmegaConf.structured(TrainConfig)
     layers = [schema]
@@ -150,12 +146,42 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override {o!r}: expected key.sub=value")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+        return OmegaConf.merge(*layers)  # type: ignore[return-value]  # merging DictConfigs gives a DictConfig
+    except OmegaConfBaseException as err:
+        raise ConfigError(format_omegaconf_error(err)) from err
+
+
+def build_config(merged: DictConfig) -> TrainConfig:
+    """The validated ``TrainConfig`` of merged layers (every ``__post_init__``, ``check_finite``).
+
+    Raises:
+        ConfigError: naming the key, for an out-of-range value, NaN or an infinity, or keys
+            that do not go together.
+    """
+    try:
         cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # a structured config's object
     except OmegaConfBaseException as err:
-        raise ConfigError(_format_omegaconf_error(err)) from err
+        raise ConfigError(format_omegaconf_error(err)) from err
     check_finite(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Schema defaults <- YAML preset <- ``key.sub=value`` overrides, validated.
+
+    Args:
+        path: a YAML preset (``configs/*.yaml``) or None for the defaults.
+        overrides: dotlist overrides, e.g. ``["learner.batch_size=128", "run.dir=/tmp/x"]``.
+
+    Returns:
+        the validated ``TrainConfig``.
+
+    Raises:
+        ConfigError: naming the key, for an unknown key, a wrong type, an out-of-range
+            value, NaN or an infinity, a malformed override or an unreadable preset
+            (or one whose top level is not a mapping).
+    """
+    return build_config(merge_config_layers(path, overrides))
 
 
 #: Float keys for which an infinity is a meaningful setting (-inf: no clipping).

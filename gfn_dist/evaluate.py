@@ -22,7 +22,8 @@ holds), loads the saved weights (``weights_only=True``) and measures:
 It writes ``metrics.json``, ``samples.pt`` (``states`` int64
 ``(n_samples, *state_shape)``, ``log_rewards`` float ``(n_samples,)``) and
 ``samples.csv`` (one row per sample: state coordinates, log-reward) into
-``RUN_DIR/eval/step_<N>/`` unless told otherwise.
+``RUN_DIR/eval/step_<N>/`` unless told otherwise (for a checkpoint directory too: beside
+``checkpoints/``, not inside the checkpoint; ``run_dir_of``).
 
 Which weights. A file is used as is. A checkpoint directory
 (``RUN_DIR/checkpoints/step_N/``, ``gfn_dist.checkpoint``) is read from its
@@ -85,7 +86,7 @@ class LoadedPolicy:
         gflownet: the loss module over ``policies`` (its logZ loaded when saved).
         step: learner steps behind the weights (None if the file does not say).
         weights: the file the weights came from.
-        run_dir: the run directory (where ``config.yaml`` was found).
+        run_dir: the run directory (``run_dir_of``: for a checkpoint, the run it belongs to).
         has_logz: whether the file held the learned logZ (``policy.pt`` holds only the policies).
     """
 
@@ -118,6 +119,24 @@ def find_config(path: str | Path) -> Path:
         if (d / "config.yaml").is_file():
             return d / "config.yaml"
     raise FileNotFoundError(f"{path}: no config.yaml here or in the parent directories (not a gfn-dist run?)")
+
+
+def run_dir_of(config_path: Path, cfg: TrainConfig) -> Path:
+    """The run a ``config.yaml`` belongs to: its own directory, or for a checkpoint's copy
+    (``.../step_N/config.yaml``) the run directory, so that ``eval/`` goes beside ``checkpoints/``.
+
+    A checkpoint under ``RUN_DIR/checkpoints/`` (the default layout, also after the run was
+    moved) gives ``RUN_DIR``; one under ``checkpoint.dir`` elsewhere gives ``run.dir`` when that
+    directory exists here, else the directory holding the ``step_N`` directories.
+    """
+    d = config_path.parent
+    if not _STEP_DIR.match(d.name):
+        return d
+    if d.parent.name == "checkpoints":
+        return d.parent.parent
+    if cfg.run.dir and Path(cfg.run.dir).is_dir():
+        return Path(cfg.run.dir)
+    return d.parent
 
 
 def checkpoint_dirs(run_dir: str | Path, cfg: TrainConfig | None = None) -> list[tuple[int, Path]]:
@@ -242,7 +261,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> LoadedP
         raise ValueError(f"{weights}: weights do not fit the model of {cfg_path}: {str(err).splitlines()[0]}") from err
     policies.eval()
     has_logz = has_logz and logz_of(gflownet) is not None
-    return LoadedPolicy(cfg, env, policies, gflownet, step, Path(weights), cfg_path.parent, has_logz)
+    return LoadedPolicy(cfg, env, policies, gflownet, step, Path(weights), run_dir_of(cfg_path, cfg), has_logz)
 
 
 # ---------------------------------------------------------------------------- metrics

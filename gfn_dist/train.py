@@ -1,5 +1,9 @@
 """Entry point: ``gfn-dist train CONFIG.yaml [key.sub=value ...]``.
 
+Resuming: ``gfn-dist train [CONFIG.yaml] resume=true run.dir=DIR [key.sub=value ...]``
+continues with the run's own config plus the overrides (``gfn_dist.resume``);
+a run already at its budget is reported in one line, exit code 0.
+
 Also ``python -m gfn_dist.train CONFIG.yaml [...]``, the form torchrun runs::
 
     torchrun --standalone --nproc_per_node=2 -m gfn_dist.train configs/hypergrid_tb.yaml
@@ -22,35 +26,46 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gfn_dist.config import ConfigError, load_config, resolve_on_policy
+from gfn_dist.config import ConfigError
 from gfn_dist.errors import ReplayStalled
 from gfn_dist.extras import check_optional_dependencies
 from gfn_dist.metrics import DiskFullError
 from gfn_dist.ray_env import set_embedded_ray_auth
+from gfn_dist.resume import is_global_rank0, log_changes, resolve_train_config, split_preset
 
 logger = logging.getLogger("gfn_dist")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("config", help="YAML preset, e.g. configs/hypergrid_tb.yaml")
+    p.add_argument("config", nargs="?", help="YAML preset, e.g. configs/hypergrid_tb.yaml (optional when resuming)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. learner.max_steps=200 run.dir=/tmp/r")
     return p
 
 
-def run_train(config: str, overrides: Sequence[str]) -> int:
-    """Trains with ``config`` + ``overrides``; returns the process exit code."""
+def run_train(config: str | None, overrides: Sequence[str]) -> int:
+    """Trains with ``config`` + ``overrides`` (a resumed run: its checkpoint's config + ``overrides``,
+    ``gfn_dist.resume``); returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     trainer = None
     try:
-        cfg = resolve_on_policy(load_config(config, overrides))
+        config, overrides = split_preset(config, overrides)  # `train resume=true run.dir=D`: no preset
+        resolved = resolve_train_config(config, overrides)  # reads files only: no lock, no write, no Ray
+        if resolved.finished:  # nothing left to train: say so, exit 0
+            if is_global_rank0():
+                sys.stdout.write(f"gfn-dist: {resolved.finished_message()}\n")
+            return 0
+        log_changes(resolved)  # resume: key: old -> new
+        cfg = resolved.cfg
         check_optional_dependencies(cfg)  # before the heavy imports: seconds, not tens
         set_embedded_ray_auth(cfg.cluster.address)  # before `import ray`: no token-auth warning (gfn_dist.ray_env)
         from gfn_dist.preemption import install_preemption_handlers, preemption_requested
         from gfn_dist.trainer import Trainer  # heavy imports (Ray) only for a valid config
 
-        trainer = Trainer(cfg, preset=Path(config).stem)
+        trainer = Trainer(cfg, preset=Path(config).stem if config else "run")
         install_preemption_handlers()  # after Ray is up (it installs its own SIGTERM handler)
         row = trainer.train()
+        if not trainer.owner:  # torchrun ranks > 0: global rank 0 reports for the run
+            return 0
         learner = getattr(trainer, "learner", None)
         if getattr(learner, "preempted", False):
             logger.warning(

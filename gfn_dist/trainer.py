@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from gfn_dist.builders import build_rollout_parts, validate_task
-from gfn_dist.checkpoint import check_resumable, resume_run_dir
 from gfn_dist.config import (
     ConfigError,
     TrainConfig,
@@ -55,6 +54,7 @@ from gfn_dist.metrics import MetricLogger, truncate_metrics_after
 from gfn_dist.preemption import preemption_requested, request_preemption
 from gfn_dist.preflight import validate_before_start
 from gfn_dist.progress import Progress
+from gfn_dist.resume import check_resumable, resume_run_dir
 from gfn_dist.run_lock import RunDirLock
 from gfn_dist.train_loop import LearnerProcess, run_learner
 

@@ -37,6 +37,8 @@ def test_torchrun_two_ranks(tmp_path):
     assert rows[-1]["trajectories"] == STEPS * 64
     assert "l1_exact" in rows[1] and "l1_exact" in rows[-1]
     assert (run_dir / "config.yaml").is_file()
+    # One "done:" line for the run, from global rank 0 (not one per rank).
+    assert (proc.stdout + proc.stderr).count(" INFO: done: ") == 1, proc.stderr[-3000:]
 
 
 USER_TASK_STEPS = 150
