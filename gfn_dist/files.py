@@ -19,30 +19,27 @@ machine, so another user could rename its sockets and stop the run).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 
+from gfn_dist.errors import DISK_FULL_ERRNOS, DiskFullError, disk_full_errno
+
+__all__ = [
+    "DISK_FULL_ERRNOS",
+    "DiskFullError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "disk_full_errno",
+    "fsync_dir",
+    "fsync_file",
+    "private_dir",
+    "ray_temp_dir",
+]  # DISK_FULL_ERRNOS, DiskFullError, disk_full_errno: re-exported from gfn_dist.errors
+
 logger = logging.getLogger(__name__)
-
-#: errno values of a full disk: no space, or the user's quota (common on cluster filesystems).
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(OSError):
-    """The disk is full (ENOSPC / EDQUOT); the message is one line naming the file.
-
-    Raised by the metrics sink (``gfn_dist.metrics.JsonlSink``, after skipping
-    the row) and by ``write_checkpoint`` (the previous checkpoints untouched);
-    ``gfn-dist train`` catches it to stop with that line.
-    Built as ``DiskFullError(errno, message)``.
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def fsync_file(path: str | Path) -> None:
