@@ -67,7 +67,7 @@ class DriverChannel:
     """Learner rank 0 <-> driver (a Ray actor, ``num_cpus=0``): messages up, a stop request down.
 
     Messages are ``(kind, payload)``: ``("placement", {...})`` once, ``("row", metric_row)``
-    per log step, ``("final", result)`` at the end.
+    per log step, ``("warning", message)`` for the driver's log, ``("final", result)`` at the end.
     """
 
     def __init__(self) -> None:
@@ -98,6 +98,10 @@ class ChannelMetrics:
 
     def log(self, row: dict) -> None:
         ray.get(self.channel.put.remote("row", dict(row)))  # waited on: rows stay in order, errors surface
+
+    def warn(self, message: str) -> None:
+        """A warning for the driver's log (this worker's own log does not reach the driver)."""
+        ray.get(self.channel.put.remote("warning", str(message)))
 
     def close(self) -> None:
         pass
@@ -244,6 +248,8 @@ class RayTrainLearners:
         for kind, payload in ray.get(self.channel.take.remote()):  # type: ignore[union-attr]  # a Ray actor handle
             if kind == "row":
                 on_row(payload)
+            elif kind == "warning":
+                logger.warning("learner rank 0: %s", payload)
             elif kind == "placement":
                 self.nodes, self.backend = payload["nodes"], payload["backend"]
                 logger.info(
