@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from gfn_dist.files import DiskFullError, disk_full_errno, fsync_dir, private_dir
+from gfn_dist.files import fsync_dir, private_dir, raise_if_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def write_checkpoint(
         fsync_dir(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free what was written; never resumed from
-        _raise_if_disk_full(err, final)
+        raise_if_disk_full(err, final)
         raise
     if final.exists():  # e.g. a run resumed at step N and stopped again at N
         old = root / f"{TMP_PREFIX}old_{STEP_PREFIX}{step}"
@@ -302,13 +302,6 @@ def write_checkpoint(
         fsync_dir(root)
     prune_checkpoints(root, keep_last)
     return final
-
-
-def _raise_if_disk_full(err: BaseException, target: Path) -> None:
-    """Raises ``DiskFullError`` (one line naming ``target``) if ``err`` means a full disk."""
-    code = disk_full_errno(err)
-    if code is not None:
-        raise DiskFullError(code, f"disk full writing {target}: {os.strerror(code)}") from None
 
 
 def save_torch_file(path: str | Path, obj: Any, mode: int = 0o600) -> None:
@@ -336,7 +329,7 @@ def save_torch_file(path: str | Path, obj: Any, mode: int = 0o600) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        _raise_if_disk_full(err, path)
+        raise_if_disk_full(err, path)
         raise
     fsync_dir(path.parent)
 

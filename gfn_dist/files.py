@@ -36,6 +36,7 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "private_dir",
+    "raise_if_disk_full",
     "ray_temp_dir",
 ]  # DISK_FULL_ERRNOS, DiskFullError, disk_full_errno: re-exported from gfn_dist.errors
 
@@ -83,11 +84,16 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> None
         mode: permission bits of the new file.
 
     Raises:
-        OSError: if writing fails (e.g. ENOSPC); the target is then unchanged
-            and the temporary file removed.
+        DiskFullError: ``disk full writing PATH: <strerror>`` (ENOSPC / EDQUOT); the target is
+            then unchanged and the temporary file removed.
+        OSError: if writing fails otherwise, with the same guarantee.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise_if_disk_full(err, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -95,11 +101,19 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> None
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise_if_disk_full(err, path)
         raise
     fsync_dir(path.parent)
+
+
+def raise_if_disk_full(err: BaseException, target: Path) -> None:
+    """Raises ``DiskFullError`` (one line naming ``target``) if ``err`` means a full disk."""
+    code = disk_full_errno(err)
+    if code is not None:
+        raise DiskFullError(code, f"disk full writing {target}: {os.strerror(code)}") from None
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int = 0o600) -> None:

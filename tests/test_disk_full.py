@@ -10,6 +10,8 @@ tmpfs mounts (we run as root; a test skips only if ``mount`` is refused, naming 
   directory and leaves the previous checkpoint the newest intact one; ``policy.pt`` is
   replaced atomically (the old file stays whole).
 * A replay shard whose snapshot meets a full disk warns and keeps serving.
+* Under ``cluster.launcher=ray`` (``cluster``) a worker's ``DiskFullError`` reaches the driver
+  as the same one line.
 * The real CLI (``cluster``) on a tmpfs filled mid-run: one line, exit 1, no traceback,
   no torn checkpoint, and ``gfn-dist plot`` still works on the run directory.
 """
@@ -26,19 +28,23 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from tensordict import TensorDict
 
 from gfn_dist import checkpoint_files as ck
+from gfn_dist.distributed.learner_group import RayTrainLearners
 from gfn_dist.distributed.replay_shard import ReplayShard, ReplayShardConfig
 from gfn_dist.distributed.shard_persistence import ShardPersistence
 from gfn_dist.errors import disk_full_errno
-from gfn_dist.files import DiskFullError
+from gfn_dist.files import DiskFullError, atomic_write_text
 from gfn_dist.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = str(ROOT / "configs" / "hypergrid_tb.yaml")
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # a training function below runs in Ray Train
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -110,6 +116,16 @@ def test_policy_file_is_replaced_atomically_on_a_full_disk(small_disk):
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
 
 
+def test_run_files_written_atomically_name_the_file_on_a_full_disk(small_disk):
+    """config.yaml, samples/step_N.txt, a resumed metrics.jsonl: ``atomic_write_text`` says which file."""
+    path = small_disk / "config.yaml"
+    atomic_write_text(path, "a: 1\n")
+    with pytest.raises(DiskFullError) as info:
+        atomic_write_text(path, "x" * (1 << 20))
+    assert str(info.value) == f"disk full writing {path}: {NO_SPACE}"
+    assert path.read_text() == "a: 1\n" and os.listdir(small_disk) == ["config.yaml"]
+
+
 # ---------------------------------------------------------------------- replay shard snapshots
 
 
@@ -151,6 +167,40 @@ def test_replay_shard_snapshot_on_a_full_disk_warns_and_keeps_serving(tmp_path, 
     assert shard.stats()["num_snapshots"] == 1
     saved = torch.load(tmp_path / ShardPersistence.SNAPSHOT, weights_only=True)
     assert saved["buffer"]["storage"]["actor_id"].tolist() == list(range(16))
+
+
+# ---------------------------------------------------------------------- cluster.launcher=ray
+
+
+def _rank0_meets_a_full_disk(ctx, sink):  # a Ray Train worker's training function
+    if ctx.is_main:
+        raise DiskFullError(errno.ENOSPC, f"disk full writing /run/checkpoints/step_20: {NO_SPACE}")
+    return None
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # On a loaded 2-core machine the dashboard agent can take > 30 s to start (tests/test_ray_launcher.py).
+    patient = "RAY_agent_register_timeout_ms"  # Ray's own spelling
+    before = os.environ.get(patient)
+    os.environ[patient] = before or "180000"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="disk_full")
+    yield
+    ray.shutdown()
+    if before is None:
+        del os.environ[patient]
+
+
+@pytest.mark.cluster
+def test_ray_train_worker_on_a_full_disk_reaches_the_driver_as_one_line(local_ray, tmp_path):
+    """Under ``cluster.launcher=ray`` the checkpoint is written in a Ray Train worker: the driver
+    raises the same ``DiskFullError`` (``gfn-dist train`` prints its line), not Ray Train's report."""
+    group = RayTrainLearners(1, 1, False, "PACK", "disk_full", str(tmp_path / "ray_train"), "disk_full")
+    rows: list = []
+    with pytest.raises(DiskFullError) as info:
+        group.run(_rank0_meets_a_full_disk, on_row=rows.append, on_stop=lambda: None, stop_requested=lambda: False)
+    assert str(info.value) == f"disk full writing /run/checkpoints/step_20: {NO_SPACE}"
+    assert info.value.errno == errno.ENOSPC
 
 
 # ---------------------------------------------------------------------- the real CLI
