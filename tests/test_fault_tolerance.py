@@ -362,7 +362,8 @@ def test_replay_shard_killed_mid_run(local_ray, tmp_path):
     # Never silent: the outage is in the metric rows while it lasts (and the learner kept
     # logging steps meanwhile, sampling from shard 0), the loss once the shard is back.
     assert any(r.get("replay/shards_down") == 1 and r["step"] > at_death["step"] for r in rows)
-    assert rows[-1]["replay/items_lost"] == lost and rows[-1]["replay/shard_restarts"] == 1
+    # What a metric row logged now reports (the run may end before the shard is back: then no row has it).
+    assert stats["items_lost"] == lost and stats["num_restarts"] == 1
     assert all(r["replay/items_lost"] == lost for r in rows if r.get("replay/shard_restarts") == 1)
 
 
