@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from gfn_dist.files import DISK_FULL_ERRNOS, DiskFullError, fsync_dir, private_dir
+from gfn_dist.files import fsync_dir, private_dir, raise_if_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +267,9 @@ def write_checkpoint(
         the checkpoint directory.
 
     Raises:
-        DiskFullError: (an OSError) the disk is full; one line naming the checkpoint. The
-            partial checkpoint is removed and the previous ones are untouched.
+        DiskFullError: (an OSError) the disk is full (also when ``torch.save`` wraps the
+            ``OSError`` in a ``RuntimeError``): ``disk full writing ROOT/step_N: <strerror>``.
+            The partial checkpoint is removed and the previous ones are untouched.
         OSError: if writing fails otherwise, with the same guarantee.
     """
     root = private_dir(root, dir_mode)
@@ -286,9 +287,8 @@ def write_checkpoint(
         _write_durable(tmp / MANIFEST, lambda w: w.write(manifest))  # last: its presence means complete
         fsync_dir(tmp)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free what was written
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(err.errno, f"disk full: cannot write checkpoint {final} ({err.strerror})") from None
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free what was written; never resumed from
+        raise_if_disk_full(err, final)
         raise
     if final.exists():  # e.g. a run resumed at step N and stopped again at N
         old = root / f"{TMP_PREFIX}old_{STEP_PREFIX}{step}"
@@ -302,6 +302,36 @@ def write_checkpoint(
         fsync_dir(root)
     prune_checkpoints(root, keep_last)
     return final
+
+
+def save_torch_file(path: str | Path, obj: Any, mode: int = 0o600) -> None:
+    """``torch.save(obj)`` to ``path`` atomically and durably (e.g. ``RUN_DIR/policy.pt``).
+
+    Written to a temporary file in the same directory, fsynced, renamed over
+    ``path``, and the directory fsynced: ``path`` holds the old or the new
+    content, never a torn file.
+
+    Args:
+        path: the target file (its directory must exist).
+        obj: tensors and plain containers.
+        mode: permission bits of the file.
+
+    Raises:
+        DiskFullError: ``disk full writing PATH: <strerror>``; the temporary file is
+            removed and ``path`` unchanged.
+        OSError: if writing fails otherwise, with the same guarantee.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_durable(tmp, lambda w: torch.save(_to_cpu(obj), w))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(err, path)
+        raise
+    fsync_dir(path.parent)
 
 
 def prune_checkpoints(root: str | Path, keep_last: int | None) -> None:

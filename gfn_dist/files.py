@@ -19,30 +19,28 @@ machine, so another user could rename its sockets and stop the run).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 
+from gfn_dist.errors import DISK_FULL_ERRNOS, DiskFullError, disk_full_errno
+
+__all__ = [
+    "DISK_FULL_ERRNOS",
+    "DiskFullError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "disk_full_errno",
+    "fsync_dir",
+    "fsync_file",
+    "private_dir",
+    "raise_if_disk_full",
+    "ray_temp_dir",
+]  # DISK_FULL_ERRNOS, DiskFullError, disk_full_errno: re-exported from gfn_dist.errors
+
 logger = logging.getLogger(__name__)
-
-#: errno values of a full disk: no space, or the user's quota (common on cluster filesystems).
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(OSError):
-    """The disk is full (ENOSPC / EDQUOT); the message is one line naming the file.
-
-    Raised by the metrics sink (``gfn_dist.metrics.JsonlSink``, after skipping
-    the row) and by ``write_checkpoint`` (the previous checkpoints untouched);
-    ``gfn-dist train`` catches it to stop with that line.
-    Built as ``DiskFullError(errno, message)``.
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def fsync_file(path: str | Path) -> None:
@@ -86,11 +84,16 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> None
         mode: permission bits of the new file.
 
     Raises:
-        OSError: if writing fails (e.g. ENOSPC); the target is then unchanged
-            and the temporary file removed.
+        DiskFullError: ``disk full writing PATH: <strerror>`` (ENOSPC / EDQUOT); the target is
+            then unchanged and the temporary file removed.
+        OSError: if writing fails otherwise, with the same guarantee.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise_if_disk_full(err, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -98,11 +101,19 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> None
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise_if_disk_full(err, path)
         raise
     fsync_dir(path.parent)
+
+
+def raise_if_disk_full(err: BaseException, target: Path) -> None:
+    """Raises ``DiskFullError`` (one line naming ``target``) if ``err`` means a full disk."""
+    code = disk_full_errno(err)
+    if code is not None:
+        raise DiskFullError(code, f"disk full writing {target}: {os.strerror(code)}") from None
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int = 0o600) -> None:

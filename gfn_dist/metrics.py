@@ -273,6 +273,10 @@ class MetricLogger:
         for sink in self.sinks:
             sink.write(clean)
 
+    def warn(self, message: str) -> None:
+        """A warning from rank 0 for the run's log (this logger lives in the driver / rank 0's process)."""
+        logger.warning("%s", message)
+
     def close(self) -> None:
         for sink in self.sinks:
             try:

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gfn_dist.config import ConfigError
-from gfn_dist.errors import ReplayStalled
+from gfn_dist.errors import DiskFullError, ReplayStalled
 from gfn_dist.extras import check_optional_dependencies
-from gfn_dist.metrics import DiskFullError
 from gfn_dist.ray_env import set_embedded_ray_auth
 from gfn_dist.resume import is_global_rank0, log_changes, resolve_train_config, split_preset
 
@@ -79,7 +78,7 @@ def run_train(config: str | None, overrides: Sequence[str]) -> int:
     except ConfigError as err:
         sys.stderr.write(f"gfn-dist: config error: {err}\n")
         return 2
-    except DiskFullError as err:  # gfn_dist.metrics: the row was skipped; stop with one line
+    except DiskFullError as err:  # a metric row skipped, or a checkpoint / file not written: one line
         sys.stderr.write(f"gfn-dist: {err}\n")
         return 1
     except ReplayStalled as err:  # a checkpoint was written first

@@ -131,6 +131,31 @@ class Evaluator:
         return out
 
 
+class ShardRestartReport:
+    """Rank 0: one line per replay-shard restart, from the learner's ``ReplayClient.stats()``.
+
+    A shard's own warning stays in its Ray worker's log; this one reaches the driver
+    (``gfn_dist.metrics.MetricLogger.warn``, or the driver channel of a Ray Train run).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}  # shard -> restarts already reported
+
+    def new_restarts(self, shards: list[dict]) -> list[str]:
+        """Messages for the restarts not reported yet (``shards``: ``ReplayClient.stats()["shards"]``)."""
+        out = []
+        for i, s in enumerate(shards):
+            restarts = int(s.get("num_restarts", 0))
+            if restarts > self._seen.get(i, 0):
+                out.append(
+                    f"replay shard {i} restarted (restart {restarts}): restored {s.get('restored_size', 0)} items "
+                    f"from its snapshot; {s.get('last_items_lost', 0)} of the items it held were lost "
+                    f"({s.get('items_lost', 0)} in all)"
+                )
+            self._seen[i] = max(restarts, self._seen.get(i, 0))
+        return out
+
+
 class LearnerProcess:
     """One learner rank of a run (see module doc).
 
@@ -196,6 +221,7 @@ class LearnerProcess:
         self.run_refs: list = []  # the rollout actors' pending run() calls at the end
         self.started_at = time.time() if started_at is None else float(started_at)
         self._inserts_prev = 0
+        self.shard_restarts = ShardRestartReport()
         self.checkpointer.resume()  # before the actors start pushing (run)
 
     # ------------------------------------------------------------------ the loop
@@ -343,8 +369,13 @@ class LearnerProcess:
             row["buffer/samples_per_insert"] = stats["samples_per_insert"]
             row["buffer/rejected"] = stats["num_rejected"]
             row["buffer/inserts"] = stats["num_inserts"]
+            row["replay/shard_restarts"] = stats["num_restarts"]
+            row["replay/items_lost"] = stats["items_lost"]  # held at a death minus restored, summed
+            row["replay/shards_down"] = stats["num_shards_down"]
+            for message in self.shard_restarts.new_restarts(stats["shards"]):
+                self.warn(message)
             if self.supervisor is not None:
-                row.update(self.supervisor.metrics())  # actors/restarts, replay/items_lost, rollout/rejected_* ...
+                row.update(self.supervisor.metrics())  # actors/restarts, actors/stalls, rollout/rejected_* ...
             if self.is_eval_step():
                 row.update(self.evaluate(self.learner.step))
             if self.metrics is not None:
@@ -352,6 +383,13 @@ class LearnerProcess:
             if bar is not None:
                 bar.update(self.learner.step, row)
         self.last_row = row
+
+    def warn(self, message: str) -> None:
+        """A warning for the driver's log: through rank 0's sink (a Ray Train worker's own log is not seen)."""
+        if self.metrics is not None:
+            self.metrics.warn(message)
+        else:
+            logger.warning("%s", message)
 
 
 def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> dict | None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from gfn_dist.builders import build_rollout_parts, validate_task
+from gfn_dist.checkpoint_files import save_torch_file
 from gfn_dist.config import (
     ConfigError,
     TrainConfig,
@@ -291,7 +292,8 @@ class Trainer:
         if self.owner and result is not None:
             self.last_row = result["row"] or self.last_row
             if self.cfg.run.save_policy:
-                torch.save({"policies": result["policies"], "step": result["step"]}, self.run_dir / "policy.pt")
+                # atomic: a full disk leaves the previous policy.pt (or none), never a torn one
+                save_torch_file(self.run_dir / "policy.pt", {"policies": result["policies"], "step": result["step"]})
         cluster.barrier(self.ctx)  # type: ignore[arg-type]  # ctx is set unless launcher=ray
         return self.last_row if self.owner else (self.process.last_row if self.process else {})
 

@@ -303,7 +303,7 @@ def test_replay_shard_crash_restores_snapshot_and_counts_the_loss(local_ray, tmp
     stats = client.stats()["shards"][1]
     assert stats["num_restarts"] == 1
     assert stats["restored_inserts"] == snapshotted and stats["restored_size"] == min(snapshotted, capacity)
-    assert stats["items_lost"] == inserted - snapshotted == 8  # never silent
+    assert stats["items_lost"] == inserted - snapshotted == 8  # held at death (56) - restored (48): never silent
     assert client.stats()["items_lost"] == 8
     kept = ray.get(shard.snapshot.remote())["buffer"]["storage"]["actor_id"]
     assert kept.tolist() == list(range(1000, 1000 + snapshotted))  # exactly the snapshotted items
@@ -350,7 +350,6 @@ def test_replay_shard_killed_mid_run(local_ray, tmp_path):
         client = trainer.learner.replay
         _until(lambda: 1 in client.available())  # it is back (a final checkpoint also waits for it)
         stats = client.stats()
-        reported = trainer.supervisor.metrics()  # the metric row entries, from those stats
     finally:
         trainer.close()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -358,12 +357,13 @@ def test_replay_shard_killed_mid_run(local_ray, tmp_path):
     shard = stats["shards"][1]
     assert shard["num_restarts"] == 1
     assert shard["restored_size"] == at_death["size"] and shard["restored_inserts"] == at_death["inserts"]
-    lost = at_death["journal"]["num_inserts"] - at_death["inserts"]
+    lost = at_death["journal"]["size"] - at_death["size"]  # held at its death - restored (issue 18)
     assert shard["items_lost"] == lost >= 0
     # Never silent: the outage is in the metric rows while it lasts (and the learner kept
     # logging steps meanwhile, sampling from shard 0), the loss once the shard is back.
     assert any(r.get("replay/shards_down") == 1 and r["step"] > at_death["step"] for r in rows)
-    assert reported["replay/items_lost"] == lost and reported["replay/shard_restarts"] == 1
+    # What a metric row logged now reports (the run may end before the shard is back: then no row has it).
+    assert stats["items_lost"] == lost and stats["num_restarts"] == 1
     assert all(r["replay/items_lost"] == lost for r in rows if r.get("replay/shard_restarts") == 1)
 
 

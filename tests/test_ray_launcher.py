@@ -194,7 +194,7 @@ def test_two_learner_workers_on_two_nodes(tmp_path, two_node_cluster):
 
 
 @pytest.mark.slow
-def test_faults_under_ray_launcher(tmp_path):
+def test_faults_under_ray_launcher(tmp_path, caplog):
     """The Ray launcher gets the same topology as the others: a SIGKILLed rollout actor is restarted
     (``rollout.max_restarts``) and a SIGKILLed replay shard restarts from its snapshot
     (``replay.max_restarts``); the metric rows report both, and the items lost exactly. The run is
@@ -233,7 +233,7 @@ def test_faults_under_ray_launcher(tmp_path):
         sigkill(trainer.topology.shards[1])
         at_death["journal"] = ShardPersistence.read_journal(state_dir / ShardPersistence.JOURNAL)
         snap = torch.load(state_dir / ShardPersistence.SNAPSHOT, weights_only=True)["buffer"]
-        at_death["inserts"] = int(snap["num_inserts"])
+        at_death["inserts"], at_death["size"] = int(snap["num_inserts"]), int(snap["size"])
         deadline = time.monotonic() + 180
         while trainer.last_row.get("replay/shard_restarts", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -250,10 +250,13 @@ def test_faults_under_ray_launcher(tmp_path):
         trainer.close()
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert trainer.preempted and last["step"] == rows[-1]["step"] == trainer.learner.step
-    lost = at_death["journal"]["num_inserts"] - at_death["inserts"]
+    lost = at_death["journal"]["size"] - at_death["size"]  # held at its death - restored (issue 18)
     restarted = [r for r in rows if r.get("replay/shard_restarts") == 1]
     assert restarted, "the shard restart never reached the metric rows"
     assert all(r["replay/items_lost"] == lost for r in restarted) and lost >= 0
+    # Rank 0 runs in a Ray Train worker; its report of the restart reaches the driver's log.
+    assert f"learner rank 0: replay shard 1 restarted (restart 1): restored {at_death['size']} items" in caplog.text
+    assert f"{lost} of the items it held were lost" in caplog.text
     assert max(r["actors/restarts"] for r in rows) >= 1
 
 

@@ -182,7 +182,8 @@ class ActorSupervisor:
             self._thread.join(timeout=5.0)
 
     def metrics(self) -> dict[str, float]:
-        """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped``, ``replay/*``."""
+        """Metric row entries: ``actors/*``, ``rollout/rejected_*``, ``rollout/dropped`` (the ``replay/*``
+        entries come from the learner's ``ReplayClient.stats()``, ``gfn_dist.train_loop``)."""
         with self._lock:
             totals = self._totals()
             row: dict[str, float] = {
@@ -195,11 +196,6 @@ class ActorSupervisor:
                 "rollout/rejected_neginf": totals.get("rejected_neginf", 0),
                 "rollout/dropped": totals.get("dropped_trajectories", 0),
             }
-        stats = getattr(self.replay, "last_stats", None)
-        if stats:
-            row["replay/items_lost"] = stats.get("items_lost", 0)
-            row["replay/shard_restarts"] = stats.get("num_restarts", 0)
-            row["replay/shards_down"] = stats.get("num_shards_down", 0)
         return row
 
     # ------------------------------------------------------------------ the thread

@@ -38,6 +38,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gfn_dist.distributed.cluster import DistContext
+from gfn_dist.errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class DriverChannel:
     """Learner rank 0 <-> driver (a Ray actor, ``num_cpus=0``): messages up, a stop request down.
 
     Messages are ``(kind, payload)``: ``("placement", {...})`` once, ``("row", metric_row)``
-    per log step, ``("final", result)`` at the end.
+    per log step, ``("warning", message)`` for the driver's log, ``("disk_full", (errno, message))``
+    when a rank stopped on a full disk, ``("final", result)`` at the end.
     """
 
     def __init__(self) -> None:
@@ -98,6 +100,10 @@ class ChannelMetrics:
 
     def log(self, row: dict) -> None:
         ray.get(self.channel.put.remote("row", dict(row)))  # waited on: rows stay in order, errors surface
+
+    def warn(self, message: str) -> None:
+        """A warning for the driver's log (this worker's own log does not reach the driver)."""
+        ray.get(self.channel.put.remote("warning", str(message)))
 
     def close(self) -> None:
         pass
@@ -132,6 +138,9 @@ def _ray_train_worker(config: dict) -> None:
         threading.Thread(target=_forward_stop_requests, args=(channel, config["on_stop"], done), daemon=True).start()
     try:
         result = config["train_fn"](ctx, ChannelMetrics(channel) if ctx.is_main else None)
+    except DiskFullError as err:  # the driver stops with this one line, not Ray Train's report
+        ray.get(channel.put.remote("disk_full", (err.errno, str(err))))
+        raise
     finally:
         done.set()
     if ctx.is_main:
@@ -173,6 +182,7 @@ class RayTrainLearners:
         self.nodes: list[str] = []  # Ray node id of each rank
         self.backend: str | None = None  # the torch.distributed backend Ray Train chose
         self._final: dict | None = None
+        self._disk_full: tuple[int, str] | None = None  # a rank's DiskFullError (errno, message)
         self._t_fit = time.perf_counter()
 
     def run(
@@ -191,7 +201,8 @@ class RayTrainLearners:
             stop_requested: polled on the driver; once True, the stop request is forwarded.
 
         Raises:
-            ray.train.TrainingFailedError: if a worker failed (its error attached).
+            DiskFullError: if a worker stopped on a full disk (its one line).
+            ray.train.TrainingFailedError: if a worker failed otherwise (its error attached).
             RuntimeError: if rank 0 finished without sending its result.
         """
         resources: dict[str, float] = {"CPU": self.cpus_per_worker}
@@ -216,13 +227,20 @@ class RayTrainLearners:
         )
         drainer.start()
         self._t_fit = time.perf_counter()
+        failure: Exception | None = None
         try:
             trainer.fit()
             logger.info("learner workers finished %.1f s after launch", time.perf_counter() - self._t_fit)
+        except Exception as err:
+            failure = err
         finally:
             stop.set()
             drainer.join()
             self._drain_once(on_row)  # what arrived after the last poll
+        if failure is not None:
+            if self._disk_full is not None:
+                raise DiskFullError(*self._disk_full) from None
+            raise failure
         if self._final is None:
             raise RuntimeError("learner rank 0 finished without sending its final state")
         return self._final
@@ -244,6 +262,10 @@ class RayTrainLearners:
         for kind, payload in ray.get(self.channel.take.remote()):  # type: ignore[union-attr]  # a Ray actor handle
             if kind == "row":
                 on_row(payload)
+            elif kind == "disk_full":
+                self._disk_full = (int(payload[0]), str(payload[1]))
+            elif kind == "warning":
+                logger.warning("learner rank 0: %s", payload)
             elif kind == "placement":
                 self.nodes, self.backend = payload["nodes"], payload["backend"]
                 logger.info(

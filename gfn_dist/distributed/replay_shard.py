@@ -31,8 +31,9 @@ Ray actor calls do not block: ``try_add`` / ``try_sample`` answer at once
 
 Fault tolerance: with ``state_dir`` a shard journals its insert count and keeps
 snapshots there, and a shard that Ray restarts (``max_restarts``) comes back
-from its latest snapshot, reporting the items inserted after it as lost
-(``gfn_dist.distributed.health``).
+from its latest snapshot, reporting as lost the items it held at its death
+beyond those restored (``gfn_dist.distributed.shard_persistence``). A snapshot
+that meets a full disk is a warning: the shard keeps serving.
 
 Counters reported by ``stats()``:
 
@@ -286,8 +287,8 @@ class ReplayShard:
             ``num_rejected``, ``num_add_throttled``, ``num_sample_throttled``,
             ``samples_per_insert`` (observed ``num_samples / num_inserts``, 0.0
             before any insert), ``target_samples_per_insert`` (None if disabled)
-            and ``min_size_to_sample``; with a ``state_dir`` also ``num_restarts``,
-            ``items_lost``, ``restored_size``, ``restored_inserts``, ``num_snapshots``.
+            and ``min_size_to_sample``; with a ``state_dir`` also ``ShardPersistence.stats()``
+            (``num_restarts``, ``items_lost``, ``last_items_lost``, ``restored_size``, ...).
         """
         b = self.buffer
         extra = self.persistence.stats() if self.persistence is not None else {}
