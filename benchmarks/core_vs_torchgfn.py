@@ -33,8 +33,14 @@ every round) on one thread with denormals flushed, so load from other users of
 the machine hits all of them alike. Reported: median ms and the interquartile
 range over the timed rounds, after warm-up rounds.
 
+``--device cuda``: every variant builds its environment, networks, optimizer
+and batches on the GPU (torchgfn's too), and each iteration is timed between two
+``torch.cuda.synchronize()`` calls, so a time is the GPU work of the iteration,
+not only its launches. ``benchmarks/gpu_check.sh`` runs it so.
+
     python benchmarks/core_vs_torchgfn.py --iterations 300 --json results.json
     python benchmarks/core_vs_torchgfn.py --no-torchgfn   # gfn_dist + floor only
+    python benchmarks/core_vs_torchgfn.py --device cuda --json cuda.json
 
 torchgfn is the optional ``bench`` extra: ``pip install torchgfn==2.4.1``
 (with ``--no-deps`` plus its light import-time deps to keep the CPU torch).
@@ -64,6 +70,7 @@ from gfn_dist.optim import make_optimizer
 
 HIDDEN_DIM, N_HIDDEN_LAYERS = 256, 2
 LR, LR_LOGZ = 1e-3, 0.1
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -95,30 +102,35 @@ CASES = {
 # ---------------------------------------------------------------- gfn_dist
 
 
-def build_gfn_dist(case: Case):
-    """gfn_dist env + TB GFlowNet with MLP P_F / P_B (as ``make_hypergrid_tb``)."""
+def build_gfn_dist(case: Case, device: torch.device):
+    """gfn_dist env + TB GFlowNet with MLP P_F / P_B (as ``make_hypergrid_tb``), on ``device``.
+
+    The weights are drawn on the CPU and then moved: the same seed gives the same networks on every device.
+    """
     if case.env == "hypergrid":
-        env = HyperGrid(case.ndim, case.height)
+        env = HyperGrid(case.ndim, case.height, device=device)
     else:
-        env = BitSequence(word_size=case.word_size, seq_size=case.seq_size, n_modes=case.n_modes)
+        env = BitSequence(word_size=case.word_size, seq_size=case.seq_size, n_modes=case.n_modes, device=device)
     d = env.preprocessor.output_dim
     pf = DiscretePolicyEstimator(MLP(d, env.n_actions, HIDDEN_DIM, N_HIDDEN_LAYERS), env.n_actions, env.preprocessor)
     pb = DiscretePolicyEstimator(
         MLP(d, env.n_actions - 1, HIDDEN_DIM, N_HIDDEN_LAYERS), env.n_actions, env.preprocessor, is_backward=True
     )
-    return env, TBGFlowNet(pf, pb)
+    return env, TBGFlowNet(pf, pb).to(device)
 
 
 class GfnDistRunner:
     """One on-policy TB iteration of gfn_dist (the loop of ``train_single``).
 
+    ``device``: where the environment, networks and batches live;
     ``compile``: the rollout by ``Sampler(pf, compile=True)`` (compiled chunks);
     ``init_from``: another runner whose initial weights to copy.
     """
 
-    def __init__(self, case: Case, compile: bool = False, init_from: Optional["GfnDistRunner"] = None):
-        self.case = case
-        self.env, self.gfn = build_gfn_dist(case)
+    def __init__(self, case: Case, device: torch.device = CPU, compile: bool = False,
+                 init_from: Optional["GfnDistRunner"] = None):
+        self.case, self.device = case, device
+        self.env, self.gfn = build_gfn_dist(case, device)
         if init_from is not None:
             self.gfn.load_state_dict(init_from.gfn.state_dict())
         self.sampler = Sampler(self.gfn.pf, compile=compile)
@@ -170,7 +182,7 @@ def import_torchgfn():
     ), None
 
 
-def _sequence_preprocessor(tg, length: int, n_words: int):
+def _sequence_preprocessor(tg, length: int, n_words: int, device: torch.device):
     """A torchgfn Preprocessor giving gfn_dist's BitSequence input: per-position one-hot
     over {empty, word_0..word_{n-1}}, ``(*B, length * (n_words + 1))`` float.
 
@@ -180,13 +192,13 @@ def _sequence_preprocessor(tg, length: int, n_words: int):
     class SequenceOneHot(tg["Preprocessor"]):
         def __init__(self):
             super().__init__(output_dim=length * (n_words + 1))
-            self.offsets = torch.arange(length) * (n_words + 1)
+            self.offsets = torch.arange(length, device=device) * (n_words + 1)
 
         def preprocess(self, states):
             x = states.tensor
             x = torch.where(x >= n_words, -1, x)
             idx = x + 1 + self.offsets
-            out = torch.zeros(*x.shape[:-1], self.output_dim)
+            out = torch.zeros(*x.shape[:-1], self.output_dim, device=x.device)
             return out.scatter_(-1, idx, 1.0)
 
     return SequenceOneHot()
@@ -203,16 +215,18 @@ class TorchgfnRunner:
 
     def __init__(self, case: Case, tg: dict, ref: GfnDistRunner, recompute: bool):
         self.case, self.recompute = case, recompute
+        device = ref.device
         if case.env == "hypergrid":
             # Same reward as gfn_dist's default (original, R0=0.1, R1=0.5, R2=2).
-            self.env = tg["HyperGrid"](ndim=case.ndim, height=case.height)
+            self.env = tg["HyperGrid"](ndim=case.ndim, height=case.height, device=device)
             pre = tg["KHotPreprocessor"](case.height, case.ndim)
         else:
             # Modes differ (torchgfn builds them from its H matrix, gfn_dist draws them
             # uniformly); same reward form, -min Hamming distance / temperature.
-            self.env = tg["BitSequence"](word_size=case.word_size, seq_size=case.seq_size, n_modes=case.n_modes)
+            self.env = tg["BitSequence"](word_size=case.word_size, seq_size=case.seq_size, n_modes=case.n_modes,
+                                         device_str=str(device))
             n_words = 2**case.word_size
-            pre = _sequence_preprocessor(tg, case.seq_size // case.word_size, n_words)
+            pre = _sequence_preprocessor(tg, case.seq_size // case.word_size, n_words, device)
         if pre.output_dim != ref.env.preprocessor.output_dim:
             raise RuntimeError(
                 f"{case.name}: input dims differ: torchgfn {pre.output_dim} vs gfn_dist {ref.env.preprocessor.output_dim}"
@@ -226,7 +240,7 @@ class TorchgfnRunner:
         pb_mlp.load_state_dict(ref.gfn.pb.module.state_dict())
         pf = tg["DiscretePolicyEstimator"](pf_mlp, n, preprocessor=pre)
         pb = tg["DiscretePolicyEstimator"](pb_mlp, n, preprocessor=pre, is_backward=True)
-        self.gfn = tg["TBGFlowNet"](pf=pf, pb=pb, init_logZ=0.0)
+        self.gfn = tg["TBGFlowNet"](pf=pf, pb=pb, init_logZ=0.0).to(device)
         self.opt = make_optimizer(self.gfn, LR, LR_LOGZ)
 
     def step(self) -> None:
@@ -271,12 +285,12 @@ class FloorRunner:
 
     def __init__(self, case: Case, ref: GfnDistRunner):
         self.case, self.ref = case, ref
-        self.model = _FloorModel(ref)
+        self.model = _FloorModel(ref).to(ref.device)
         self.opt = make_optimizer(self.model, LR, LR_LOGZ)
         d = ref.env.preprocessor.output_dim
         max_m = ref.env.max_traj_len * case.batch_size
         g = torch.Generator().manual_seed(0)
-        self.x = (torch.rand(max_m, d, generator=g) < 0.2).float()
+        self.x = (torch.rand(max_m, d, generator=g) < 0.2).float().to(ref.device)
 
     def step(self) -> None:
         steps, n_pf, n_pb = self.ref.counts
@@ -306,14 +320,20 @@ def _quantile(xs: list, q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Waits for the GPU's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recompute: bool, seed: int,
-             compiled: bool = True) -> dict:
-    """Interleaved timing of all variants on one case; medians / quantiles in ms."""
+             compiled: bool = True, device: torch.device = CPU) -> dict:
+    """Interleaved timing of all variants on one case, on ``device``; medians / quantiles in ms."""
     torch.manual_seed(seed)
-    ref = GfnDistRunner(case)
+    ref = GfnDistRunner(case, device)
     variants: dict = {"gfn_dist": ref}
     if compiled:
-        comp = variants["gfn_dist_compiled"] = GfnDistRunner(case, compile=True, init_from=ref)
+        comp = variants["gfn_dist_compiled"] = GfnDistRunner(case, device, compile=True, init_from=ref)
     if tg is not None:
         variants["torchgfn"] = TorchgfnRunner(case, tg, ref, recompute=False)
         if recompute:
@@ -328,8 +348,10 @@ def run_case(case: Case, iterations: int, warmup: int, tg: Optional[dict], recom
     for r in range(warmup + iterations):
         k0 = r % len(names)  # rotate the order so no variant always follows another
         for k in names[k0:] + names[:k0]:
+            _synchronize(device)  # nothing of the previous variant still running
             t0 = time.perf_counter()
             variants[k].step()
+            _synchronize(device)  # this iteration's GPU work done, not only launched
             dt = time.perf_counter() - t0
             mean_len = variants[k].stats()
             if r >= warmup:
@@ -454,6 +476,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-compile", action="store_true", help="skip the Sampler(compile=True) variant")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where environments, networks and batches live (cuda: timed with torch.cuda.synchronize)")
     args = p.parse_args(argv)
 
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -462,6 +486,9 @@ def main(argv=None) -> int:
         p.error(f"--cases: unknown case(s) {unknown}; choose from {sorted(CASES)}")
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
+    device = torch.device(args.device)
 
     tg = None
     if not args.no_torchgfn:
@@ -484,6 +511,9 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "iterations": args.iterations,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -493,7 +523,7 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         r = run_case(CASES[name], args.iterations, args.warmup, tg, not args.no_recompute, args.seed,
-                     compiled=not args.no_compile)
+                     compiled=not args.no_compile, device=device)
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         print(f"# {name}: {r['wall_s']:.1f} s, gfn_dist counts {r['gfn_dist_counts']}", flush=True)

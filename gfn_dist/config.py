@@ -228,15 +228,17 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
 def check_devices(cfg: TrainConfig, num_gpus: int | None = None) -> None:
     """Checks that the GPUs the configuration asks for exist (before anything starts).
 
-    Rollout GPUs are checked only for an embedded Ray (``cluster.address`` unset):
-    a cluster's GPUs are not this machine's.
+    Ray GPUs (rollout actors' shares; with ``cluster.launcher=ray`` and ``learner.device=cuda``, one
+    whole GPU per learner worker, which no actor can share) are checked only for an embedded Ray
+    (``cluster.address`` unset): a cluster's GPUs are not this machine's. Asking an embedded Ray for
+    more would leave the actors or learners waiting for resources forever.
 
     Args:
         cfg: the configuration.
         num_gpus: CUDA devices visible here (``torch.cuda.device_count()`` when None).
 
     Raises:
-        ConfigError: naming ``learner.device`` or ``rollout.num_gpus_per_actor``.
+        ConfigError: naming ``learner.device``, ``cluster.num_learners`` or ``rollout.num_gpus_per_actor``.
     """
     if num_gpus is None:
         import torch
@@ -247,12 +249,21 @@ def check_devices(cfg: TrainConfig, num_gpus: int | None = None) -> None:
             f"learner.device: 'cuda' requested but no CUDA GPU is visible; use one of "
             f"{[d for d in DEVICES if d != 'cuda']}"
         )
+    if cfg.cluster.address:
+        return
+    learners = cfg.cluster.num_learners if cfg.cluster.launcher == "ray" and cfg.learner.device == "cuda" else 0
+    if learners > num_gpus:
+        raise ConfigError(
+            f"cluster.num_learners: {learners} learner workers with learner.device=cuda take one GPU each "
+            f"but {num_gpus} are visible; use at most {num_gpus} (or learner.device=cpu)"
+        )
     need = cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
-    if need > 0 and not cfg.cluster.address and need > num_gpus:
+    if need > 0 and need > num_gpus - learners + 1e-9:  # 3 x 0.1 is 0.30000000000000004
+        beside = f" beside the learners' {learners}" if learners else ""
         raise ConfigError(
             f"rollout.num_gpus_per_actor: {cfg.rollout.num_actors} actors x "
-            f"{cfg.rollout.num_gpus_per_actor:g} GPUs need {need:g} GPUs but {num_gpus} are visible; "
-            f"set it to 0 (or at most {num_gpus / cfg.rollout.num_actors:g})"
+            f"{cfg.rollout.num_gpus_per_actor:g} GPUs need {need:g} GPUs{beside} but {num_gpus} are visible; "
+            f"set it to 0 (or at most {(num_gpus - learners) / cfg.rollout.num_actors:g})"
         )
 
 

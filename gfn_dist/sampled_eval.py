@@ -58,7 +58,7 @@ class ModesTracker:
 
     @torch.no_grad()
     def update(self, states: torch.Tensor) -> int:
-        """Adds terminal states ``(N, *state_shape)`` (a tensor or ``States``); returns ``num_found``.
+        """Adds terminal states ``(N, *state_shape)`` (a tensor or ``States``, on any device); returns ``num_found``.
 
         Raises:
             ValueError: if the environment defines no modes (``supported`` is False).
@@ -68,6 +68,9 @@ class ModesTracker:
         x = states.tensor if hasattr(states, "tensor") else states
         if x.shape[0] == 0:
             return self.num_found
+        # The learner feeds replay batches, which arrive on the CPU; the env's tables (HyperGrid's
+        # powers, BitSequence's modes) live on its device, e.g. a CUDA learner's.
+        x = x.to(self.env.device)
         if self._hits is not None:
             hit = self._hits(x).any(0).cpu()
             self._found_mask = hit if self._found_mask is None else self._found_mask | hit

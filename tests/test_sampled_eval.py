@@ -122,6 +122,27 @@ def test_modes_tracker_bitsequence_counts_modes_within_radius():
     assert torch.equal(env.is_mode(term), (ham <= 1).any(1))
 
 
+class _EnvOnAnotherDevice:
+    """A BitSequence whose tables live on another device than the states fed to the tracker (a CUDA learner's
+    env and the CPU replay batches; "meta" stands for "cuda" on a CPU-only machine). ``mode_hits`` records the
+    device of what it is given and answers, on the CPU, that every row finds every mode."""
+
+    def __init__(self, env, device):
+        self.inner, self.device, self.seen = env, torch.device(device), []
+        self.state_shape, self.s0 = env.state_shape, env.s0
+
+    def mode_hits(self, x):
+        self.seen.append(x.device)
+        return torch.ones(x.shape[0], self.inner.n_modes, dtype=torch.bool)  # every mode found
+
+
+def test_modes_tracker_moves_states_to_the_env_device():
+    env = _EnvOnAnotherDevice(BitSequence(word_size=1, seq_size=6, n_modes=3), "meta")
+    tracker = ModesTracker(env)
+    assert tracker.update(env.inner.terminating_states.tensor[:5]) == 3  # CPU states in
+    assert env.seen == [torch.device("meta")]  # the env saw them on its own device
+
+
 def test_sampled_metrics_feeds_the_tracker():
     torch.manual_seed(0)
     env = BitSequence(word_size=1, seq_size=6, n_modes=3, mode_radius=0)

@@ -262,11 +262,15 @@ def wait_for_cluster(address: str, timeout_s: float) -> None:
             wait.pause()
 
 
-def learners_use_gpu(cfg: TrainConfig) -> bool:
-    """Whether the learner workers reserve a GPU each (``learner.device``; ``auto``: the cluster has W GPUs)."""
+def learners_use_gpu(cfg: TrainConfig, cluster_gpus: float | None = None) -> bool:
+    """Whether the learner workers reserve a GPU each (``learner.device``; ``auto``: the cluster has W
+    whole GPUs beside the rollout actors' shares, ``cluster_gpus`` or ``ray.cluster_resources()``'s)."""
     if cfg.learner.device != "auto":
         return cfg.learner.device == "cuda"
-    return ray.cluster_resources().get("GPU", 0.0) >= cfg.cluster.num_learners
+    if cluster_gpus is None:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    actors = cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
+    return cluster_gpus >= cfg.cluster.num_learners + actors - 1e-9
 
 
 def start_ray(
@@ -304,6 +308,8 @@ def start_ray(
         # and refuse num_cpus.
         # One node: every Ray server binds 127.0.0.1 only, and no dashboard (health.loopback_only_ray);
         # torchrun across nodes without cluster.address needs the node's routable address instead.
+        # No num_gpus: Ray counts this node's GPUs itself (NVML, capped by CUDA_VISIBLE_DEVICES), which
+        # is what check_devices compared the actors' and learners' GPU reservations with (torch's count).
         with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
             ray.init(
                 address="local",
