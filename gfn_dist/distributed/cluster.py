@@ -333,13 +333,7 @@ def start_ray(
             reaper.close()
             raise
         owns = True
-        session_dir, pids = ray_compat.embedded_session()
-        logger.info(
-            "embedded Ray session %s (%s), watched by pid %s",
-            session_dir,
-            ", ".join(f"{name} pid {pid}" for name, pid in pids.items()),
-            reaper.watchdog.pid if reaper.watchdog is not None else None,
-        )
+        _log_session(reaper)
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
     # A new local Ray turns token authentication on in this process's environment
@@ -351,6 +345,21 @@ def start_ray(
         connected=True,
         auth_mode=os.environ.get(RAY_AUTH_MODE),
         reaper=reaper if owns else None,
+    )
+
+
+def _log_session(reaper: SessionReaper) -> None:
+    """Logs where the embedded Ray lives (its session directory, GCS and raylet PIDs) and its watchdog."""
+    try:
+        session_dir, pids = ray_compat.embedded_session()
+    except ray_compat.RayAPIChangedError as err:  # only this log line needs it: the run goes on
+        logger.warning("%s", err)
+        return
+    logger.info(
+        "embedded Ray session %s (%s), watched by pid %s",
+        session_dir,
+        ", ".join(f"{name} pid {pid}" for name, pid in pids.items()),
+        reaper.watchdog.pid if reaper.watchdog is not None else None,
     )
 
 
