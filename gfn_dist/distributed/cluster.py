@@ -17,9 +17,9 @@ Launch modes:
   Ray Train initialises (``gfn_dist.distributed.learner_group``).
 
 ``teardown`` always runs (``finally``): stop and kill the actors (rank 0),
-disconnect / shut down Ray, destroy the process group. Each Ray call there is
-bounded in time, and a GCS that no longer answers (killed, crashed) is met with
-a warning, not an error: a run whose training finished still exits 0. The
+disconnect / shut down Ray, destroy the process group. A GCS that no longer
+answers (killed, crashed) is met with a warning and a bounded ``ray.shutdown``,
+not an error: a run whose training finished still exits 0. The
 processes of an embedded Ray are watched by ``session_reaper.SessionReaper``
 (started before ``ray.init``): none outlives the driver by more than a few
 seconds, however the driver ends (SIGKILL included).
