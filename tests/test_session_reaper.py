@@ -3,9 +3,10 @@
 * ``reap`` ends exactly the processes whose environment carries the session's token
   (SIGTERM, then SIGKILL for one that ignores SIGTERM) and leaves another session's and
   untagged processes alone, within its stated bound;
-* the watchdog of a driver killed with SIGKILL ends the driver's tagged processes (and
-  their children, which inherit the tag), leaves its untagged child alone, and exits;
-* ``SessionReaper.close`` reaps in-process, restores the environment and releases the watchdog.
+* the watchdog of a driver killed with SIGKILL ends the driver's tagged processes and a child of
+  one whose environment does not show the tag, even after its parent died first (as the agents
+  after the raylet), leaves the driver's untagged child alone, and exits;
+* ``SessionReaper.close`` has the watchdog reap, restores the environment and waits for it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ STUBBORN = [
     "-c",
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)",
 ]
-#: A tagged process that starts a child of its own, as the raylet starts workers; prints the child's PID.
+#: A tagged process that starts a child of its own, as the raylet starts the agents, with an environment
+#: that does not show the tag (as an agent's after ``setproctitle`` zeroed it); prints the child's PID.
 PARENT = [
     sys.executable,
     "-c",
-    "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-    "print(c.pid, flush=True); time.sleep(120)",
+    "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+    "env={}); print(c.pid, flush=True); time.sleep(120)",
 ]
 
 
@@ -117,7 +119,13 @@ def test_the_watchdog_ends_the_session_of_a_sigkilled_driver():
     untagged = psutil.Process(info["untagged"])
     try:
         assert watchdog.ppid() == driver.pid and os.getsid(watchdog.pid) == watchdog.pid  # a session of its own
-        assert session_pids(watchdog.cmdline()[-3]) == sorted(info["tagged"])  # the grandchild inherited the tag
+        token = watchdog.cmdline()[-3]
+        parent, _, stubborn = info["tagged"]
+        assert session_pids(token) == sorted([parent, stubborn])  # the grandchild's environment has no tag
+        assert sorted(session_reaper.session_processes(token)) == sorted(info["tagged"])  # but it descends
+        time.sleep(2 * session_reaper.POLL_S + 0.5)  # the watchdog has seen the grandchild as the parent's
+        tagged[0].kill()  # the parent dies first (as the raylet, on the driver's death): its child is orphaned
+        _wait_until(lambda: _gone(tagged[0]), timeout_s=5.0)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         # The pipe's end of file is seen at once; grace 0.5 s, SIGTERM, the stubborn one SIGKILLed after 1 s.
@@ -131,7 +139,7 @@ def test_the_watchdog_ends_the_session_of_a_sigkilled_driver():
                 p.kill()
 
 
-def test_close_reaps_in_process_and_releases_the_watchdog():
+def test_close_has_the_watchdog_reap_and_waits_for_it():
     reaper = SessionReaper.start(grace_s=0.2, term_s=0.5)
     try:
         with reaper.tagged():
@@ -140,10 +148,12 @@ def test_close_reaps_in_process_and_releases_the_watchdog():
         assert TOKEN_ENV not in os.environ  # only processes started inside `tagged` carry it
         assert stubborn.stdout.readline().strip() == "ready"
         assert reaper.pids() == [stubborn.pid]
-        assert reaper.close() == [stubborn.pid]
+        t0 = time.monotonic()
+        reaper.close()
+        assert time.monotonic() - t0 < 0.2 + 0.5 + 1.0 + 1.0  # grace, SIGTERM ignored, SIGKILL
         assert stubborn.wait(timeout=5) == -signal.SIGKILL
-        assert reaper.watchdog.wait(timeout=5) == 0
-        assert reaper.close() == []  # idempotent
+        assert reaper.watchdog.returncode == 0  # the watchdog reaped, then exited
+        reaper.close()  # idempotent
     finally:
         if reaper.watchdog.poll() is None:
             reaper.watchdog.kill()

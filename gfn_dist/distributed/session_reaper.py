@@ -8,24 +8,27 @@ GCS: the agents, at least, live on (issue 18).
 
 Which processes are the session's: before ``ray.init`` the driver puts a random token
 in its environment (``TOKEN_ENV``, only while Ray starts: ``SessionReaper.tagged``);
-the GCS and the raylet inherit it, and the raylet passes its environment on to every
-worker and agent it starts. A process belongs to the session iff its initial
-environment (``/proc/PID/environ``) holds that token -- unlike the command line,
-which Ray overwrites (``setproctitle``: workers are ``ray::IDLE``, ``ray::RolloutActor``),
-it cannot change after ``exec``. Processes of other Ray sessions, of other runs and of
-other users (whose environment this user cannot read) never match.
+the GCS, the raylet and Ray's other node processes inherit it, and the raylet passes
+it on to the workers it starts. A process whose initial environment
+(``/proc/PID/environ``) holds that token is the session's; so is every descendant of
+one -- the dashboard and runtime-env agents rename themselves (``setproctitle``),
+which zeroes their copy of the environment (measured: their ``environ`` reads as NUL
+bytes), so they are found as the raylet's children. Processes of other Ray sessions,
+of other runs and of other users (whose environment this user cannot read) never match.
 
 The watchdog: ``SessionReaper.start`` runs this file as a script (``python -I``, the
 standard library only: no torch or Ray import, tens of milliseconds, a few MB) in a
 session of its own (a Ctrl-C or a kill of the driver's process group does not reach
-it). Its stdin is the read end of a pipe whose write end only the driver holds
+it). Every ``POLL_S`` it records the session's processes with their start times (a
+/proc scan: ~1.5 ms for 60 processes), so that it still knows the agents once the
+raylet is gone and they were re-parented, and never mistakes a reused PID for one of
+them. Its stdin is the read end of a pipe whose write end only the driver holds
 (non-inheritable, so Ray's processes do not keep it open): end of file there, or the
-driver's PID gone or a zombie (polled every ``POLL_S``, with its start time against
-PID reuse), means the driver ended. The watchdog then ``reap``s: it waits up to
-``grace_s`` for the session's processes to leave by themselves, sends SIGTERM to those
-left, SIGKILL to those still there after ``term_s`` more, and exits. A clean driver
-does the same in-process after ``ray.shutdown`` (``SessionReaper.close``), then closes
-the pipe, so that nothing of its Ray is left when it exits.
+driver's PID gone or a zombie, means the driver ended (or closed the pipe after its
+``ray.shutdown``: ``SessionReaper.close``). The watchdog then ``reap``s: it waits up
+to ``grace_s`` for the session's processes to leave by themselves, sends SIGTERM to
+those left, SIGKILL to those still there after ``term_s`` more, and exits; a clean
+driver waits for that, so nothing of its Ray is left when it exits.
 
 Linux only (``/proc``); elsewhere ``SessionReaper.start`` returns a reaper that does nothing.
 """
@@ -48,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: The environment variable that marks the processes of one embedded Ray session.
 TOKEN_ENV = "GFN_DIST_RAY_SESSION"
 PROC = "/proc"
-POLL_S = 0.5  # the watchdog's check of the driver's PID (the pipe's end of file is seen at once)
+POLL_S = 1.0  # the watchdog's scan of the session and check of the driver (the pipe's end of file is seen at once)
 GRACE_S = 2.0  # the session's processes may leave by themselves (a raylet stopping its workers)
 TERM_S = 3.0  # after SIGTERM, before SIGKILL
 
@@ -70,6 +73,45 @@ def process_start_time(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """``{pid: (ppid, start time)}`` of every live process (zombies left out)."""
+    table = {}
+    for name in os.listdir(PROC):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{PROC}/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone since the listing
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] not in (b"Z", b"X"):
+            table[int(name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def session_processes(token: str, known: dict[int, int] | None = None) -> dict[int, int]:
+    """``{pid: start time}`` of the session's live processes: those tagged with ``token``, those of
+    ``known`` (``{pid: start time}`` from an earlier scan) still running with the same start time,
+    and every descendant of either. This process is never included."""
+    table = process_table()
+    members = {pid: table[pid][1] for pid in session_pids(token) if pid in table}
+    for pid, start in (known or {}).items():
+        if pid in table and table[pid][1] == start:
+            members[pid] = start
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(members)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in members:
+                members[child] = table[child][1]
+                stack.append(child)
+    members.pop(os.getpid(), None)
+    return members
 
 
 def session_pids(token: str) -> list[int]:
@@ -100,34 +142,37 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def _wait_gone(token: str, timeout_s: float) -> list[int]:
-    """The session's PIDs once none is left or after ``timeout_s``."""
+def _wait_gone(token: str, known: dict[int, int], timeout_s: float) -> dict[int, int]:
+    """The session's processes once none is left or after ``timeout_s``."""
     end = time.monotonic() + timeout_s
-    pids = session_pids(token)
-    while pids and time.monotonic() < end:
+    members = session_processes(token, known)
+    while members and time.monotonic() < end:
         time.sleep(0.05)
-        pids = session_pids(token)
-    return pids
+        members = session_processes(token, members)
+    return members
 
 
-def reap(token: str, grace_s: float = GRACE_S, term_s: float = TERM_S) -> list[int]:
-    """Ends every process of the session ``token``: waits ``grace_s`` for them to leave, then SIGTERM,
-    then after ``term_s`` SIGKILL. Returns within ``grace_s + term_s + 1`` seconds.
+def reap(
+    token: str, grace_s: float = GRACE_S, term_s: float = TERM_S, known: dict[int, int] | None = None
+) -> list[int]:
+    """Ends every process of the session ``token`` (``session_processes``, with ``known`` from an
+    earlier scan): waits ``grace_s`` for them to leave, then SIGTERM, then after ``term_s`` SIGKILL.
+    Returns within about ``grace_s + term_s + 1`` seconds.
 
-    A PID is signalled only while its environment holds the token (it is re-read just before each
-    signal round), so no process of another session or user is touched.
+    The session's processes are re-read (PID and start time) just before each round of signals,
+    so no process of another session or user is touched.
 
     Returns:
         The PIDs that had to be signalled (empty when the session ended by itself).
     """
-    pids = _wait_gone(token, grace_s)
+    members = _wait_gone(token, known or {}, grace_s)
     signalled: set[int] = set()
     for sig, wait_s in ((signal.SIGTERM, term_s), (signal.SIGKILL, 1.0)):
-        if not pids:
+        if not members:
             break
-        _signal_all(pids, sig)
-        signalled.update(pids)
-        pids = _wait_gone(token, wait_s)
+        _signal_all(sorted(members), sig)
+        signalled.update(members)
+        members = _wait_gone(token, members, wait_s)
     return sorted(signalled)
 
 
@@ -183,34 +228,30 @@ class SessionReaper:
                 os.environ[TOKEN_ENV] = old
 
     def pids(self) -> list[int]:
-        """The session's live processes (empty for a no-op reaper)."""
-        return session_pids(self.token) if self.token is not None else []
+        """The session's live processes, tagged or descendants of tagged ones (empty for a no-op reaper)."""
+        return sorted(session_processes(self.token)) if self.token is not None else []
 
-    def close(self, grace_s: float = GRACE_S, term_s: float = TERM_S) -> list[int]:
-        """Ends what is left of the session (call after ``ray.shutdown``), then releases the watchdog.
-
-        Returns:
-            The PIDs that had to be signalled (``reap``).
-        """
+    def close(self, timeout_s: float = GRACE_S + TERM_S + 3.0) -> None:
+        """Ends what is left of the session (call after ``ray.shutdown``): closes the pipe, so that the
+        watchdog reaps the session (it knows the processes that are no longer the raylet's children)
+        and exits, and waits up to ``timeout_s`` for it. Without a live watchdog, reaps here."""
         if self.token is None:
-            return []
-        signalled = reap(self.token, grace_s, term_s)
-        if signalled:
-            logger.warning(
-                "%d process(es) of the embedded Ray outlived its shutdown; stopped: pids %s", len(signalled), signalled
-            )
+            return
         if self._pipe_fd is not None:
-            os.close(self._pipe_fd)  # end of file: the watchdog finds nothing left and exits
+            os.close(self._pipe_fd)  # end of file: the watchdog reaps and exits
             self._pipe_fd = None
         if self.watchdog is not None:
             try:
-                self.watchdog.wait(timeout=grace_s + term_s + 2.0)
+                self.watchdog.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("the Ray session watchdog (pid %d) did not exit; killed", self.watchdog.pid)
                 self.watchdog.kill()
                 self.watchdog.wait()
+        if self.watchdog is None or self.watchdog.returncode != 0:  # it did not finish its reap
+            signalled = reap(self.token)
+            if signalled:
+                logger.warning("stopped %d leftover process(es) of the embedded Ray: %s", len(signalled), signalled)
         self.token = None
-        return signalled
 
 
 # ---------------------------------------------------------------------------- the watchdog process
@@ -225,17 +266,19 @@ def _driver_ended(stdin_fd: int, driver_pid: int, driver_start: int | None) -> b
 
 
 def watch(driver_pid: int, driver_start: int | None, token: str, grace_s: float, term_s: float) -> int:
-    """The watchdog's loop: waits for the driver to end, then ``reap``s its session. Returns 0."""
+    """The watchdog's loop: records the session's processes until the driver ends (or closes the
+    pipe), then ``reap``s them. Returns 0."""
     with contextlib.suppress(ValueError, OSError):  # stray terminal signals must not end the watch
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    known: dict[int, int] = {}
     while not _driver_ended(0, driver_pid, driver_start):
-        pass
-    signalled = reap(token, grace_s, term_s)
+        known = session_processes(token, known)
+    signalled = reap(token, grace_s, term_s, known)
     if signalled:
         sys.stderr.write(
-            f"gfn-dist: the driver (pid {driver_pid}) ended without stopping its embedded Ray; "
-            f"stopped its {len(signalled)} remaining process(es): pids {signalled}\n"
+            f"gfn-dist: {len(signalled)} process(es) of the embedded Ray were left after its driver "
+            f"(pid {driver_pid}) stopped or died; stopped them: pids {signalled}\n"
         )
     return 0
 
