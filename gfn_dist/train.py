@@ -16,13 +16,24 @@ starts), 1 any other error.
 SIGTERM / SIGINT during training (SLURM ``--signal``, torchrun, Ctrl-C): every
 rank finishes its step, a checkpoint is written, actors stop, exit code 0;
 ``resume=true`` continues (``gfn_dist.checkpoint``). A second Ctrl-C aborts.
+
+Shutdown tolerates a dead Ray control plane: a run whose training finished exits 0
+even if the GCS dies before or during the shutdown (a warning says so;
+``gfn_dist.distributed.cluster.teardown``).
+
+Test hook: with ``GFN_DIST_SHUTDOWN_GATE=PATH`` in the environment, a run whose
+training finished writes ``PATH.waiting`` (its PID) and waits, up to
+``SHUTDOWN_GATE_TIMEOUT_S``, for ``PATH`` to exist before it shuts down, so that
+a test can fault Ray's processes at exactly that moment (tests/test_clean_ends.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +44,20 @@ from gfn_dist.ray_env import set_embedded_ray_auth
 from gfn_dist.resume import is_global_rank0, log_changes, resolve_train_config, split_preset
 
 logger = logging.getLogger("gfn_dist")
+
+SHUTDOWN_GATE_ENV = "GFN_DIST_SHUTDOWN_GATE"
+SHUTDOWN_GATE_TIMEOUT_S = 600.0
+
+
+def wait_at_shutdown_gate() -> None:
+    """The test hook of the module doc: returns at once unless ``GFN_DIST_SHUTDOWN_GATE`` is set."""
+    gate = os.environ.get(SHUTDOWN_GATE_ENV)
+    if not gate:
+        return
+    Path(f"{gate}.waiting").write_text(str(os.getpid()))
+    end = time.monotonic() + SHUTDOWN_GATE_TIMEOUT_S
+    while not Path(gate).exists() and time.monotonic() < end:
+        time.sleep(0.1)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -74,6 +99,7 @@ def run_train(config: str | None, overrides: Sequence[str]) -> int:
             )
         logger.info("done: %s", {k: row[k] for k in ("step", "loss", "l1_exact", "logZ_err") if k in row})
         logger.info("run directory: %s", trainer.run_dir)
+        wait_at_shutdown_gate()
         return 0
     except ConfigError as err:
         sys.stderr.write(f"gfn-dist: config error: {err}\n")

@@ -116,3 +116,26 @@ def test_a_missing_private_api_raises_naming_it(local_ray, monkeypatch):
         ray_compat.call_in_actor(object(), _add, 1)
     assert issubclass(RayAPIChangedError, RuntimeError)
     ray.kill(probe)
+
+
+def test_embedded_session_names_the_gcs_and_the_raylet_this_process_started(local_ray):
+    import psutil
+
+    session_dir, pids = ray_compat.embedded_session()
+    assert os.path.isdir(session_dir) and os.path.basename(session_dir).startswith("session_"), session_dir
+    assert set(pids) == {"gcs_server", "raylet"}, pids
+    for name, pid in pids.items():
+        proc = psutil.Process(pid)
+        assert proc.name() == name and proc.ppid() == os.getpid()  # started by this process's ray.init
+        assert any(session_dir in arg or os.path.basename(session_dir) in arg for arg in proc.cmdline()), name
+
+
+def test_embedded_session_raises_naming_a_changed_node(local_ray, monkeypatch):
+    import ray._private.worker as worker
+
+    monkeypatch.setattr(worker, "_global_node", object())  # a Node without get_session_dir_path / all_processes
+    with pytest.raises(RayAPIChangedError, match=r"ray\._private\.node\.Node"):
+        ray_compat.embedded_session()
+    monkeypatch.delattr(worker, "_global_node")
+    with pytest.raises(RayAPIChangedError, match=r"ray\._private\.worker\._global_node"):
+        ray_compat.embedded_session()

@@ -15,34 +15,43 @@ Checks, on the run's own embedded Ray (started by the trainer, as ``gfn-dist tra
   bound within ~1,000 steps, which the soak runs several times over on an idle
   2-core machine (the test asserts it ran at least ``MIN_STEPS``); normal
   allocator noise of a torch process is a few MB.
+* Ray's own processes: the GCS and the raylet of the embedded Ray
+  (``ray_compat.embedded_session``) are sampled too. The raylet is bounded by
+  ``RSS_GROWTH_BOUND_MB`` like the pipeline; the GCS is reported (printed and
+  logged) but not bounded: it grows ~30 KB per learner step here (149 MB over
+  4,642 steps in 105 s; README "Known gaps"), cause not found yet.
+
+``GFN_SOAK_S`` (seconds of training, default ``SOAK_S``) lengthens the soak for a measurement.
 """
 
 from __future__ import annotations
 
-import pytest
 import logging
 import os
 import threading
 import time
 
 import psutil
+import pytest
 import ray
 import torch
 
-from gfn_dist.preemption import clear_preemption, request_preemption
 from gfn_dist.config import load_config
 from gfn_dist.distributed import ray_compat
 from gfn_dist.metrics import read_jsonl
+from gfn_dist.preemption import clear_preemption, request_preemption
 from gfn_dist.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a minutes-long soak on a local Ray
 
 logger = logging.getLogger(__name__)
 
-SOAK_S = 60.0  # training time
+SOAK_S = float(os.environ.get("GFN_SOAK_S", "60"))  # training time
 WARMUP_S = 15.0  # replay full, allocator caches and Ray buffers settled
 SAMPLE_EVERY_S = 2.0
 RSS_GROWTH_BOUND_MB = 24.0
+#: Sampled and reported, not bounded (the module doc): the GCS's growth is an open issue.
+UNBOUNDED = ("gcs_server",)
 MIN_STEPS = 300  # learner steps between the first and the last sample (a per-step leak must show)
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
@@ -62,13 +71,26 @@ def _listening_addresses(pids) -> list:
 def test_soak_two_actors_two_shards(tmp_path):
     torch.set_num_threads(1)
     assert not ray.is_initialized(), "the soak must start its own embedded Ray"
-    cfg = load_config(None, [
-        "model.hidden_dim=64", "rollout.num_actors=2", "rollout.trajectories_per_push=32",
-        "rollout.num_cpus_per_actor=0.5", "replay.num_shards=2", "replay.capacity_per_shard=512",
-        "replay.min_size_to_sample=64", "replay.snapshot_every_inserts=2048", "learner.batch_size=64",
-        "learner.max_steps=1000000", "eval.interval_steps=0", "checkpoint.interval_steps=2000",
-        "logging.log_every=100", "logging.progress_bar=false", f"run.dir={tmp_path / 'run'}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.hidden_dim=64",
+            "rollout.num_actors=2",
+            "rollout.trajectories_per_push=32",
+            "rollout.num_cpus_per_actor=0.5",
+            "replay.num_shards=2",
+            "replay.capacity_per_shard=512",
+            "replay.min_size_to_sample=64",
+            "replay.snapshot_every_inserts=2048",
+            "learner.batch_size=64",
+            "learner.max_steps=1000000",
+            "eval.interval_steps=0",
+            "checkpoint.interval_steps=2000",
+            "logging.log_every=100",
+            "logging.progress_bar=false",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
     trainer = Trainer(cfg)
     samples: list[dict] = []
     stop = threading.Event()
@@ -88,6 +110,8 @@ def test_soak_two_actors_two_shards(tmp_path):
         procs.update({f"actor_{i}": psutil.Process(_pid(a)) for i, a in enumerate(trainer.actors)})
         procs.update({f"shard_{i}": psutil.Process(_pid(s)) for i, s in enumerate(shards)})
         procs["weight_store"] = psutil.Process(_pid(trainer.store))
+        _, ray_pids = ray_compat.embedded_session()
+        procs.update({name: psutil.Process(pid) for name, pid in ray_pids.items()})  # gcs_server, raylet
         t_start = time.monotonic()
 
         def sample_rss():
@@ -119,11 +143,15 @@ def test_soak_two_actors_two_shards(tmp_path):
 
     first = next(s for s in samples if s["t"] >= WARMUP_S)
     last = samples[-1]
-    report = {name: (round(first[name], 1), round(last[name], 1), round(last[name] - first[name], 1))
-              for name in procs}
-    logger.warning("soak: %d steps in %.0f s after warm-up; RSS MB (start, end, growth): %s",
-                   last["step"] - first["step"], last["t"] - first["t"], report)
+    report = {name: (round(first[name], 1), round(last[name], 1), round(last[name] - first[name], 1)) for name in procs}
+    logger.warning(
+        "soak: %d steps in %.0f s after warm-up; RSS MB (start, end, growth): %s",
+        last["step"] - first["step"],
+        last["t"] - first["t"],
+        report,
+    )
     print(f"soak RSS MB (start, end, growth) over {last['step'] - first['step']} steps: {report}")
     assert last["step"] - first["step"] >= MIN_STEPS, (first, last)
     for name, (_, _, growth) in report.items():
-        assert growth < RSS_GROWTH_BOUND_MB, (name, report)
+        if name not in UNBOUNDED:
+            assert growth < RSS_GROWTH_BOUND_MB, (name, report)

@@ -17,7 +17,12 @@ Launch modes:
   Ray Train initialises (``gfn_dist.distributed.learner_group``).
 
 ``teardown`` always runs (``finally``): stop and kill the actors (rank 0),
-disconnect / shut down Ray, destroy the process group.
+disconnect / shut down Ray, destroy the process group. A GCS that no longer
+answers (killed, crashed) is met with a warning and a bounded ``ray.shutdown``,
+not an error: a run whose training finished still exits 0. The
+processes of an embedded Ray are watched by ``session_reaper.SessionReaper``
+(started before ``ray.init``): none outlives the driver by more than a few
+seconds, however the driver ends (SIGKILL included).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import logging
 import math
 import os
 import socket
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +44,7 @@ import torch.distributed as dist
 
 from gfn_dist.distributed import ray_compat
 from gfn_dist.distributed.ray_compat import loopback_only_ray
+from gfn_dist.distributed.session_reaper import SessionReaper
 from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.errors import ConfigError
 
@@ -47,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 RAY_AUTH_MODE = "RAY_AUTH_MODE"
+#: Bound on ``ray.shutdown`` when the GCS does not answer: Ray's calls to a dead GCS retry for up
+#: to a minute (``gcs_rpc_server_reconnect_timeout_s``) before Ray gives up.
+TEARDOWN_CALL_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------------------- network exposure
@@ -104,6 +115,8 @@ class RayContext:
         namespace: the run's namespace (named actors live there).
         owns_ray: this process started the embedded Ray (and shuts it down).
         connected: this process called ``ray.init`` (and disconnects at the end).
+        auth_mode: ``RAY_AUTH_MODE`` of this Ray (other ranks connect with the same).
+        reaper: the watchdog of an embedded Ray's processes (``owns_ray``), else None.
     """
 
     address: str
@@ -111,6 +124,7 @@ class RayContext:
     owns_ray: bool
     connected: bool
     auth_mode: str | None = None
+    reaper: SessionReaper | None = None
 
 
 def detect_launcher(cfg: TrainConfig) -> str:
@@ -310,20 +324,49 @@ def start_ray(
         # torchrun across nodes without cluster.address needs the node's routable address instead.
         # No num_gpus: Ray counts this node's GPUs itself (NVML, capped by CUDA_VISIBLE_DEVICES), which
         # is what check_devices compared the actors' and learners' GPU reservations with (torch's count).
-        with loopback_only_ray() if single_node_launch() else contextlib.nullcontext():
-            ray.init(
-                address="local",
-                num_cpus=embedded_num_cpus(cfg),  # type: ignore[arg-type]  # a whole number of CPUs
-                include_dashboard=False,
-                _temp_dir=temp_dir,
-                **common,
-            )
+        # The watchdog starts first: a driver killed while Ray starts leaves nothing either.
+        reaper = SessionReaper.start()
+        try:
+            with loopback_only_ray() if single_node_launch() else contextlib.nullcontext(), reaper.tagged():
+                ray.init(
+                    address="local",
+                    num_cpus=embedded_num_cpus(cfg),  # type: ignore[arg-type]  # a whole number of CPUs
+                    include_dashboard=False,
+                    _temp_dir=temp_dir,
+                    **common,
+                )
+        except BaseException:
+            reaper.close()
+            raise
         owns = True
+        _log_session(reaper)
     address = ray.get_runtime_context().gcs_address
     logger.info("Ray up at %s (namespace %s, embedded=%s)", address, namespace, owns)
     # A new local Ray turns token authentication on in this process's environment
     # (RAY_AUTH_MODE=token); other ranks must use the same mode to connect.
-    return RayContext(address, namespace, owns_ray=owns, connected=True, auth_mode=os.environ.get(RAY_AUTH_MODE))
+    return RayContext(
+        address,
+        namespace,
+        owns_ray=owns,
+        connected=True,
+        auth_mode=os.environ.get(RAY_AUTH_MODE),
+        reaper=reaper if owns else None,
+    )
+
+
+def _log_session(reaper: SessionReaper) -> None:
+    """Logs where the embedded Ray lives (its session directory, GCS and raylet PIDs) and its watchdog."""
+    try:
+        session_dir, pids = ray_compat.embedded_session()
+    except ray_compat.RayAPIChangedError as err:  # only this log line needs it: the run goes on
+        logger.warning("%s", err)
+        return
+    logger.info(
+        "embedded Ray session %s (%s), watched by pid %s",
+        session_dir,
+        ", ".join(f"{name} pid {pid}" for name, pid in pids.items()),
+        reaper.watchdog.pid if reaper.watchdog is not None else None,
+    )
 
 
 def connect_ray(address: str, namespace: str, auth_mode: str | None = None) -> RayContext:
@@ -360,24 +403,87 @@ def bring_up_ray(
     return connect_ray(address, namespace, auth_mode)
 
 
-def teardown(ctx: DistContext | None, ray_ctx: RayContext | None, actors: list) -> None:
-    """Kills ``actors`` (rank 0), disconnects / shuts down Ray, destroys the process group.
-
-    Every step runs even if an earlier one fails; errors are logged, not raised.
-    """
+def gcs_answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether Ray's GCS at ``address`` (``HOST:PORT``) accepts a TCP connection within ``timeout_s``."""
     try:
-        if actors:
-            for handle in actors:
-                try:
-                    ray.kill(handle)
-                except Exception as err:  # already dead, or Ray is gone
-                    logger.debug("ray.kill failed: %s", err)
+        host, port = _host_port(address)
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except (OSError, ConfigError):
+        return False
+    return True
+
+
+def call_bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> bool:
+    """Runs ``fn()`` in a daemon thread for at most ``timeout_s``; errors are logged, not raised.
+
+    A Ray call that waits on a dead GCS retries for up to a minute and may not be interruptible;
+    the thread is left behind (a daemon: it does not keep the process alive).
+
+    Returns:
+        True if ``fn`` returned in time without raising.
+    """
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as err:  # reported below, in the caller's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=target, name=f"teardown: {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        logger.warning("%s did not return within %.0f s; continuing without it", what, timeout_s)
+        return False
+    if outcome[0] is not None:
+        logger.warning("%s failed: %s", what, outcome[0])
+        return False
+    return True
+
+
+def teardown(ctx: DistContext | None, ray_ctx: RayContext | None, actors: list) -> None:
+    """Kills ``actors`` (rank 0), disconnects / shuts down Ray, ends what is left of an embedded Ray,
+    destroys the process group.
+
+    Every step runs even if an earlier one fails; errors are logged, not raised. When the GCS no
+    longer answers, the actors are not killed one by one (each call would wait on the GCS; with an
+    embedded Ray the session reaper ends their processes, on an external cluster Ray ends a job's
+    actors when its driver leaves) and ``ray.shutdown`` is bounded by ``TEARDOWN_CALL_TIMEOUT_S``.
+    """
+    gcs_up = ray_ctx is None or not ray_ctx.connected or gcs_answers(ray_ctx.address)
+    if not gcs_up:
+        logger.warning(
+            "Ray's control plane (GCS at %s) does not answer at shutdown; %s",
+            ray_ctx.address,  # type: ignore[union-attr]  # gcs_up is True without a context
+            "the embedded Ray's processes are stopped directly"
+            if ray_ctx is not None and ray_ctx.reaper is not None
+            else "the actors are left to Ray (they end with this driver)",
+        )
+    try:
+        if actors and gcs_up:
+            _kill_all(actors)
     finally:
         try:
-            if ray_ctx is not None and ray_ctx.connected:
+            if ray_ctx is not None and ray_ctx.connected and gcs_up:
                 ray.shutdown()
+            elif ray_ctx is not None and ray_ctx.connected:  # may wait on the dead GCS: bounded
+                call_bounded(ray.shutdown, TEARDOWN_CALL_TIMEOUT_S, "ray.shutdown")
         except Exception as err:
             logger.warning("ray.shutdown failed: %s", err)
         finally:
-            if ctx is not None and ctx.distributed and dist.is_initialized():
-                dist.destroy_process_group()
+            try:
+                if ray_ctx is not None and ray_ctx.reaper is not None:
+                    ray_ctx.reaper.close()
+            finally:
+                if ctx is not None and ctx.distributed and dist.is_initialized():
+                    dist.destroy_process_group()
+
+
+def _kill_all(actors: list) -> None:
+    for handle in actors:
+        try:
+            ray.kill(handle)
+        except Exception as err:  # already dead
+            logger.debug("ray.kill failed: %s", err)

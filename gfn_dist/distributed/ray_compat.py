@@ -13,6 +13,8 @@ in a run. At run time a missing API raises ``RayAPIChangedError`` (a
     ray._private.state.actors, ActorHandle._actor_id      actor_info, actor_state, actor_restart_count,
                                                           was_restarted_by_ray
     ActorHandle.__ray_call__                              call_in_actor
+    ray._private.worker._global_node (Node.all_processes,  embedded_session
+      Node.get_session_dir_path, ray_constants.PROCESS_TYPE_*)
 
 ``was_restarted_by_ray`` replaces ``RuntimeContext.was_current_actor_reconstructed``
 (it reads the deprecated ``RuntimeContext.actor_id``): it reads the same actor
@@ -35,6 +37,7 @@ __all__ = [
     "actor_restart_count",
     "actor_state",
     "call_in_actor",
+    "embedded_session",
     "loopback_only_ray",
     "resolve_auto_address",
     "was_restarted_by_ray",
@@ -119,6 +122,42 @@ def loopback_only_ray() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old_env
+
+
+# ---------------------------------------------------------------------------- the embedded node
+
+#: The processes of an embedded Ray node whose PIDs ``embedded_session`` reports (Ray's process types).
+NODE_PROCESS_TYPES = ("gcs_server", "raylet")
+
+
+def embedded_session() -> tuple[str, dict[str, int]]:
+    """The session directory and the PIDs of the GCS and the raylet of the Ray node this process started.
+
+    Reads ``ray._private.worker._global_node`` (the ``Node`` that ``ray.init(address="local")``
+    started): ``get_session_dir_path()`` and ``all_processes[PROCESS_TYPE_GCS_SERVER /
+    PROCESS_TYPE_RAYLET][0].process.pid``.
+
+    Returns:
+        ``(session_dir, {"gcs_server": pid, "raylet": pid})``; the mapping is empty when this
+        process only connected to a cluster started elsewhere.
+
+    Raises:
+        RayAPIChangedError: the module attribute, the ``Node`` methods or the process types are gone.
+        RuntimeError: Ray is not initialised in this process.
+    """
+    node = _private("ray._private.worker", "_global_node")
+    if node is None:
+        raise RuntimeError("embedded_session: Ray is not initialised in this process")
+    constants = [_private("ray._private.ray_constants", f"PROCESS_TYPE_{t.upper()}") for t in NODE_PROCESS_TYPES]
+    if tuple(constants) != NODE_PROCESS_TYPES:
+        raise RayAPIChangedError("ray._private.ray_constants.PROCESS_TYPE_*", f"changed: {constants}")
+    try:
+        session_dir = str(node.get_session_dir_path())
+        processes = node.all_processes
+        pids = {t: int(processes[t][0].process.pid) for t in NODE_PROCESS_TYPES if processes.get(t)}
+    except (AttributeError, IndexError, TypeError) as err:
+        raise RayAPIChangedError("ray._private.node.Node", f"changed shape ({err!r})") from err
+    return session_dir, pids
 
 
 # ---------------------------------------------------------------------------- actors
