@@ -287,6 +287,7 @@ class ActorSupervisor:
                     if self._record_failure(k, "unreachable", outage["error"]):  # alive, not restarted
                         return
                 del self._outages[k]
+                self._progress[k] = (-1, now)  # a restarted process gets stall_timeout_s from its return
                 self._runs[k] = self.actors[k].run.remote()
             elif now > outage["since"] + self.restart_timeout_s:
                 self._fatal = (
