@@ -17,7 +17,8 @@ Replay shards (``ShardPersistence``, re-exported from
 a shard Ray restarts restores its contents and reports the items lost.
 
 Stalls. An actor whose batch count has not grown for ``rollout.stall_timeout_s``
-(a reward call that never returns, a stopped process) is reported (log line
+(a reward call that never returns, a stopped process) -- time its push spends
+waiting on a rate-limited shard (back-pressure) does not count -- is reported (log line
 naming the actor and its node; metric ``actors/stalls``), killed, and restarted
 by Ray like a crashed actor.
 
@@ -348,7 +349,9 @@ class ActorSupervisor:
                 logger.debug("stats of actor %d: %s", k, err)
                 continue
             batches = int(stats.get("num_batches", 0))
-            if batches > self._progress[k][0]:
+            # Growing, or answering while its push waits on a rate-limited shard (back-pressure from a
+            # slow learner, not a hang; a stopped process does not answer, a hung reward call is not waiting).
+            if batches > self._progress[k][0] or stats.get("waiting_on_replay"):
                 self._progress[k] = (batches, time.monotonic())
             with self._lock:
                 self._stats[k] = stats

@@ -117,6 +117,8 @@ class RolloutWorker:
         self._stop = False
         self.screen = RewardScreen(cfg.loss.log_reward_clip_min, self.actor_id)
         self.num_dropped = 0  # trajectories of pushes lost with a dead shard
+        # True while a push waits for its shard to accept it (rate limiter): back-pressure, not a stall
+        self.waiting_on_replay = False
 
     # ------------------------------------------------------------------ one batch
 
@@ -206,6 +208,7 @@ class RolloutWorker:
             TimeoutError: if the limiter refused for ``replay.timeout_s``, naming its condition.
             RuntimeError: if the shard died and Ray did not restart it (see ``_push_lost``).
         """
+        self.waiting_on_replay = True
         try:
             self.replay.complete_add(pending, payload, self.shard_index, should_stop=self._run_stopped)  # type: ignore[union-attr, arg-type]  # an actor that pushes has a replay client
             return True
@@ -215,6 +218,8 @@ class RolloutWorker:
             return False
         except (ValueError, TimeoutError) as err:
             raise type(err)(f"rollout actor {self.actor_id}: {err}") from err
+        finally:
+            self.waiting_on_replay = False
 
     def _push_lost(self, n: int, err: Exception) -> bool:
         """A push of ``n`` trajectories failed with its shard's death: counts them as dropped, waits
@@ -306,8 +311,8 @@ class RolloutWorker:
         """Counters: ``actor_id``, ``policy_version``, ``num_batches``, ``num_trajectories``,
         ``num_weight_updates``, ``versions_used`` (distinct versions in the order used),
         ``sample_time_s`` and ``push_time_s`` (cumulative), ``rejected_nan`` / ``rejected_posinf`` /
-        ``rejected_neginf`` (trajectories dropped for their log-reward) and ``dropped_trajectories``
-        (lost with a dead shard)."""
+        ``rejected_neginf`` (trajectories dropped for their log-reward), ``dropped_trajectories``
+        (lost with a dead shard) and ``waiting_on_replay`` (a push is waiting for its shard)."""
         return {
             "actor_id": self.actor_id,
             "policy_version": self.policy_version,
@@ -319,6 +324,7 @@ class RolloutWorker:
             "push_time_s": self.push_time_s,
             **self.screen.stats(),
             "dropped_trajectories": self.num_dropped,
+            "waiting_on_replay": self.waiting_on_replay,
         }
 
 
