@@ -90,12 +90,11 @@ def run_train(config: str | None, overrides: Sequence[str]) -> int:
         row = trainer.train()
         if not trainer.owner:  # torchrun ranks > 0: global rank 0 reports for the run
             return 0
-        learner = getattr(trainer, "learner", None)
-        if getattr(learner, "preempted", False):
+        if trainer.preempted:
             logger.warning(
                 "stopped by signal %s at step %d after a checkpoint; continue with resume=true",
-                preemption_requested(),
-                learner.step,  # type: ignore[union-attr]  # preempted implies a learner
+                preemption_requested() or "(on another learner rank)",
+                trainer.learner.step,
             )
         logger.info("done: %s", {k: row[k] for k in ("step", "loss", "l1_exact", "logZ_err") if k in row})
         logger.info("run directory: %s", trainer.run_dir)

@@ -41,6 +41,7 @@ from gfn_dist.checkpoint import Checkpointer, RolloutActorsRNG
 from gfn_dist.config import TrainConfig, from_dict
 from gfn_dist.distributed.cluster import DistContext
 from gfn_dist.distributed.learner import Learner
+from gfn_dist.distributed.rank_agreement import RankAgreement, cpu_group
 from gfn_dist.distributed.synchronous_rollout import SynchronousRollout
 from gfn_dist.distributed.topology import Topology
 from gfn_dist.distributed.waiting import WaitStopped
@@ -52,6 +53,11 @@ from gfn_dist.progress import Progress
 from gfn_dist.sampled_eval import ModesTracker, sampled_metrics
 
 logger = logging.getLogger(__name__)
+
+
+def preempted() -> bool:
+    """Whether this process received SIGTERM / SIGINT (``gfn_dist.preemption``)."""
+    return preemption_requested() is not None
 
 
 class Evaluator:
@@ -189,6 +195,10 @@ class LearnerProcess:
         self.gflownet = build_gflownet(cfg, self.env, self.policies)
         self.replay = topology.replay_client()
         self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
+        # Several ranks drawing from replay leave every wait on it together (rank_agreement).
+        agreement = (
+            RankAgreement(cpu_group(ctx), preempted) if ctx.distributed and not cfg.rollout.synchronous else None
+        )
         rollout_step = (
             SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts) if cfg.rollout.synchronous else None
         )  # before resuming: its workers seed the RNG
@@ -202,10 +212,11 @@ class LearnerProcess:
             replay=self.replay,
             health_check=self.check_actors,
             rollout_step=rollout_step,
-            # One rank: SIGTERM ends a wait on replay at once. Several: they agree at the next
-            # step boundary (a rank that left its step alone would break the collectives).
-            should_stop=(lambda: preemption_requested() is not None) if ctx.world_size == 1 else None,
+            # SIGTERM ends a wait on replay at once; several ranks leave it together (RankAgreement:
+            # a rank that left its step alone would break the collectives).
+            should_stop=preempted if ctx.world_size == 1 or agreement is not None else None,
             observe=self.evaluate.observe if ctx.is_main and self.evaluate.modes else None,
+            agreement=agreement,
         )
         self.publisher = topology.publisher() if ctx.is_main else None
         states: dict[str, Any] = {"learner": self.learner}
@@ -248,7 +259,7 @@ class LearnerProcess:
             if self.show_progress and not self.cfg.rollout.synchronous:
                 logger.info("start-up: waiting for the rollout actors' first batches ...")
             ready = self.cfg.rollout.synchronous or self._until_replay_answers(learner.wait_for_replay)
-            if self.show_progress:
+            if self.show_progress and ready:
                 logger.info("start-up: training starts %.1f s after the run started", time.time() - self.started_at)
             learner.reset_counters()
             self._inserts_prev = self._num_inserts()
@@ -304,14 +315,17 @@ class LearnerProcess:
             wait_on_replay()
             return True
         except WaitStopped:
-            if preemption_requested() is None:
+            agreed = self.learner.agreement is not None and self.learner.agreement.stop_agreed
+            if preemption_requested() is None and not agreed:
                 raise
             logger.warning("preemption while waiting on replay at step %d: checkpointing", self.learner.step)
             return False
         except TimeoutError as err:
-            if self.ctx.world_size == 1:  # several ranks cannot checkpoint from one rank's wait (collectives)
+            # Several ranks checkpoint together only when they agreed on the timeout (RankAgreement).
+            together = self.ctx.world_size == 1 or self.learner.agreement is not None
+            if together:
                 self.checkpointer.save(self.learner.step, reason="stalled")
-            saved = "checkpoint written" if self.ctx.world_size == 1 else "no checkpoint (several ranks)"
+            saved = "checkpoint written" if together else "no checkpoint (several ranks)"
             raise ReplayStalled(
                 f"no replay data for replay.timeout_s={self.cfg.replay.timeout_s:g} s at step "
                 f"{self.learner.step} ({self._waited_for()}): {str(err).splitlines()[0]}; "

@@ -9,9 +9,11 @@ Through the real entry point (``python -m gfn_dist.train``, subprocesses, embedd
   checkpoint and exits 0 within a bound, and ``resume=true`` continues from it, each step logged once.
 """
 
+import psutil
 import pytest
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,6 +112,7 @@ def test_sigterm_while_waiting_on_replay_checkpoints_and_resumes(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
     assert elapsed < SIGTERM_BOUND_S, elapsed
+    assert "stopped by signal 15 at step 0 after a checkpoint; continue with resume=true" in out, out[-4000:]
     (step, path), = ck.list_checkpoints(run_dir / "checkpoints")
     assert step == 0 and json.loads((path / "meta.json").read_text())["reason"] == "preempt"
     assert _rows(run_dir) == []  # no step was trained
@@ -118,3 +121,51 @@ def test_sigterm_while_waiting_on_replay_checkpoints_and_resumes(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+
+
+def _torchrun() -> list[str]:
+    exe = shutil.which("torchrun")
+    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_torchrun_sigterm_while_both_ranks_wait_on_replay_checkpoints_and_resumes(tmp_path):
+    """Two torchrun ranks wait on a replay that no actor fills; SIGTERM to the rank processes (as
+    SLURM's ``scancel`` sends it to every process of the step) ends both ranks' waits together
+    (``RankAgreement``): they checkpoint step 0 and exit 0 (torchrun then exits 0 too) within the
+    bound; ``resume=true`` under torchrun then trains each step once. (torchrun's own agent, when
+    it gets SIGTERM, forwards it to the ranks the same way but exits 1 itself: PyTorch's choice.)"""
+    run_dir = tmp_path / "run"
+    task = ["env.name=stall_task:SlowMultiset", "model.policy=mlp", "model.pb=learned", "model.hidden_dim=32"]
+    launch = [*_torchrun(), "--standalone", "--nproc_per_node=2", "--local-addr=127.0.0.1", "-m", "gfn_dist.train"]
+    cmd = [*launch, "configs/hypergrid_tb.yaml", *task, *SMALL, f"run.dir={run_dir}"]
+    env = {**_env(), "GFN_TEST_REWARD_SLEEP_S": "3600", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen([*cmd, "learner.max_steps=20"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: (run_dir / "config.yaml").is_file(), proc, "the run's start")
+        time.sleep(8.0)
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        ranks = [p for p in psutil.Process(proc.pid).children() if "gfn_dist.train" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, ranks
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert elapsed < SIGTERM_BOUND_S, elapsed
+    assert "stopped by signal 15 at step 0 after a checkpoint; continue with resume=true" in out, out[-4000:]
+    (step, path), = ck.list_checkpoints(run_dir / "checkpoints")
+    meta = json.loads((path / "meta.json").read_text())
+    assert step == 0 and meta["reason"] == "preempt", meta
+    assert _rows(run_dir) == []
+
+    env.pop("GFN_TEST_REWARD_SLEEP_S")
+    resumed = subprocess.run([*cmd, "learner.max_steps=4", "resume=true"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["world_size"] == 2 for r in rows)

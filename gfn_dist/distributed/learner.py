@@ -25,7 +25,9 @@ trajectory sampled with version ``v`` and used by the update that starts after
 ``s`` completed steps has ``policy_lag_steps = s - v``.
 
 With ``learner.prefetch`` the next batch is drawn from replay in a background
-thread while the current step computes.
+thread while the current step computes. With several ranks, every wait on
+replay ends on all ranks together (``rank_agreement.RankAgreement``): a SIGTERM
+on one rank, or one rank's timeout, stops every rank at the same step.
 
 Host syncs (``.item()``) happen only in ``reduce_metrics`` (log steps); the
 running sums of loss and policy lag stay on the device in between.
@@ -51,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gfn_dist.containers.trajectories import Trajectories
 from gfn_dist.distributed.cluster import DistContext
+from gfn_dist.distributed.rank_agreement import RankAgreement
 from gfn_dist.distributed.waiting import Deadline
 from gfn_dist.optim import make_optimizer
 
@@ -135,6 +138,8 @@ class Learner:
         should_stop: polled while waiting on replay; True ends the wait with ``WaitStopped``
             (the run layer passes its preemption flag, so SIGTERM is honoured however long
             replay would have kept the learner waiting).
+        agreement: several ranks: the ``RankAgreement`` every wait on replay goes through, so
+            the ranks leave it together (None: one rank, or synchronous rollouts).
     """
 
     _lag_max: torch.Tensor  # set by reset_counters
@@ -151,6 +156,7 @@ class Learner:
         rollout_step: Callable[[Learner], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         observe: Callable[[object], None] | None = None,
+        agreement: RankAgreement | None = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -173,6 +179,7 @@ class Learner:
         self.rollout_step = rollout_step
         self.should_stop = should_stop or (lambda: False)
         self.observe = observe
+        self.agreement = agreement
         self.step = 0
         self.timer = PhaseTimer()
         self._prefetch: Future | None = None  # Future of the next batch (learner.prefetch)
@@ -231,11 +238,14 @@ class Learner:
         trajectories are then up to one step older. The policy lag is measured
         when a batch is used.
         """
-        if not self.cfg.learner.prefetch or self.rollout_step is not None:
+        if self.rollout_step is not None:
             return self._draw()
+        if not self.cfg.learner.prefetch:
+            return self._draw() if self.agreement is None else self.agreement.result(self._executor.submit(self._draw))
         if self._prefetch is None:
             self._prefetch = self._executor.submit(self._draw)
-        td = self._prefetch.result()  # re-raises the draw's error
+        # re-raises the draw's error; several ranks: once every rank's draw is done (or one failed)
+        td = self._prefetch.result() if self.agreement is None else self.agreement.result(self._prefetch)
         # Never draw past the budget: nothing would consume it (and it might wait on stopped actors).
         self._prefetch = self._executor.submit(self._draw) if self.step + 1 < self.total_steps else None
         return td
@@ -256,7 +266,7 @@ class Learner:
         )
 
     def _stop_waiting(self) -> bool:
-        return self._closing or self.should_stop()
+        return self._closing or self.should_stop() or (self.agreement is not None and self.agreement.stop_agreed)
 
     def wait_for_replay(self) -> None:
         """Blocks until every shard holds ``replay.min_size_to_sample`` items.
@@ -266,8 +276,8 @@ class Learner:
         see tests/test_trainer_ray.py).
 
         Raises:
-            TimeoutError: after ``replay.timeout_s``.
-            WaitStopped: if ``should_stop`` said so while waiting.
+            TimeoutError: after ``replay.timeout_s`` (several ranks: on one of them).
+            WaitStopped: if ``should_stop`` said so while waiting (several ranks: on one of them).
         """
         need = self.cfg.replay.min_size_to_sample
         wait = Deadline(
@@ -277,13 +287,20 @@ class Learner:
             on_pause=self.health_check,
             should_stop=self._stop_waiting,
         )
-        while min(self.replay.sizes()) < need:
+
+        def check_then_pause() -> None:  # the deadline, then the health check and the stop flag
             if wait.expired:
                 raise TimeoutError(
                     f"replay warm-up: shard sizes {self.replay.sizes()} still below "
                     f"replay.min_size_to_sample={need} after {self.cfg.replay.timeout_s:g} s"
                 )
             wait.pause()
+
+        if self.agreement is not None:
+            self.agreement.until(lambda: min(self.replay.sizes()) >= need, check=check_then_pause)
+            return
+        while min(self.replay.sizes()) < need:
+            check_then_pause()
 
     def close(self) -> None:
         """Stops the prefetch thread (a draw in flight ends at its next timeout)."""
