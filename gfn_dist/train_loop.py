@@ -395,6 +395,11 @@ class LearnerProcess:
 def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> dict | None:
     """A ``LearnerGroup`` training function: one rank of a run whose topology exists in ``namespace``.
 
+    A restarted learner group (``ctx.restart`` > 0: Ray Train's retry under
+    ``cluster.learner_max_restarts``) resumes from the newest intact checkpoint of the
+    run (``resume=auto``: from step 0 when there is none), and rank 0 tells the driver
+    the step through ``sink.restarted(restart, step)`` before its first row.
+
     Args:
         config: ``to_dict`` of the validated configuration (``run.dir`` resolved, absolute).
         namespace: the run's Ray namespace.
@@ -404,11 +409,18 @@ def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContex
 
     Returns:
         rank 0's result (``LearnerProcess.run``), None on other ranks.
+
+    Raises:
+        ConfigError: if the checkpoint to resume from is incompatible with the configuration.
     """
     cfg = from_dict(config)
+    if ctx.restart > 0:
+        cfg.resume = "auto"  # continue where the failed group's last checkpoint left off
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
     process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace), started_at=started_at)
+    if ctx.restart > 0 and sink is not None:
+        sink.restarted(ctx.restart, process.learner.step)
     try:
         return process.run(sink)
     finally:
