@@ -188,7 +188,9 @@ class LearnerProcess:
         self.policies = build_policies(cfg, self.env).to(ctx.device)
         self.gflownet = build_gflownet(cfg, self.env, self.policies)
         self.replay = topology.replay_client()
-        self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
+        self.supervisor = (
+            topology.supervisor(self.replay, step_fn=lambda: self.learner.step, warn=self.warn) if ctx.is_main else None
+        )  # its warnings reach the driver through rank 0's sink (a Ray Train worker's log does not)
         rollout_step = (
             SynchronousRollout(cfg, ctx, topology.shards, build_rollout_parts) if cfg.rollout.synchronous else None
         )  # before resuming: its workers seed the RNG
@@ -336,9 +338,11 @@ class LearnerProcess:
     # ------------------------------------------------------------------ phases
 
     def publish(self, force: bool = False) -> None:
-        """Rank 0 publishes the policies as version ``step`` every ``learner.sync_every`` steps."""
+        """Rank 0 publishes the policies as version ``step`` every ``learner.sync_every`` steps
+        (``force``: now, replacing whatever the store holds: the start of a run, or of a restarted
+        learner that resumed at an older step)."""
         if self.publisher is not None and (force or self.learner.step % self.cfg.learner.sync_every == 0):
-            self.publisher.publish(self.learner.step, self.policies)
+            self.publisher.publish(self.learner.step, self.policies, reset=force)
 
     def check_actors(self) -> None:
         """Raises ``ActorFailure`` once the rollout actors failed beyond the config's limits (rank 0)."""
