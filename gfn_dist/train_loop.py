@@ -308,7 +308,7 @@ class LearnerProcess:
         except WaitStopped:
             if preemption_requested() is None:
                 raise
-            logger.warning("preemption while waiting on replay at step %d: checkpointing", self.learner.step)
+            self.warn(f"preemption while waiting on replay at step {self.learner.step}: checkpointing")  # driver's log
             return False
         except TimeoutError as err:
             if self.ctx.world_size == 1:  # several ranks cannot checkpoint from one rank's wait (collectives)
