@@ -421,6 +421,10 @@ class ClusterConfig:
     num_learners: int = 1  # launcher=ray: learner workers forming the DDP group (world size)
     num_cpus_per_learner: float = 1.0  # launcher=ray: Ray CPUs per learner worker (also its torch threads)
     placement_strategy: str = "PACK"  # launcher=ray: learners' placement group (PACK | SPREAD | STRICT_*)
+    # launcher=ray: Ray Train restarts of the learner group after a learner failed (a worker died or
+    # raised); each restart resumes from the newest checkpoint while the actors keep running
+    # (0: a failed learner fails the run; -1: unlimited)
+    learner_max_restarts: int = 0
     # User code on Ray workers (gfn_dist.imports.runtime_env_of -> ray.init(runtime_env=...)):
     working_dir: str | None = None  # directory (or URI) Ray uploads; workers start in it and import from it
     py_modules: list[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names
@@ -433,3 +437,7 @@ class ClusterConfig:
         _positive("cluster.num_learners", self.num_learners)
         _positive("cluster.num_cpus_per_learner", self.num_cpus_per_learner, allow_zero=True)
         _choice("cluster.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        if self.learner_max_restarts < -1:
+            raise ConfigError(
+                f"cluster.learner_max_restarts: must be >= 0, or -1 for unlimited, got {self.learner_max_restarts}"
+            )

@@ -194,7 +194,9 @@ class LearnerProcess:
         self.policies = build_policies(cfg, self.env).to(ctx.device)
         self.gflownet = build_gflownet(cfg, self.env, self.policies)
         self.replay = topology.replay_client()
-        self.supervisor = topology.supervisor(self.replay, step_fn=lambda: self.learner.step) if ctx.is_main else None
+        self.supervisor = (
+            topology.supervisor(self.replay, step_fn=lambda: self.learner.step, warn=self.warn) if ctx.is_main else None
+        )  # its warnings reach the driver through rank 0's sink (a Ray Train worker's log does not)
         # Several ranks drawing from replay leave every wait on it together (rank_agreement).
         agreement = (
             RankAgreement(cpu_group(ctx), preempted) if ctx.distributed and not cfg.rollout.synchronous else None
@@ -318,7 +320,7 @@ class LearnerProcess:
             agreed = self.learner.agreement is not None and self.learner.agreement.stop_agreed
             if preemption_requested() is None and not agreed:
                 raise
-            logger.warning("preemption while waiting on replay at step %d: checkpointing", self.learner.step)
+            self.warn(f"preemption while waiting on replay at step {self.learner.step}: checkpointing")  # driver's log
             return False
         except TimeoutError as err:
             # Several ranks checkpoint together only when they agreed on the timeout (RankAgreement).
@@ -350,9 +352,11 @@ class LearnerProcess:
     # ------------------------------------------------------------------ phases
 
     def publish(self, force: bool = False) -> None:
-        """Rank 0 publishes the policies as version ``step`` every ``learner.sync_every`` steps."""
+        """Rank 0 publishes the policies as version ``step`` every ``learner.sync_every`` steps
+        (``force``: now, replacing whatever the store holds: the start of a run, or of a restarted
+        learner that resumed at an older step)."""
         if self.publisher is not None and (force or self.learner.step % self.cfg.learner.sync_every == 0):
-            self.publisher.publish(self.learner.step, self.policies)
+            self.publisher.publish(self.learner.step, self.policies, reset=force)
 
     def check_actors(self) -> None:
         """Raises ``ActorFailure`` once the rollout actors failed beyond the config's limits (rank 0)."""
@@ -409,6 +413,11 @@ class LearnerProcess:
 def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContext, sink: Any) -> dict | None:
     """A ``LearnerGroup`` training function: one rank of a run whose topology exists in ``namespace``.
 
+    A restarted learner group (``ctx.restart`` > 0: Ray Train's retry under
+    ``cluster.learner_max_restarts``) resumes from the newest intact checkpoint of the
+    run (``resume=auto``: from step 0 when there is none), and rank 0 tells the driver
+    the step through ``sink.restarted(restart, step)`` before its first row.
+
     Args:
         config: ``to_dict`` of the validated configuration (``run.dir`` resolved, absolute).
         namespace: the run's Ray namespace.
@@ -418,11 +427,18 @@ def run_learner(config: dict, namespace: str, started_at: float, ctx: DistContex
 
     Returns:
         rank 0's result (``LearnerProcess.run``), None on other ranks.
+
+    Raises:
+        ConfigError: if the checkpoint to resume from is incompatible with the configuration.
     """
     cfg = from_dict(config)
+    if ctx.restart > 0:
+        cfg.resume = "auto"  # continue where the failed group's last checkpoint left off
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cluster.num_cpus_per_learner)))
     process = LearnerProcess(cfg, ctx, Topology.lookup(cfg, namespace), started_at=started_at)
+    if ctx.restart > 0 and sink is not None:
+        sink.restarted(ctx.restart, process.learner.step)
     try:
         return process.run(sink)
     finally:

@@ -203,6 +203,7 @@ class Trainer:
                 c.num_cpus_per_learner,
                 cluster.learners_use_gpu(cfg),
                 c.placement_strategy,
+                c.learner_max_restarts,
                 f"{ns}_learners",
                 str(self.run_dir / "ray_train"),
                 ns,
@@ -283,6 +284,7 @@ class Trainer:
                     on_row=lambda row: self._on_row(row, bar),
                     on_stop=request_preemption,
                     stop_requested=lambda: preemption_requested() is not None,
+                    on_restart=self._on_learner_restart,
                 )
             finally:
                 bar.close()
@@ -301,6 +303,15 @@ class Trainer:
         self.metrics.log(row)
         self.last_row = row
         bar.update(int(row["step"]), row)
+
+    def _on_learner_restart(self, restart: int, step: int) -> None:
+        """A restarted Ray Train learner group resumed at ``step``: the rows past it will be logged
+        again, so they are dropped (the JSONL sink is reopened on the rewritten file)."""
+        self.metrics.close()
+        truncate_metrics_after(self.run_dir / "metrics.jsonl", step)
+        self.metrics = MetricLogger.from_config(self.cfg, self.run_dir)
+        if self.last_row.get("step", 0) > step:
+            self.last_row = {}
 
     def close(self) -> None:
         """Stops the actors, closes the sinks, kills what this process created, shuts Ray down, destroys the group."""

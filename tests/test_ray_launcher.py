@@ -12,6 +12,9 @@
 * An unreachable ``cluster.address`` fails with a ``ConnectionError`` naming it,
   within ``cluster.connect_timeout_s``.
 * ``learner.batch_size`` must split over ``cluster.num_learners``.
+* Faults under the Ray launcher: a SIGKILLed rollout actor and replay shard; a SIGSTOPped
+  (hung) rollout actor, then a SIGKILLed learner worker that Ray Train restarts
+  (``cluster.learner_max_restarts``) from the newest checkpoint, each step logged once.
 """
 
 import math
@@ -73,6 +76,14 @@ def test_batch_must_split_over_learners():
     with pytest.raises(ConfigError, match=r"learner\.batch_size.*cluster\.num_learners=3"):
         _cfg("cluster.num_learners=3")
     assert _cfg("cluster.num_learners=4").cluster.num_learners == 4
+
+
+def test_learner_max_restarts_is_checked():
+    assert _cfg("cluster.learner_max_restarts=-1").cluster.learner_max_restarts == -1  # unlimited
+    with pytest.raises(ConfigError, match=r"cluster\.learner_max_restarts: must be >= 0, or -1 .*got -2"):
+        _cfg("cluster.learner_max_restarts=-2")
+    with pytest.raises(ConfigError, match=r"cluster\.learner_max_restarts: .*'nan'"):
+        _cfg("cluster.learner_max_restarts=nan")
 
 
 def test_unreachable_address_fails_within_timeout():
@@ -288,3 +299,99 @@ def test_ray_launcher_two_learners_user_task_by_import_path(tmp_path):
     evals = [r for r in rows if "l1_exact" in r]
     assert evals and evals[-1]["step"] == USER_TASK_STEPS
     assert evals[-1]["l1_exact"] < 0.5 * evals[0]["l1_exact"], [(r["step"], r["l1_exact"]) for r in evals]
+
+
+@pytest.mark.slow
+def test_learner_killed_and_actor_hung_under_ray_launcher(tmp_path, caplog):
+    """``cluster.launcher=ray`` with ``cluster.learner_max_restarts=1``, one run, two faults:
+
+    * rollout actor 1 SIGSTOPped (hung): reported as stalled (actor 1 only), killed and restarted by
+      Ray; the learner keeps stepping;
+    * then the learner's Ray Train worker SIGKILLed: Ray Train restarts the worker group, which
+      resumes from the newest checkpoint while the actors, the replay shards and the weight store
+      keep running; the driver logs one line naming the restart and the step, drops the rows past
+      it, and every step appears once in metrics.jsonl.
+
+    The run is stopped (as by SIGTERM) a few rows after the restart, or after 180 s per phase (the
+    asserts fail)."""
+    import logging
+    import signal
+    import threading
+
+    import psutil
+    import ray
+
+    from gfn_dist.checkpoint import list_checkpoints
+    from gfn_dist.distributed import ray_compat
+    from gfn_dist.preemption import clear_preemption, request_preemption
+    from gfn_dist.trainer import Trainer
+
+    caplog.set_level(logging.WARNING)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(f"run.dir={run_dir}", "cluster.num_learners=1", "cluster.learner_max_restarts=1",
+               "rollout.num_actors=2", "rollout.max_restarts=2", "rollout.stall_timeout_s=4",
+               "learner.max_steps=1000000", "eval.interval_steps=0", "logging.log_every=1",
+               "checkpoint.interval_steps=10")
+    trainer = Trainer(cfg)
+    seen: dict = {}
+
+    def wait_until(predicate, what: str, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                seen.setdefault("timeouts", []).append(what)
+                return
+            time.sleep(0.05)
+
+    def learner_workers() -> list:
+        return [p for p in psutil.Process().children(recursive=True)
+                if any("RayTrainWorker" in part for part in p.cmdline())]
+
+    def faults_then_stop() -> None:
+        try:
+            wait_until(lambda: trainer.last_row.get("step", 0) >= 10, "step 10")
+            pid = ray.get(ray_compat.call_in_actor(trainer.actors[1], lambda self: os.getpid()))
+            seen["stopped"] = psutil.Process(pid)
+            os.kill(pid, signal.SIGSTOP)  # hung: alive to Ray, but no batches
+            wait_until(lambda: trainer.last_row.get("actors/restarts", 0) >= 1, "the actor's restart")
+            seen["step_after_stall"] = trainer.last_row.get("step", 0)
+            # A checkpoint, and rows past it: the restart drops them and logs those steps again.
+            wait_until(lambda: trainer.last_row.get("step", 0) >= seen["step_after_stall"] + 12, "a checkpoint")
+            (worker,) = learner_workers()
+            seen["ckpt_step"] = list_checkpoints(run_dir / "checkpoints")[-1][0]
+            os.kill(worker.pid, signal.SIGKILL)
+            seen["killed_at"] = trainer.last_row.get("step", 0)
+            wait_until(lambda: "restarted by Ray Train" in caplog.text, "the learner restart")
+            wait_until(lambda: trainer.last_row.get("step", 0) >= seen["killed_at"] + 5, "steps after the restart")
+        finally:
+            request_preemption()
+
+    try:
+        thread = threading.Thread(target=faults_then_stop, daemon=True)
+        thread.start()
+        last = trainer.train()
+        thread.join(timeout=60)
+    finally:
+        clear_preemption()
+        stopped = seen.get("stopped")
+        if stopped is not None and stopped.is_running() and stopped.status() == psutil.STATUS_STOPPED:
+            os.kill(stopped.pid, signal.SIGCONT)  # never leave a stopped process behind
+        trainer.close()
+
+    assert "timeouts" not in seen, seen
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, steps[-1] + 1)), steps  # each step once, the restart's overlap dropped
+    assert trainer.preempted and last["step"] == steps[-1] == trainer.learner.step > seen["killed_at"]
+    ckpt, killed = seen["ckpt_step"], seen["killed_at"]
+    assert 0 < ckpt < killed, seen
+    restart_lines = [r.getMessage() for r in caplog.records if "restarted by Ray Train" in r.getMessage()]
+    assert len(restart_lines) == 1 and f"(restart 1 of 1): resumed from step {ckpt};" in restart_lines[0], caplog.text
+    # The hung actor: reported once (actor 1 only), killed and restarted; the learner kept stepping.
+    assert seen["step_after_stall"] > 10
+    # (Reported through the driver channel: the supervisor runs in rank 0's Ray Train worker.)
+    assert "learner rank 0: rollout actor 1 (node " in caplog.text and "produced nothing for" in caplog.text
+    assert "rollout actor 0 (node " not in caplog.text, caplog.text  # the running actor: not reported,
+    assert "rollout actor 0 is unreachable" not in caplog.text  # before or after the learner's restart
+    assert max(r["actors/stalls"] for r in rows) >= 1 and max(r["actors/restarts"] for r in rows) >= 1
+    assert not seen["stopped"].is_running() or seen["stopped"].status() == psutil.STATUS_ZOMBIE

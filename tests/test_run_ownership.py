@@ -6,7 +6,8 @@ Through the real entry point (``python -m gfn_dist.train``, subprocesses, embedd
   finishes untouched (its metric rows stay in step order: nothing interleaved);
 * a lock file left by a dead holder is taken over (with a warning);
 * SIGTERM while the learner waits on a replay that no actor fills (their reward call hangs) writes a
-  checkpoint and exits 0 within a bound, and ``resume=true`` continues from it, each step logged once.
+  checkpoint and exits 0 within a bound, and ``resume=true`` continues from it, each step logged once;
+  with the local launcher and with ``cluster.launcher=ray`` (the learner a Ray Train worker).
 """
 
 import psutil
@@ -91,27 +92,43 @@ def test_second_run_on_a_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path
     assert [r["step"] for r in _rows(run_dir)] == steps + [n + 1, n + 2]
 
 
-def test_sigterm_while_waiting_on_replay_checkpoints_and_resumes(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_sigterm_while_waiting_on_replay_checkpoints_and_resumes(tmp_path, launcher):
+    """``local``: the driver is the learner. ``ray``: the learner is a Ray Train worker (1 learner); the
+    driver forwards the stop request through its channel, the worker's wait ends and it checkpoints."""
+    run_dir, log = tmp_path / "run", tmp_path / "out.log"
     task = ["env.name=stall_task:SlowMultiset", "model.policy=mlp", "model.pb=learned", "model.hidden_dim=32"]
     cmd = [sys.executable, "-m", "gfn_dist.train", "configs/hypergrid_tb.yaml", *task, *SMALL, f"run.dir={run_dir}"]
+    if launcher == "ray":
+        cmd += ["cluster.launcher=ray", "cluster.num_learners=1"]
     env = {**_env(), "GFN_TEST_REWARD_SLEEP_S": "3600"}  # the actor's reward call never returns
-    proc = subprocess.Popen([*cmd, "learner.max_steps=20"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env.setdefault("RAY_agent_register_timeout_ms", "180000")  # a slow dashboard agent on a loaded machine
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cmd, "learner.max_steps=20"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+    # The rollout actor is up (the weights are published after it was created), the learner (a Ray
+    # Train worker: once the driver logged its placement) waits, and nothing reached replay.
+    started = (lambda: "learner workers (" in log.read_text()) if launcher == "ray" else (
+        lambda: (run_dir / "config.yaml").is_file())
     try:
-        # The rollout actor is up (the weights are published after it was created) and nothing reached replay.
-        _wait_for(lambda: (run_dir / "config.yaml").is_file(), proc, "the run's start")
+        deadline = time.monotonic() + 300
+        while not started():
+            assert proc.poll() is None, "exited before the run's start: " + log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "timed out waiting for the run's start"
+            time.sleep(0.1)
         time.sleep(8.0)
-        assert proc.poll() is None
+        assert proc.poll() is None, log.read_text()[-4000:]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert elapsed < SIGTERM_BOUND_S, elapsed
+    assert "preemption while waiting on replay at step 0" in out, out[-4000:]  # the wait ended, on the driver's log
     assert "stopped by signal 15 at step 0 after a checkpoint; continue with resume=true" in out, out[-4000:]
     (step, path), = ck.list_checkpoints(run_dir / "checkpoints")
     assert step == 0 and json.loads((path / "meta.json").read_text())["reason"] == "preempt"

@@ -57,3 +57,16 @@ def test_publish_and_stop_wake_a_waiting_poll(event):
     else:
         assert out["elapsed"] < 1.0
     assert store.get()[0] == expected[0]
+
+
+def test_reset_publish_replaces_a_newer_version():
+    """A restarted learner resumes at an older step: its first publish (``reset``) replaces the
+    newer weights of the failed learner (whose object references died with it)."""
+    store = WeightStore()
+    store.publish(6, ["ref6"])
+    store.publish(4, ["ref4"])  # an ordinary older publish: ignored
+    assert store.get() == (6, ["ref6"])
+    assert store.publish(4, ["ref4"], reset=True) == 4
+    assert store.get() == (4, ["ref4"])
+    store.publish(5, ["ref5"])
+    assert store.get() == (5, ["ref5"])

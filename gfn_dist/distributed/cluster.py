@@ -86,6 +86,9 @@ class DistContext:
         launcher: ``local``, ``torchrun`` or ``ray`` (a Ray Train worker).
         device: the learner's device.
         backend: the process-group backend, or None without a process group.
+        restart: how often the learner group was restarted before this start (Ray Train's retries
+            under ``cluster.learner_max_restarts``; 0 otherwise): a restarted rank resumes from the
+            newest checkpoint.
     """
 
     rank: int
@@ -94,6 +97,7 @@ class DistContext:
     launcher: str
     device: torch.device
     backend: str | None
+    restart: int = 0
 
     @property
     def is_main(self) -> bool:

@@ -104,6 +104,9 @@ class ActorSupervisor:
         stall_timeout_s: an actor whose batch count has not grown for this long (a hung reward
             call, a stopped process) is reported, killed and restarted like a crashed actor
             (``rollout.stall_timeout_s``; None: never).
+        warn: where the supervisor's warnings go (one line each: failures, returns, stalls);
+            default this module's logger. A Ray Train learner passes its driver channel, since
+            its own log does not reach the driver.
     """
 
     def __init__(
@@ -118,8 +121,10 @@ class ActorSupervisor:
         restart_timeout_s: float = 300.0,
         step_fn: Callable[[], int] | None = None,
         stall_timeout_s: float | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         n = len(actors)
+        self._warn = warn if warn is not None else lambda message: logger.warning("%s", message)
         self.actors = list(actors)
         self.num_shards = int(num_shards)
         self.replay = replay
@@ -154,7 +159,12 @@ class ActorSupervisor:
     # ------------------------------------------------------------------ public
 
     def start(self) -> None:
-        """Starts every actor's ``run`` and the watching thread."""
+        """Starts every actor's ``run`` and the watching thread.
+
+        Ray's restart count of each actor is read first: after a learner restart the actors
+        may have been restarted before, and only later deaths are this supervisor's to count.
+        """
+        self._ray_restarts = [int((actor_info(a) or {}).get("NumRestarts", 0)) for a in self.actors]
         self._runs = {k: a.run.remote() for k, a in enumerate(self.actors)}
         self._thread = threading.Thread(target=self._loop, name="actor-supervisor", daemon=True)
         self._thread.start()
@@ -260,7 +270,7 @@ class ActorSupervisor:
             self._down[k] = 0
             self._stats_refs.pop(k, None)  # an answer from the dead process would be stale
         self._progress[k] = (-1, time.monotonic())  # the new process counts from zero
-        logger.warning("rollout actor %d is unreachable (%s); waiting for Ray to restart it", k, error)
+        self._warning("rollout actor %d is unreachable (%s); waiting for Ray to restart it", k, error)
 
     def _resume_restarted(self) -> None:
         """Counts the deaths Ray restarted, and calls ``run`` again on each actor Ray reports alive."""
@@ -305,7 +315,7 @@ class ActorSupervisor:
             self.events.append(FailureEvent(k, kind, error, self.step, time_failed=time.monotonic()))
             if kind == "died":
                 self.restarts[k] += 1
-        logger.warning(
+        self._warning(
             "rollout actor %d %s (failure %d in a row, %d in all): %s",
             k,
             kind,
@@ -361,7 +371,7 @@ class ActorSupervisor:
                     for event in self.events:
                         if event.actor_id == k and event.step_recovered is None:
                             event.step_recovered, event.time_recovered = self.step, time.monotonic()
-                    logger.warning(
+                    self._warning(
                         "rollout actor %d is back: pushing again with policy version %s", k, stats.get("policy_version")
                     )
         self._hint_rejections()
@@ -377,7 +387,7 @@ class ActorSupervisor:
                 continue
             info = actor_info(actor) or {}
             node = (info.get("Address") or {}).get("NodeID", "unknown node")
-            logger.warning(
+            self._warning(
                 "rollout actor %d (node %s) produced nothing for %.0f s (rollout.stall_timeout_s=%g): "
                 "killing it; Ray restarts it",
                 k,
@@ -390,19 +400,22 @@ class ActorSupervisor:
             self._progress[k] = (self._progress[k][0], now)  # one kill per stall
             ray.kill(actor, no_restart=False)
 
+    def _warning(self, fmt: str, *args: Any) -> None:
+        self._warn(fmt % args)
+
     def _hint_rejections(self) -> None:
         with self._lock:
             totals = self._totals()
         if totals.get("rejected_neginf", 0) and "neginf" not in self._hinted:
             self._hinted.add("neginf")
-            logger.warning(
+            self._warning(
                 "rollout actors rejected trajectories with log-reward -inf (zero reward); set "
                 "loss.log_reward_clip_min (e.g. -100) to train on them (metric rollout/rejected_neginf)"
             )
         for key in ("rejected_nan", "rejected_posinf"):
             if totals.get(key, 0) and key not in self._hinted:
                 self._hinted.add(key)
-                logger.warning(
+                self._warning(
                     "rollout actors rejected trajectories with %s log-reward (metric rollout/%s): "
                     "check the reward function",
                     "NaN" if key == "rejected_nan" else "+inf",

@@ -20,6 +20,14 @@ Backends:
   through ``on_stop``. (``ray.train.report`` is not used for rows: Ray Train v2
   keeps only the metrics attached to checkpoints, and streams nothing to the
   driver during the run.)
+
+  A failed learner fails the run, unless ``max_restarts`` (``cluster.learner_max_restarts``)
+  allows Ray Train to restart the worker group (``FailureConfig(max_failures=...)``). The
+  restarted workers call ``train_fn`` again with ``ctx.restart`` > 0 (counted by the channel:
+  the rollout actors, replay shards and weight store are the driver's and keep running);
+  the training function resumes from the newest checkpoint and rank 0 reports the step it
+  resumed from (``ChannelMetrics.restarted``): the driver logs one warning and calls
+  ``on_restart(restart, step)``, which drops the metric rows past that step.
 """
 
 from __future__ import annotations
@@ -67,14 +75,21 @@ class InProcessLearners:
 class DriverChannel:
     """Learner rank 0 <-> driver (a Ray actor, ``num_cpus=0``): messages up, a stop request down.
 
-    Messages are ``(kind, payload)``: ``("placement", {...})`` once, ``("row", metric_row)``
-    per log step, ``("warning", message)`` for the driver's log, ``("disk_full", (errno, message))``
+    Messages are ``(kind, payload)``: ``("placement", {...})`` per start of the worker group,
+    ``("restart", (restart, step))`` when a restarted group resumed, ``("row", metric_row)`` per
+    log step, ``("warning", message)`` for the driver's log, ``("disk_full", (errno, message))``
     when a rank stopped on a full disk, ``("final", result)`` at the end.
     """
 
     def __init__(self) -> None:
         self._messages: list = []
         self._stop = False
+        self._starts = 0
+
+    def start(self) -> int:
+        """Rank 0 of a (re)started worker group: how many starts came before (0 on the first)."""
+        self._starts += 1
+        return self._starts - 1
 
     def put(self, kind: str, payload: Any) -> None:
         self._messages.append((kind, payload))
@@ -105,6 +120,11 @@ class ChannelMetrics:
         """A warning for the driver's log (this worker's own log does not reach the driver)."""
         ray.get(self.channel.put.remote("warning", str(message)))
 
+    def restarted(self, restart: int, step: int) -> None:
+        """The restarted worker group (restart ``restart``) resumed at learner step ``step``: the
+        driver drops its metric rows past ``step`` (they are logged again)."""
+        ray.get(self.channel.put.remote("restart", (int(restart), int(step))))
+
     def close(self) -> None:
         pass
 
@@ -126,15 +146,19 @@ def _ray_train_worker(config: dict) -> None:
     tctx = ray.train.get_context()
     device = ray.train.torch.get_device()  # cuda:i of this worker's GPU with use_gpu, else cpu
     backend = dist.get_backend() if dist.is_initialized() else None
-    ctx = DistContext(tctx.get_world_rank(), tctx.get_world_size(), tctx.get_local_rank(), "ray", device, backend)
+    rank, world_size = tctx.get_world_rank(), tctx.get_world_size()
     channel = config["channel"]
     node_id = ray.get_runtime_context().get_node_id()
-    nodes = [node_id] * ctx.world_size
-    if ctx.distributed:
-        dist.all_gather_object(nodes, node_id)  # also a first check that the process group works
+    restart = ray.get(channel.start.remote()) if rank == 0 else 0  # > 0: Ray Train restarted the group
+    nodes = [(node_id, restart)] * world_size
+    if backend is not None:
+        dist.all_gather_object(nodes, (node_id, restart))  # also a first check that the process group works
+    restart = nodes[0][1]  # rank 0's count, on every rank
+    ctx = DistContext(rank, world_size, tctx.get_local_rank(), "ray", device, backend, restart)
     done = threading.Event()
     if ctx.is_main:
-        channel.put.remote("placement", {"nodes": nodes, "backend": backend, "device": str(device)})
+        placement = {"nodes": [n for n, _ in nodes], "backend": backend, "device": str(device)}
+        channel.put.remote("placement", placement)
         threading.Thread(target=_forward_stop_requests, args=(channel, config["on_stop"], done), daemon=True).start()
     try:
         result = config["train_fn"](ctx, ChannelMetrics(channel) if ctx.is_main else None)
@@ -155,6 +179,7 @@ class RayTrainLearners:
         cpus_per_worker: CPUs each worker reserves.
         use_gpu: whether each worker reserves a GPU (nccl) or not (gloo).
         placement_strategy: Ray placement strategy of the workers' bundles.
+        max_restarts: Ray Train restarts of the worker group after a worker failed (-1: unlimited).
         name: the Ray Train run name.
         storage_path: where Ray Train keeps its run state.
         namespace: the run's Ray namespace (the channel actor is created there).
@@ -166,6 +191,7 @@ class RayTrainLearners:
         cpus_per_worker: float,
         use_gpu: bool,
         placement_strategy: str,
+        max_restarts: int,
         name: str,
         storage_path: str,
         namespace: str,
@@ -174,6 +200,7 @@ class RayTrainLearners:
         self.cpus_per_worker = float(cpus_per_worker)
         self.use_gpu = bool(use_gpu)
         self.placement_strategy = placement_strategy
+        self.max_restarts = int(max_restarts)
         self.name = name
         self.storage_path = storage_path
         self.channel = (
@@ -191,6 +218,7 @@ class RayTrainLearners:
         on_row: Callable[[dict], None],
         on_stop: Callable[[], None],
         stop_requested: Callable[[], bool],
+        on_restart: Callable[[int, int], None] = lambda restart, step: None,
     ) -> dict:
         """Runs ``train_fn`` on the W workers; returns rank 0's result.
 
@@ -199,10 +227,13 @@ class RayTrainLearners:
             on_row: called on the driver with each metric row of rank 0, in order.
             on_stop: called in rank 0's process when the driver asks to stop.
             stop_requested: polled on the driver; once True, the stop request is forwarded.
+            on_restart: called on the driver with ``(restart, step)`` when a restarted worker group
+                resumed at ``step`` (before the rows it logs again).
 
         Raises:
             DiskFullError: if a worker stopped on a full disk (its one line).
-            ray.train.TrainingFailedError: if a worker failed otherwise (its error attached).
+            ray.train.TrainingFailedError: if a worker failed otherwise (its error attached), after
+                ``max_restarts`` restarts.
             RuntimeError: if rank 0 finished without sending its result.
         """
         resources: dict[str, float] = {"CPU": self.cpus_per_worker}
@@ -218,12 +249,14 @@ class RayTrainLearners:
                 placement_strategy=self.placement_strategy,
             ),
             run_config=RunConfig(
-                name=self.name, storage_path=self.storage_path, failure_config=FailureConfig(max_failures=0)
-            ),  # a failed learner fails the run
+                name=self.name,
+                storage_path=self.storage_path,
+                failure_config=FailureConfig(max_failures=self.max_restarts),  # 0: a failed learner fails the run
+            ),
         )
         stop = threading.Event()
         drainer = threading.Thread(
-            target=self._drain, args=(stop, on_row, stop_requested), name="driver-channel", daemon=True
+            target=self._drain, args=(stop, on_row, stop_requested, on_restart), name="driver-channel", daemon=True
         )
         drainer.start()
         self._t_fit = time.perf_counter()
@@ -236,7 +269,7 @@ class RayTrainLearners:
         finally:
             stop.set()
             drainer.join()
-            self._drain_once(on_row)  # what arrived after the last poll
+            self._drain_once(on_row, on_restart)  # what arrived after the last poll
         if failure is not None:
             if self._disk_full is not None:
                 raise DiskFullError(*self._disk_full) from None
@@ -245,7 +278,7 @@ class RayTrainLearners:
             raise RuntimeError("learner rank 0 finished without sending its final state")
         return self._final
 
-    def _drain(self, stop: threading.Event, on_row, stop_requested, poll_s: float = 0.25) -> None:
+    def _drain(self, stop: threading.Event, on_row, stop_requested, on_restart, poll_s: float = 0.25) -> None:
         forwarded = False
         while not stop.wait(poll_s):
             try:
@@ -253,15 +286,26 @@ class RayTrainLearners:
                     logger.warning("stop requested: asking the learners to checkpoint and stop")
                     self.channel.request_stop.remote()  # type: ignore[union-attr]  # a Ray actor handle
                     forwarded = True
-                self._drain_once(on_row)
+                self._drain_once(on_row, on_restart)
             except Exception as err:  # the channel is gone: fit() reports the cause
                 logger.debug("driver channel: %s", err)
                 return
 
-    def _drain_once(self, on_row) -> None:
+    def _drain_once(self, on_row, on_restart) -> None:
         for kind, payload in ray.get(self.channel.take.remote()):  # type: ignore[union-attr]  # a Ray actor handle
             if kind == "row":
                 on_row(payload)
+            elif kind == "restart":
+                restart, step = payload
+                limit = "unlimited" if self.max_restarts < 0 else str(self.max_restarts)
+                logger.warning(
+                    "learner worker group restarted by Ray Train after a learner failed (restart %d of %s): "
+                    "resumed from step %d; the metric rows past it are dropped",
+                    restart,
+                    limit,
+                    step,
+                )
+                on_restart(restart, step)
             elif kind == "disk_full":
                 self._disk_full = (int(payload[0]), str(payload[1]))
             elif kind == "warning":

@@ -34,6 +34,7 @@ intra-op thread (``torch.set_num_threads(1)``): actors are the unit of paralleli
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,8 @@ class RolloutWorker:
         self.num_dropped = 0  # trajectories of pushes lost with a dead shard
         # True while a push waits for its shard to accept it (rate limiter): back-pressure, not a stall
         self.waiting_on_replay = False
+        self._loop_lock = threading.Lock()  # one run() loop at a time
+        self._loop_owner: int | None = None  # thread of the newest run() call; older loops end
 
     # ------------------------------------------------------------------ one batch
 
@@ -176,6 +179,10 @@ class RolloutWorker:
         if self.weights.refresh(latest):
             self.policy_version = self.weights.version
         return stopped or self._stop
+
+    def _superseded(self) -> bool:
+        """Whether a newer ``run`` call took over from the loop running in this thread."""
+        return self._loop_owner is not None and self._loop_owner != threading.get_ident()
 
     @staticmethod
     def encode(batch: TensorDict | dict, n: int | None = None) -> bytes:
@@ -255,10 +262,11 @@ class RolloutWorker:
         return self.complete_push(self.submit_push(payload), payload, td.batch_size[0])
 
     def _run_stopped(self) -> bool:
-        """Whether the run asked to stop (no weight loading: the pending batch keeps its version)."""
-        if self.weights is None:
-            return self._stop
-        return self.weights.poll()[1] or self._stop
+        """Whether the run asked to stop, or a newer ``run`` call took over (no weight loading: the
+        pending batch keeps its version)."""
+        if self.weights is None or self._stop or self._superseded():
+            return self._stop or self._superseded()
+        return self.weights.poll()[1]
 
     # ------------------------------------------------------------------ loop
 
@@ -271,15 +279,34 @@ class RolloutWorker:
         k must be accepted before batch k+1 is sent (so the rate limiter still
         paces every batch).
 
+        One loop runs at a time: a new call (a restarted learner's supervisor; the
+        call of the failed one outlives its caller) makes a running loop end after
+        its current batch or push wait, then takes over.
+
         Returns:
             ``stats()`` at the end.
+
+        Raises:
+            ValueError: if the worker was built without replay shards, or a shard rejected a batch.
+            TimeoutError: if the rate limiter refused a push for ``replay.timeout_s``.
+            RuntimeError: if this actor's shard died and Ray did not restart it.
         """
         if self.replay is None:
             raise ValueError("RolloutWorker.run: built without shard_handles; nothing to push to")
+        me = threading.get_ident()
+        self._loop_owner = me  # a loop still running in another thread ends
+        with self._loop_lock:
+            try:
+                return self.stats() if self._superseded() else self._loop(max_batches)  # superseded while waiting
+            finally:
+                if self._loop_owner == me:
+                    self._loop_owner = None
+
+    def _loop(self, max_batches: int | None) -> dict:
         poll_every = self.cfg.rollout.weight_poll_every
         in_flight = None  # (pending try_add reference, payload, number of trajectories)
         stopped = False
-        while max_batches is None or self.num_batches < max_batches:
+        while (max_batches is None or self.num_batches < max_batches) and not self._superseded():
             if self.policy_version < 0 or self.num_batches % poll_every == 0:
                 stopped = self.refresh_weights()
                 if stopped:

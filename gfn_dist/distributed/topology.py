@@ -130,12 +130,18 @@ class Topology:
         """Publishes the learner's weights to the store (learner rank 0)."""
         return WeightPublisher(self.store)
 
-    def supervisor(self, replay: ReplayClient | None, step_fn: Callable[[], int]) -> ActorSupervisor | None:
+    def supervisor(
+        self,
+        replay: ReplayClient | None,
+        step_fn: Callable[[], int],
+        warn: Callable[[str], None] | None = None,
+    ) -> ActorSupervisor | None:
         """The ``ActorSupervisor`` of the rollout actors (learner rank 0), or None without actors.
 
         Args:
             replay: rank 0's client (the supervisor marks the shards of down actors starved).
             step_fn: the learner's current step (recorded with failure events).
+            warn: where its warnings go (``ActorSupervisor``); default its module's logger.
         """
         if not self.actors:
             return None
@@ -148,6 +154,7 @@ class Topology:
             max_consecutive_failures=r.max_consecutive_failures,
             step_fn=step_fn,
             stall_timeout_s=r.stall_timeout_s or None,
+            warn=warn,
         )
 
     def actor_stats(self) -> list[dict]:

@@ -46,8 +46,10 @@ class WeightStore:
         self._num_publishes = 0
         self._changed = threading.Condition()  # notified on publish and stop (wakes long polls)
 
-    def publish(self, version: int, state_dict_ref: list) -> int:
-        """Stores ``state_dict_ref`` (``[ObjectRef]``) as ``version``; older versions are ignored.
+    def publish(self, version: int, state_dict_ref: list, reset: bool = False) -> int:
+        """Stores ``state_dict_ref`` (``[ObjectRef]``) as ``version``; older versions are ignored
+        unless ``reset``: a learner's first publish (a restarted learner resumes at an older step,
+        and the newer weights' owner, the failed learner, is gone).
 
         Returns:
             the newest version held after the call.
@@ -58,7 +60,7 @@ class WeightStore:
         if not isinstance(state_dict_ref, (list, tuple)) or len(state_dict_ref) != 1:
             raise ValueError("WeightStore.publish: pass the reference wrapped as [ref] (Ray resolves bare refs)")
         with self._changed:
-            if int(version) > self._version:
+            if int(version) > self._version or reset:
                 self._version = int(version)
                 self._refs = list(state_dict_ref)
                 self._num_publishes += 1
@@ -146,10 +148,10 @@ class WeightPublisher:
         self.max_in_flight = int(max_in_flight)
         self._pending: list = []
 
-    def publish(self, version: int, module: nn.Module) -> None:
-        """Publishes ``module``'s weights as ``version``."""
+    def publish(self, version: int, module: nn.Module, reset: bool = False) -> None:
+        """Publishes ``module``'s weights as ``version`` (``reset``: even if the store holds a newer one)."""
         ref = ray.put(state_dict_to_wire(cpu_state_dict(module)))  # numpy: no torch pickling
-        self._pending.append(self.store.publish.remote(int(version), [ref]))
+        self._pending.append(self.store.publish.remote(int(version), [ref], bool(reset)))
         done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
         if len(self._pending) >= self.max_in_flight:
             done_more, self._pending = ray.wait(self._pending, num_returns=len(self._pending) - self.max_in_flight + 1)
@@ -211,7 +213,8 @@ class WeightSubscriber:
         return self._known
 
     def refresh(self, latest_version: int | None = None) -> bool:
-        """Loads the newest weights if their version is newer than the loaded one.
+        """Loads the newest weights if their version differs from the loaded one (newer, or older
+        after a restarted learner's ``reset`` publish).
 
         Args:
             latest_version: the version ``poll`` returned (asked for when None).
@@ -221,10 +224,10 @@ class WeightSubscriber:
         """
         if latest_version is None:
             latest_version, _ = self.poll()
-        if latest_version <= self.version:
+        if latest_version == self.version or latest_version < 0:
             return False
         version, refs = ray.get(self.store.get.remote())
-        if refs is None or version <= self.version:
+        if refs is None or version == self.version:
             return False
         self.module.load_state_dict(state_dict_from_wire(ray.get(refs[0])))
         self.version = int(version)
