@@ -421,6 +421,10 @@ class ClusterConfig:
     num_learners: int = 1  # launcher=ray: learner workers forming the DDP group (world size)
     num_cpus_per_learner: float = 1.0  # launcher=ray: Ray CPUs per learner worker (also its torch threads)
     placement_strategy: str = "PACK"  # launcher=ray: learners' placement group (PACK | SPREAD | STRICT_*)
+    # Ray task events of the run's actors (shards, weight store, rollout actors, driver channel); false keeps
+    # their calls out of `ray list tasks`, the dashboard timeline and the GCS's memory (~3.5 KB a call, up to
+    # ~330 MB); true shows them again for debugging (gfn_dist.distributed.topology)
+    task_events: bool = False
     # User code on Ray workers (gfn_dist.imports.runtime_env_of -> ray.init(runtime_env=...)):
     working_dir: str | None = None  # directory (or URI) Ray uploads; workers start in it and import from it
     py_modules: list[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names
