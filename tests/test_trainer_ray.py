@@ -32,6 +32,7 @@ from the GCS, has none of them after the first run), and do with
 ``cluster.task_events=true`` (the on-policy run, later on the same Ray).
 """
 
+import itertools
 import math
 import time
 
@@ -140,7 +141,7 @@ def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     for s in actor_stats:
         used = s["versions_used"]
         assert used[0] == 0 and len(used) >= 3, s
-        assert all(b > a for a, b in zip(used, used[1:])), s
+        assert all(b > a for a, b in itertools.pairwise(used)), s
         assert s["num_weight_updates"] >= 3
 
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
