@@ -425,6 +425,10 @@ class ClusterConfig:
     # raised); each restart resumes from the newest checkpoint while the actors keep running
     # (0: a failed learner fails the run; -1: unlimited)
     learner_max_restarts: int = 0
+    # Ray task events of the run's actors (shards, weight store, rollout actors, driver channel); false keeps
+    # their calls out of `ray list tasks`, the dashboard timeline and the GCS's memory (~3.5 KB a call, up to
+    # ~330 MB); true shows them again for debugging (gfn_dist.distributed.topology)
+    task_events: bool = False
     # User code on Ray workers (gfn_dist.imports.runtime_env_of -> ray.init(runtime_env=...)):
     working_dir: str | None = None  # directory (or URI) Ray uploads; workers start in it and import from it
     py_modules: list[str] = field(default_factory=list)  # package dirs / .whl / .zip / URIs / importable names

@@ -207,6 +207,7 @@ class Trainer:
                 f"{ns}_learners",
                 str(self.run_dir / "ray_train"),
                 ns,
+                task_events=c.task_events,
             )
         else:
             if self.ctx.device.type == "cpu":

@@ -25,9 +25,16 @@ the batch of the update that starts after j completed steps: lag = j - v.
 
 So (j - t0 - 1) n <= spi * (3 n_push + C + m - 1) + 2 eb and
 lag <= 2 * sync_every + floor((spi * (3 n_push + C + m - 1) + 2 eb) / n).
+
+Ray task events (``topology`` module doc): the calls of a run's shards, weight
+store and rollout actors never reach the GCS by default (``ray.timeline()``, read
+from the GCS, has none of them after the first run), and do with
+``cluster.task_events=true`` (the on-policy run, later on the same Ray).
 """
 
+import itertools
 import math
+import time
 
 import pytest
 import ray
@@ -43,6 +50,15 @@ from gfn_dist.trainer import Trainer
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # full pipeline runs on a local Ray
 
 BATCH, PUSH, CAPACITY, SPI, TOLERANCE, SYNC_EVERY, STEPS = 16, 8, 16, 1.0, 16.0, 2, 40
+#: The actor classes of a run's hot path (module doc).
+HOT_PATH_ACTORS = frozenset({"ReplayShard", "WeightStore", "RolloutActor"})
+
+
+def classes_with_task_events() -> set:
+    """Actor classes with task events in the GCS (``ray.timeline``: every task since Ray started)."""
+    # an event's "cat" is "task::[<actor name>:]<Class>.<method>" (or "task::<function>")
+    cats = [event["cat"].removeprefix("task::") for event in ray.timeline() if "cat" in event]
+    return {cat.split(".")[0].split(":")[-1] for cat in cats}
 
 
 def lag_bound(cfg) -> int:
@@ -105,8 +121,10 @@ def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
         snapshots = trainer.learner.replay.snapshot()
         actor_stats = trainer.actor_stats()
         stats = trainer.learner.replay.stats()
+        classes = classes_with_task_events()
     finally:
         trainer.close()
+    assert not HOT_PATH_ACTORS & classes, classes  # cluster.task_events=false: no task events in the GCS
 
     # Every stored trajectory carries int64 policy_version and actor_id, and nothing else beyond the wire format.
     for shard_index, snap in enumerate(snapshots):
@@ -123,7 +141,7 @@ def test_two_actors_two_shards_one_learner(local_ray, tmp_path):
     for s in actor_stats:
         used = s["versions_used"]
         assert used[0] == 0 and len(used) >= 3, s
-        assert all(b > a for a, b in zip(used, used[1:])), s
+        assert all(b > a for a, b in itertools.pairwise(used)), s
         assert s["num_weight_updates"] >= 3
 
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -145,14 +163,17 @@ def test_on_policy_switch(local_ray, tmp_path):
     torch.set_num_threads(1)
     cfg = resolve_on_policy(_cfg(tmp_path / "run", "learner.on_policy=true", "rollout.num_actors=1",
                                  "replay.num_shards=1", "replay.samples_per_insert_tolerance=null",
-                                 "learner.max_steps=20"))
+                                 "learner.max_steps=20", "cluster.task_events=true"))
     assert cfg.replay.capacity_per_shard == cfg.replay.min_size_to_sample == BATCH
     trainer = Trainer(cfg)
     try:
         trainer.train()
         stats = trainer.learner.replay.stats()
+        time.sleep(2.0)  # workers send their task events to the GCS every second
+        classes = classes_with_task_events()
     finally:
         trainer.close()
+    assert classes >= HOT_PATH_ACTORS, classes  # cluster.task_events=true: Ray's debugging view is back
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert max(r["policy_lag_steps_max"] for r in rows) <= lag_bound(cfg) == 5
     assert abs(stats["num_samples"] - stats["num_inserts"]) <= 2 * BATCH

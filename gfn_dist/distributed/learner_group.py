@@ -183,6 +183,8 @@ class RayTrainLearners:
         name: the Ray Train run name.
         storage_path: where Ray Train keeps its run state.
         namespace: the run's Ray namespace (the channel actor is created there).
+        task_events: whether Ray records the channel's calls (a row per log step, a stop
+            poll every 0.5 s) as task events in the GCS (``cluster.task_events``, ``topology`` module doc).
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class RayTrainLearners:
         name: str,
         storage_path: str,
         namespace: str,
+        task_events: bool = False,
     ) -> None:
         self.world_size = int(num_workers)
         self.cpus_per_worker = float(cpus_per_worker)
@@ -204,7 +207,9 @@ class RayTrainLearners:
         self.name = name
         self.storage_path = storage_path
         self.channel = (
-            ray.remote(DriverChannel).options(num_cpus=0, name=f"{namespace}_driver", namespace=namespace).remote()
+            ray.remote(DriverChannel)
+            .options(num_cpus=0, name=f"{namespace}_driver", namespace=namespace, enable_task_events=task_events)
+            .remote()
         )
         self.nodes: list[str] = []  # Ray node id of each rank
         self.backend: str | None = None  # the torch.distributed backend Ray Train chose

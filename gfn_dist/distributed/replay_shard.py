@@ -363,6 +363,7 @@ def create_replay_shard(
     lifetime: str | None = None,
     num_cpus: float | None = None,
     max_restarts: int = 0,
+    task_events: bool = False,
 ):
     """Creates one ``ReplayShard`` Ray actor (Ray must be initialized).
 
@@ -374,11 +375,14 @@ def create_replay_shard(
         num_cpus: CPUs the actor reserves (Ray's actor default if None).
         max_restarts: times Ray restarts the shard if its process dies (-1: unlimited);
             a restarted shard restores its latest snapshot when ``config.state_dir`` is set.
+        task_events: whether Ray records the shard's calls as task events in the GCS
+            (``ray list tasks``, the dashboard's timeline); off by default, as for every
+            hot-path actor of a run (``cluster.task_events``, ``topology`` module doc).
 
     Returns:
         the actor handle (``ray.actor.ActorHandle``).
     """
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"enable_task_events": bool(task_events)}
     if name is not None:
         options["name"] = name
     if namespace is not None:
@@ -402,6 +406,7 @@ def create_replay_shards(
     lifetime: str | None = None,
     num_cpus: float | None = None,
     max_restarts: int = 0,
+    task_events: bool = False,
 ) -> list[Any]:
     """Creates ``num_shards`` shard actors named ``shard_name(i, name_prefix)``.
 
@@ -412,7 +417,7 @@ def create_replay_shards(
         num_shards: number of shards (>= 1).
         config: configuration shared by all shards.
         name_prefix: actor name prefix; None creates anonymous actors.
-        namespace, lifetime, num_cpus, max_restarts: as in ``create_replay_shard``.
+        namespace, lifetime, num_cpus, max_restarts, task_events: as in ``create_replay_shard``.
 
     Returns:
         list of actor handles, shard 0 first.
@@ -432,7 +437,13 @@ def create_replay_shards(
         name = shard_name(i, name_prefix) if name_prefix is not None else None
         handles.append(
             create_replay_shard(
-                cfg_i, name=name, namespace=namespace, lifetime=lifetime, num_cpus=num_cpus, max_restarts=max_restarts
+                cfg_i,
+                name=name,
+                namespace=namespace,
+                lifetime=lifetime,
+                num_cpus=num_cpus,
+                max_restarts=max_restarts,
+                task_events=task_events,
             )
         )
     return handles

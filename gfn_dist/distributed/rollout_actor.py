@@ -408,7 +408,8 @@ def create_rollout_actors(
     GPUs (fractional allowed) and allows two concurrent calls, so ``stats`` /
     ``stop`` answer while ``run`` is looping. Ray restarts a dead actor up to
     ``rollout.max_restarts`` times; calls in flight then fail (no retries: the
-    ``ActorSupervisor`` calls ``run`` again).
+    ``ActorSupervisor`` calls ``run`` again). Their calls are Ray task events only with
+    ``cluster.task_events`` (``topology`` module doc).
 
     Args:
         build: how each actor builds its environment, policies and sampler (``RolloutBuilder``).
@@ -425,6 +426,7 @@ def create_rollout_actors(
             "max_concurrency": 2,
             "max_restarts": cfg.rollout.max_restarts,
             "max_task_retries": 0,
+            "enable_task_events": cfg.cluster.task_events,  # topology module doc
         }
         if name_prefix is not None:
             options["name"] = rollout_actor_name(name_prefix, i)

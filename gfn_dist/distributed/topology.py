@@ -13,6 +13,19 @@ A run's actors live in one Ray namespace, named from it:
 creates them; ``Topology.lookup`` (torchrun ranks > 0, Ray Train workers) finds the
 shards, the store and the actors by name. Every launcher goes through these two
 calls, so every launcher gets the same actors with the same options.
+
+Ray task events are off for these actors (and for the Ray Train driver channel,
+``learner_group``) unless ``cluster.task_events`` is set: Ray's actor option
+``enable_task_events=False``. With them on, the GCS keeps every call's task
+events -- ~3.5 KB per actor call, measured (``benchmarks/gcs_growth.py``) --
+until its cap of ~100,000 tasks (Ray's ``task_events_max_num_task_in_gcs``):
+a run making ~8 actor calls per learner step grew the embedded GCS by ~30 KB
+per step, ~330 MB in all at the cap. The option acts in the caller's core
+worker, so it holds on an external cluster too. What it costs: these actors'
+calls are missing from ``ray list tasks`` / ``ray summary tasks``, the state API
+and the dashboard's task timeline (the actors themselves still show in ``ray
+list actors``, and failures still surface as exceptions in the caller). Set
+``cluster.task_events=true`` to see them again while debugging.
 """
 
 from __future__ import annotations
@@ -90,8 +103,9 @@ class Topology:
             namespace=namespace,
             num_cpus=0,
             max_restarts=cfg.replay.max_restarts,
+            task_events=cfg.cluster.task_events,
         )
-        store = create_weight_store(name=store_name, namespace=namespace)
+        store = create_weight_store(name=store_name, namespace=namespace, task_events=cfg.cluster.task_events)
         actors = (
             []
             if cfg.rollout.synchronous

@@ -103,7 +103,7 @@ class WeightStore:
 STORE_MAX_CONCURRENCY = 256
 
 
-def create_weight_store(name: str | None = None, namespace: str | None = None):
+def create_weight_store(name: str | None = None, namespace: str | None = None, task_events: bool = False):
     """A ``WeightStore`` Ray actor (no CPU reserved, threaded), optionally named for ``ray.get_actor``.
 
     Ray restarts the store if its process dies, and retries the calls that were
@@ -111,9 +111,13 @@ def create_weight_store(name: str | None = None, namespace: str | None = None):
     restarted store starts empty (version -1, not stopped): actors keep their
     loaded weights and take the learner's next publish; the weights themselves
     live in the object store, owned by the learner, so a store's death loses none.
+
+    ``task_events``: whether Ray records the store's calls (publishes, long polls) as task
+    events in the GCS; off by default (``cluster.task_events``, ``topology`` module doc).
     """
     options: dict[str, Any] = {
         "num_cpus": 0,
+        "enable_task_events": bool(task_events),
         "max_concurrency": STORE_MAX_CONCURRENCY,
         "max_restarts": -1,
         "max_task_retries": -1,
