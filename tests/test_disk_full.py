@@ -195,7 +195,16 @@ def local_ray():
 def test_ray_train_worker_on_a_full_disk_reaches_the_driver_as_one_line(local_ray, tmp_path):
     """Under ``cluster.launcher=ray`` the checkpoint is written in a Ray Train worker: the driver
     raises the same ``DiskFullError`` (``gfn-dist train`` prints its line), not Ray Train's report."""
-    group = RayTrainLearners(1, 1, False, "PACK", "disk_full", str(tmp_path / "ray_train"), "disk_full")
+    group = RayTrainLearners(
+        num_workers=1,
+        cpus_per_worker=1,
+        use_gpu=False,
+        placement_strategy="PACK",
+        max_restarts=0,
+        name="disk_full",
+        storage_path=str(tmp_path / "ray_train"),
+        namespace="disk_full",
+    )
     rows: list = []
     with pytest.raises(DiskFullError) as info:
         group.run(_rank0_meets_a_full_disk, on_row=rows.append, on_stop=lambda: None, stop_requested=lambda: False)
